@@ -1,0 +1,72 @@
+"""Errors that say where the problem is: which file, which session, which field.
+
+Every failure a user can cause with bad input is a `CorpusError` (or a subclass), so the CLI can
+print one clear line and keep going with the next file.
+"""
+
+from __future__ import annotations
+
+
+class CorpusError(Exception):
+    """A problem with a source file or a corpus, located by file, session and field."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        session: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.file = file
+        self.session = session
+        self.field = field
+
+    def __reduce__(self):
+        # keep the location when the error crosses a process boundary (worker pools pickle it)
+        return (_rebuild, (type(self), self.message, self.file, self.session, self.field))
+
+    def located(self, *, file: str | None = None, session: str | None = None) -> "CorpusError":
+        """Fill in the location if the raiser did not know it (returns self for `raise ... from`)."""
+        if self.file is None:
+            self.file = file
+        if self.session is None:
+            self.session = session
+        return self
+
+    def __str__(self) -> str:
+        where = []
+        if self.file:
+            where.append(f"file {self.file}")
+        if self.session:
+            where.append(f"session {self.session}")
+        if self.field:
+            where.append(f"field {self.field}")
+        prefix = f"[{', '.join(where)}] " if where else ""
+        return prefix + self.message
+
+
+def _rebuild(cls, message, file, session, field):
+    return cls(message, file=file, session=session, field=field)
+
+
+class InvalidSession(CorpusError):
+    """The data of a session breaks an invariant (unsorted times, NaN behaviour, ...)."""
+
+
+class DuplicateSession(CorpusError):
+    """A session id already in the corpus, from another source, without `--replace`."""
+
+
+class UnreadableSource(CorpusError):
+    """A source file that cannot be opened or parsed (missing, truncated, not the format)."""
+
+
+class UnknownLayout(CorpusError):
+    """A readable file whose content matches none of the layouts popscale knows."""
+
+
+class CorruptCorpus(CorpusError):
+    """A corpus on disk that fails its checksums or invariants."""

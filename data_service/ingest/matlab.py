@@ -1,0 +1,196 @@
+"""Binned-count MATLAB files (scipy.io for v5/v7, h5py for v7.3), recognised by their variables.
+
+Layouts (../shared/data/README.md):
+- `stevenson`: `spikes` (units x bins), `time` (bin times), `handVel`/`handPos` (3 x bins; rows that
+  are all zero are dropped). Bin width = the median step of `time`.
+- `bins_xy`: `spikes` (bins x units), `vel`/`pos` (bins x 2), no time vector: the bin width must be
+  given (--bin-width or the metadata file).
+- `dad` (Dyer et al. 2017 demo files): `Ytr`/`Yte` counts or rates (bins x units), `Xtr`/`Xte`
+  2-D velocity, `Ttr`/`Tte` target ids. Rates are turned back into counts when they are multiples
+  of a common quantum (the quantum gives the bin width). Same unit count in Ytr and Yte: one
+  session with the source's own train/test parts; different: two sessions (`-tr`, `-te`). Bins
+  are laid end to end; runs of equal target id become trials.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidSession, UnknownLayout, UnreadableSource
+from ..session import SessionData, TimeSeries, interval_array, slugify
+from .common import IngestOptions, binned_session, regular_rate, source_info
+
+LAYOUTS = {
+    "stevenson": "spikes (units x bins), time, handVel/handPos",
+    "bins_xy": "spikes (bins x units), vel and/or pos (bins x 2)",
+    "dad": "Ytr, Xtr (+ Yte, Xte, Ttr, Tte)",
+}
+
+
+def load_mat(path: Path) -> dict[str, np.ndarray]:
+    """Top-level numeric variables of a MAT file (v7.3 files are HDF5 and come transposed)."""
+    with open(path, "rb") as f:
+        head = f.read(128)
+    if b"MATLAB 7.3" in head:
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as h:
+                return {k: np.asarray(h[k]).T for k in h.keys() if isinstance(h[k], h5py.Dataset)}
+        except (OSError, KeyError) as e:
+            raise UnreadableSource(f"unreadable or truncated MAT v7.3 file: {e}", file=path.name) from None
+    import scipy.io
+
+    try:
+        d = scipy.io.loadmat(path)
+    except Exception as e:  # scipy raises several types for truncated / foreign files
+        raise UnreadableSource(f"unreadable or truncated MAT file: {type(e).__name__}: {e}", file=path.name) from None
+    return {k: np.asarray(v) for k, v in d.items() if not k.startswith("__")}
+
+
+def detect_layout(d: dict) -> str | None:
+    keys = set(d)
+    if {"Ytr", "Xtr"} <= keys:
+        return "dad"
+    if "spikes" in keys and "time" in keys and keys & {"handVel", "handPos"}:
+        return "stevenson"
+    if "spikes" in keys and keys & {"vel", "pos"}:
+        return "bins_xy"
+    return None
+
+
+def _orient(a: np.ndarray, n_bins: int, name: str, file: str, units_first: bool) -> np.ndarray:
+    """Return `a` as (bins, ...) given that one of its axes has n_bins entries."""
+    a = np.atleast_2d(a)
+    if a.shape[0] == n_bins and a.shape[1] == n_bins:
+        return a.T if units_first else a
+    if a.shape[0] == n_bins:
+        return a
+    if a.shape[1] == n_bins:
+        return a.T
+    raise InvalidSession(f"shape {a.shape} has no axis of length {n_bins} (the number of bins)",
+                         file=file, field=name)
+
+
+def _counts(y: np.ndarray, file: str, field: str) -> tuple[np.ndarray, float | None]:
+    """Integer counts from counts or rates, and the bin width that rates imply (1 / quantum).
+
+    Integer arrays are counts. Floating-point arrays are rates when their values are multiples of
+    a common quantum q > 1 spike/s bin (e.g. all multiples of 5 Hz: one spike in a 0.2 s bin);
+    float arrays of whole numbers with no common factor are counts.
+    """
+    if not np.isfinite(y).all():
+        raise InvalidSession("NaN/inf in spike counts", file=file, field=field)
+    if (y < 0).any():
+        raise InvalidSession("negative spike counts", file=file, field=field)
+    if y.dtype.kind in "iub":
+        return y.astype(np.int64), None
+    pos = y[y > 0]
+    if len(pos) == 0:
+        return np.zeros(y.shape, dtype=np.int64), None
+    whole = np.allclose(y, np.round(y), rtol=0, atol=1e-6)
+    q = float(np.gcd.reduce(np.unique(np.round(pos)).astype(np.int64))) if whole else float(pos.min())
+    k = y / q
+    if not np.allclose(k, np.round(k), rtol=0, atol=1e-6):
+        raise InvalidSession("values are neither counts nor rates on a common quantum; cannot recover spike counts",
+                             file=file, field=field)
+    return np.round(k).astype(np.int64), (1.0 / q if q != 1.0 else None)
+
+
+def _behaviour(name: str, v: np.ndarray, t: np.ndarray, rate: float | None) -> TimeSeries | None:
+    keep = ~np.all(v == 0, axis=0)  # e.g. a third coordinate that is identically zero
+    v = v[:, keep]
+    if v.shape[1] == 0:
+        return None
+    cols = [c for c, k in zip("xyz", keep) if k] if len(keep) <= 3 else [f"c{i}" for i in np.flatnonzero(keep)]
+    return TimeSeries(t.astype(np.float64), np.ascontiguousarray(v, dtype=np.float64), cols, sampling_rate=rate)
+
+
+def _trials_from_targets(targets: np.ndarray, starts: np.ndarray, width: float) -> np.ndarray:
+    change = np.flatnonzero(np.diff(targets) != 0) + 1
+    lo = np.concatenate([[0], change])
+    hi = np.concatenate([change, [len(targets)]])
+    return interval_array(starts[lo], starts[hi - 1] + width)
+
+
+def read_mat(path: Path, opts: IngestOptions, sha256: str | None = None) -> list[SessionData]:
+    d = load_mat(path)
+    layout = detect_layout(d)
+    if layout is None:
+        raise UnknownLayout(
+            f"MAT variables {sorted(d)} match no known layout; expected one of: "
+            + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()), file=path.name)
+    src = source_info(path, "mat", layout, sha256)
+    base_id = opts.session_id or slugify(path.stem)
+    subject = opts.subject or base_id
+    f = path.name
+
+    if layout in ("stevenson", "bins_xy"):
+        if layout == "stevenson":
+            t = np.asarray(d["time"], dtype=np.float64).reshape(-1)
+            n = len(t)
+            counts, implied = _counts(_orient(d["spikes"], n, "spikes", f, units_first=True), f, "spikes")
+            width = opts.bin_width_s or float(np.round(np.median(np.diff(t)), 9))
+            beh_src = {"hand_vel": d.get("handVel"), "hand_pos": d.get("handPos")}
+            starts = t
+        else:
+            n = max(np.atleast_2d(d["vel" if "vel" in d else "pos"]).shape)  # (bins x 2) or (2 x bins)
+            counts, implied = _counts(_orient(d["spikes"], n, "spikes", f, units_first=False), f, "spikes")
+            width = opts.bin_width_s or implied
+            if width is None:
+                raise InvalidSession("the bin width is not stored in this file; pass --bin-width "
+                                     "(or bin_width_s in the metadata file)", file=f, session=base_id, field="bin_width")
+            starts = np.arange(n, dtype=np.float64) * width
+            beh_src = {"hand_vel": d.get("vel"), "hand_pos": d.get("pos")}
+        s = binned_session(session_id=base_id, subject=subject, counts=counts, bin_starts=starts,
+                           bin_width=width, source=src, opts=opts)
+        for name, v in beh_src.items():
+            if v is None:
+                continue
+            ts = _behaviour(name, _orient(np.asarray(v, dtype=np.float64), n, name, f, units_first=True),
+                            starts, regular_rate(starts))
+            if ts is not None:
+                s.behaviour[name] = ts
+        return [s]
+
+    # dad
+    parts = [("tr", "Ytr", "Xtr", "Ttr")] + ([("te", "Yte", "Xte", "Tte")] if "Yte" in d else [])
+    loaded = []
+    for tag, yk, xk, tk in parts:
+        y = np.atleast_2d(d[yk])
+        counts, implied = _counts(y, f, yk)
+        x = _orient(np.asarray(d[xk], dtype=np.float64), counts.shape[0], xk, f, units_first=False)
+        targets = np.asarray(d[tk]).reshape(-1) if tk in d else None
+        loaded.append((tag, counts, x, targets, implied))
+    width = opts.bin_width_s or next((p[4] for p in loaded if p[4]), None)
+    if width is None:
+        raise InvalidSession("the bin width is not stored in this file (counts, not rates); pass --bin-width "
+                             "(or bin_width_s in the metadata file)", file=f, session=base_id, field="bin_width")
+    same_units = len({p[1].shape[1] for p in loaded}) == 1
+    groups = [loaded] if same_units else [[p] for p in loaded]
+    sessions = []
+    for group in groups:
+        sid = base_id if same_units else f"{base_id}-{group[0][0]}"
+        counts = np.concatenate([p[1] for p in group])
+        x = np.concatenate([p[2] for p in group])
+        starts = np.arange(len(counts), dtype=np.float64) * width
+        s = binned_session(session_id=sid, subject=subject, counts=counts, bin_starts=starts,
+                           bin_width=width, source=src, opts=opts)
+        s.behaviour["hand_vel"] = TimeSeries(starts.copy(), x, ["x", "y"], sampling_rate=1.0 / width)
+        if all(p[3] is not None for p in group):
+            targets = np.concatenate([p[3] for p in group])
+            s.intervals["trials"] = _trials_from_targets(targets, starts, width)
+            s.behaviour["target_id"] = TimeSeries(starts.copy(), targets.astype(np.float64)[:, None], ["id"],
+                                                  sampling_rate=1.0 / width, description="reach target id per bin")
+        if same_units and len(group) == 2:  # the file's own parts become the train and test domains
+            cut = group[0][1].shape[0] * width
+            s.intervals["train"] = interval_array([0.0], [cut])
+            s.intervals["test"] = interval_array([cut], [len(counts) * width])
+            s.notes.append(f"train/test domains are the file's {group[0][0]}/{group[1][0]} parts")
+        s.notes.append("bins of the file's parts laid end to end in time; runs of equal target id are trials")
+        if implied:
+            s.notes.append(f"rates converted back to counts; bin width {width:g} s implied by the rate quantum")
+        sessions.append(s)
+    return sessions

@@ -1,0 +1,153 @@
+"""torch_brain / temporaldata HDF5 files (what brainsets writes), read directly with h5py.
+
+Every group carries its class in `attrs["object"]`, so the file is parsed without importing
+temporaldata (whose versions differ: torch_brain 0.2 bundles its own copy). Mapping:
+- `spikes` (IrregularTimeSeries: timestamps, unit_index) + `units` (ArrayDict: id, and
+  brain_region/area/location when present) -> spikes and the units table;
+- every other Irregular/RegularTimeSeries -> one behaviour per floating-point attribute, named
+  `<group>_<attribute>` (e.g. `cursor_vel`); integer attributes are skipped with a note;
+- `train_domain`/`valid_domain`/`test_domain` -> the train/valid/test splits, `domain` -> the
+  session domain, every other Interval -> an interval set of the same name;
+- `session.id`, `subject.id`, `subject.species` and `brainset` -> session metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .. import intervals as iv
+from ..errors import CorpusError, InvalidSession, UnreadableSource
+from ..session import SessionData, TimeSeries, interval_array, slugify
+from .common import IngestOptions, as_columns, drop_or_refuse_nan, regular_rate, snake, source_info, unit_ids
+
+SPLIT_NAMES = {"train_domain": "train", "valid_domain": "valid", "test_domain": "test"}
+TIME_KEYS = {"timestamps", "timestamp_indices_1s", "domain"}
+
+
+def is_temporaldata(f: h5py.File) -> bool:
+    return f.attrs.get("object") == "Data"
+
+
+def _text(v) -> str:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray):
+        return _text(v.reshape(-1)[0]) if v.size else ""
+    return str(v)
+
+
+def _meta(f: h5py.File, group: str, key: str) -> str | None:
+    g = f.get(group)
+    if g is None:
+        return None
+    if key in g.attrs:
+        return _text(g.attrs[key])
+    if key in g and isinstance(g[key], h5py.Dataset):
+        return _text(g[key][()])
+    return None
+
+
+def _series(g: h5py.Group) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    kind = _text(g.attrs["object"])
+    keys = [k for k in g.keys() if k not in TIME_KEYS and isinstance(g[k], h5py.Dataset)]
+    cols = {k: np.asarray(g[k][()]) for k in keys}
+    if kind == "RegularTimeSeries":
+        rate = float(g.attrs["sampling_rate"])
+        n = len(next(iter(cols.values()))) if cols else 0
+        start = float(np.asarray(g["domain/start"][()]).reshape(-1)[0]) if "domain" in g else 0.0
+        t = start + np.arange(n, dtype=np.float64) / rate
+    else:
+        t = np.asarray(g["timestamps"][()], dtype=np.float64)
+    return t, cols
+
+
+def read_temporaldata(path: Path, opts: IngestOptions, sha256: str | None = None) -> list[SessionData]:
+    file = path.name
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise UnreadableSource(f"unreadable or truncated HDF5 file: {e}", file=file) from None
+    try:
+        return [_session(f, path, opts, sha256)]
+    except CorpusError:
+        raise
+    except (KeyError, OSError, ValueError, TypeError) as e:
+        raise UnreadableSource(f"temporaldata file could not be read in full: {type(e).__name__}: {e}",
+                               file=file) from None
+    finally:
+        f.close()
+
+
+def _session(f: h5py.File, path: Path, opts: IngestOptions, sha256: str | None) -> SessionData:
+    file = path.name
+    s_id = opts.session_id or slugify(_meta(f, "session", "id") or path.stem)
+    subject = opts.subject or slugify(_meta(f, "subject", "id") or "unknown")
+    species = opts.species or _meta(f, "subject", "species") or "unknown"
+    if "spikes" not in f or "units" not in f:
+        raise InvalidSession("a temporaldata file needs `spikes` and `units` to be ingested", file=file,
+                             session=s_id, field="spikes" if "spikes" not in f else "units")
+    sp = f["spikes"]
+    for k in ("timestamps", "unit_index"):
+        if k not in sp:
+            raise InvalidSession(f"spikes has no `{k}`", file=file, session=s_id, field=f"spikes/{k}")
+    t = np.asarray(sp["timestamps"][()], dtype=np.float64)
+    u = np.asarray(sp["unit_index"][()])
+    if len(t) != len(u):
+        raise InvalidSession(f"{len(u)} unit indices for {len(t)} spike times (mismatched lengths)",
+                             file=file, session=s_id, field="spikes/unit_index")
+    ug = f["units"]
+    if "id" not in ug:
+        raise InvalidSession("units has no `id`", file=file, session=s_id, field="units/id")
+    names = [_text(x) for x in ug["id"][()]]
+    area_key = next((k for k in ("brain_region", "area", "location") if k in ug), None)
+    areas = [_text(x) for x in ug[area_key][()]] if area_key else [opts.area or "unknown"] * len(names)
+
+    notes: list[str] = []
+    behaviour: dict[str, TimeSeries] = {}
+    intervals: dict[str, np.ndarray] = {}
+    domain = None
+    for name, g in f.items():
+        if not isinstance(g, h5py.Group) or "object" not in g.attrs or name in ("spikes", "units"):
+            continue
+        kind = _text(g.attrs["object"])
+        if kind in ("IrregularTimeSeries", "RegularTimeSeries"):
+            bt, cols = _series(g)
+            for key, v in cols.items():
+                if v.dtype.kind != "f":
+                    notes.append(f"skipped non-float attribute {name}.{key}")
+                    continue
+                bname = snake(f"{name}_{key}")
+                v = as_columns(v).astype(np.float64 if v.dtype == np.float64 else np.float32)
+                if len(v) != len(bt):
+                    raise InvalidSession(f"{len(v)} samples for {len(bt)} timestamps (mismatched lengths)",
+                                         file=file, session=s_id, field=f"behaviour/{bname}")
+                bt2, v2 = drop_or_refuse_nan(s_id, file, bname, bt, v, opts.drop_nan_behaviour, notes)
+                cols_ = list("xyz"[: v2.shape[1]]) if v2.shape[1] <= 3 else [f"c{i}" for i in range(v2.shape[1])]
+                behaviour[bname] = TimeSeries(bt2, np.ascontiguousarray(v2), cols_, sampling_rate=regular_rate(bt2),
+                                              description=f"temporaldata {name}.{key}")
+        elif kind == "Interval":
+            a = interval_array(g["start"][()], g["end"][()])
+            if name == "domain":
+                domain = iv.normalize(a)
+            else:
+                intervals[SPLIT_NAMES.get(name, snake(name))] = a
+    if domain is None:
+        spans = [t[[0, -1]]] if len(t) else []
+        spans += [b.timestamps[[0, -1]] for b in behaviour.values() if len(b.timestamps)]
+        if not spans:
+            raise InvalidSession("no spikes or behaviour: the session is empty", file=file, session=s_id,
+                                 field="spikes/timestamps")
+        allt = np.concatenate(spans)
+        domain = interval_array([allt.min()], [allt.max() + 1e-3])
+    brainset = _text(f.attrs["brainset"]) if "brainset" in f.attrs else _meta(f, "brainset", "id")
+    if brainset:
+        notes.append(f"brainset: {brainset}")
+    return SessionData(
+        session_id=s_id, subject=subject, spike_times=t, spike_units=u.astype(np.int64) if u.dtype.kind in "iu" else u,
+        unit_ids=unit_ids(subject, s_id, names), unit_areas=np.asarray(areas, dtype=np.str_), domain=domain,
+        source=source_info(path, "temporaldata", "temporaldata-h5", sha256), behaviour=behaviour,
+        intervals=intervals, species=species, task=opts.task or "unknown", notes=notes,
+    )

@@ -1,0 +1,265 @@
+"""Reading windows out of a corpus: the API the data service and the benchmarks use.
+
+    corpus = open_corpus("runs/demo/corpus")
+    w = corpus.read_window("A2929-200711", 700.0, 701.0)
+    w.spike_times, w.spike_units, w.behaviour["position"].values, w.intervals["train"]
+
+A window's spike range comes from the per-second index (arithmetic, then a search inside at
+most two seconds of spikes), and only the chunks holding it are read and decoded; decoded
+chunks, session handles and corpora are cached per process, so the Nth window of a session
+costs a few array slices. Times in a window are relative to its start.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from bisect import bisect_left, bisect_right
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from . import intervals as iv
+from .errors import CorpusError
+from .format import (
+    FORMAT_NAME, FORMAT_VERSION, GROUND_TRUTH, INTERVALS, MANIFEST, SESSIONS, SPIKE_INDEX, SPIKE_TIMES,
+    SPIKE_UNITS, UNIT_AREAS, UNIT_IDS, behaviour_path,
+)
+from .manifest import fingerprint, read_manifest, session_attrs
+from .shards import open_sharded
+
+
+class _ZarrRows:
+    """Fallback for arrays the fast path does not handle: the same read(start, stop) via zarr."""
+
+    def __init__(self, path: Path) -> None:
+        self._a = zarr.open_array(str(path), mode="r")
+        self.shape = self._a.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self._a[max(0, start):max(0, stop)])
+
+    def read_all(self) -> np.ndarray:
+        return np.asarray(self._a[...])
+
+
+def _rows(path: Path):
+    return open_sharded(path) or _ZarrRows(path)
+
+
+@dataclass
+class SeriesWindow:
+    """The samples of one behaviour inside a window (times relative to the window start)."""
+
+    timestamps: np.ndarray
+    values: np.ndarray
+
+
+@dataclass
+class Window:
+    session_id: str
+    t_start: float
+    t_end: float
+    spike_times: np.ndarray  # float64 seconds relative to t_start, sorted
+    spike_units: np.ndarray  # int64 session-local unit index (into SessionReader.unit_ids)
+    behaviour: dict[str, SeriesWindow]
+    intervals: dict[str, np.ndarray] = field(default_factory=dict)  # clipped to the window, relative
+
+    def mask(self, interval_set: str, times: np.ndarray) -> np.ndarray:
+        """Which of `times` (relative) fall inside the named interval set."""
+        return iv.contains(iv.normalize(self.intervals[interval_set]), times)
+
+    def interval_masks(self, behaviour: str) -> dict[str, np.ndarray]:
+        """For every interval set, which samples of `behaviour` it covers."""
+        t = self.behaviour[behaviour].timestamps
+        return {name: self.mask(name, t) for name in self.intervals}
+
+
+class _TimeSeriesRows:
+    """Timestamps + per-second index of a sorted series; finds a window's row range."""
+
+    def __init__(self, times, index: np.ndarray, origin: float, step: float) -> None:
+        self.times = times
+        self.index = index
+        self.origin = origin
+        self.step = step
+        self.last = len(index) - 1
+
+    def window(self, t0: float, t1: float) -> tuple[int, int, np.ndarray]:
+        """(lo, hi, times[lo:hi]) for t0 <= t < t1."""
+        k0 = int((t0 - self.origin) // self.step)
+        k1 = int(math.ceil((t1 - self.origin) / self.step))
+        k0 = min(max(k0, 0), self.last)
+        k1 = min(max(k1, 0), self.last)
+        a, b = int(self.index[k0]), int(self.index[k1]) if k1 < self.last else len(self.times)
+        if t0 < self.origin:
+            a = 0
+        block = self.times.read(a, b)
+        lo, hi = np.searchsorted(block, (t0, t1), side="left")
+        return a + int(lo), a + int(hi), block[lo:hi]
+
+
+class SessionReader:
+    """One session of a corpus, opened lazily; safe to share within a process."""
+
+    def __init__(self, root: Path, session_id: str) -> None:
+        self.root = root
+        self.session_id = session_id
+        self.path = root / SESSIONS / session_id
+        if not (self.path / "zarr.json").exists():
+            raise CorpusError("no such session in the corpus", file=str(root), session=session_id)
+        self.attrs = session_attrs(self.path)
+        self.origin = float(self.attrs["index_origin"])
+        self.step = float(self.attrs["index_step_s"])
+        self._spikes = _TimeSeriesRows(_rows(self.path / SPIKE_TIMES), _rows(self.path / SPIKE_INDEX).read_all(),
+                                       self.origin, self.step)
+        self._units = _rows(self.path / SPIKE_UNITS)
+        self._behaviour = {}
+        for name in self.attrs["behaviour"]:
+            t = _rows(self.path / behaviour_path(name, "timestamps"))
+            idx = _rows(self.path / behaviour_path(name, "index")).read_all()
+            self._behaviour[name] = (_TimeSeriesRows(t, idx, self.origin, self.step),
+                                     _rows(self.path / behaviour_path(name, "values")))
+
+    # ---- whole-session metadata ------------------------------------------------------------
+    @property
+    def behaviour_names(self) -> list[str]:
+        return list(self._behaviour)
+
+    @property
+    def domain(self) -> np.ndarray:
+        return np.asarray(self.attrs["domain"], dtype=np.float64).reshape(-1, 2)
+
+    @cached_property
+    def unit_ids(self) -> np.ndarray:
+        return np.asarray(zarr.open_array(str(self.path / UNIT_IDS), mode="r")[...], dtype=np.str_)
+
+    @cached_property
+    def unit_areas(self) -> np.ndarray:
+        return np.asarray(zarr.open_array(str(self.path / UNIT_AREAS), mode="r")[...], dtype=np.str_)
+
+    @cached_property
+    def intervals(self) -> dict[str, np.ndarray]:
+        sets = self.attrs["interval_sets"]
+        table = np.asarray(zarr.open_array(str(self.path / INTERVALS), mode="r")[...]) if sets else None
+        return {name: table[lo:hi].reshape(-1, 2) for name, (lo, hi) in sets.items()}
+
+    @cached_property
+    def _interval_lookup(self) -> list[tuple[str, np.ndarray, list[float], list[float], bool]]:
+        """Per set: rows sorted by start, their starts and the running max of their ends (as lists:
+        `bisect` on a list is ~10x cheaper than numpy's searchsorted for one value), and whether
+        the rows are disjoint, so a window's rows are found with two binary searches."""
+        out = []
+        for name, rows in self.intervals.items():
+            rows = rows[np.argsort(rows[:, 0], kind="stable")]
+            max_end = np.maximum.accumulate(rows[:, 1]) if len(rows) else rows[:, 1]
+            disjoint = bool(np.all(rows[1:, 0] >= rows[:-1, 1])) if len(rows) else True
+            out.append((name, rows, rows[:, 0].tolist(), max_end.tolist(), disjoint))
+        return out
+
+    @cached_property
+    def ground_truth(self) -> dict[str, np.ndarray]:
+        p = self.path / GROUND_TRUTH
+        if not p.exists():
+            return {}
+        g = zarr.open_group(str(p), mode="r")
+        return {name: np.asarray(a[...]) for name, a in g.arrays()}
+
+    # ---- windows -----------------------------------------------------------------------------
+    def window_intervals(self, t0: float, t1: float) -> dict[str, np.ndarray]:
+        """Every interval set's rows overlapping [t0, t1), clipped to it, relative to t0."""
+        out = {}
+        width = t1 - t0
+        for name, rows, starts, max_end, disjoint in self._interval_lookup:
+            hi = bisect_left(starts, t1)
+            lo = bisect_right(max_end, t0, 0, hi)
+            sel = rows[lo:hi] - t0
+            if not disjoint and len(sel):
+                sel = sel[sel[:, 1] > 0]
+            np.maximum(sel, 0.0, out=sel)
+            np.minimum(sel, width, out=sel)
+            out[name] = sel
+        return out
+
+    def read_window(self, t0: float, t1: float, *, behaviours: list[str] | None = None,
+                    intervals: bool = True) -> Window:
+        """Spikes, behaviour samples and intervals with t0 <= t < t1, times relative to t0."""
+        lo, hi, times = self._spikes.window(t0, t1)
+        units = self._units.read(lo, hi).astype(np.int64)
+        beh = {}
+        for name in (self._behaviour if behaviours is None else behaviours):
+            rows, values = self._behaviour[name]
+            blo, bhi, bt = rows.window(t0, t1)
+            beh[name] = SeriesWindow(bt - t0, values.read(blo, bhi))
+        return Window(self.session_id, t0, t1, times - t0, units, beh,
+                      self.window_intervals(t0, t1) if intervals else {})
+
+    # ---- whole arrays (verify, round-trip tests, export) -----------------------------------------
+    def spikes(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._spikes.times.read_all(), self._units.read_all()
+
+    def behaviour(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        rows, values = self._behaviour[name]
+        return rows.times.read_all(), values.read_all()
+
+
+class Corpus:
+    """A corpus opened for reading: the manifest plus lazily opened sessions."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        meta = self.root / "zarr.json"
+        if not meta.exists():
+            raise CorpusError("not a popscale corpus (no zarr.json)", file=str(self.root))
+        attrs = json.loads(meta.read_text()).get("attributes", {}).get("popscale", {})
+        if attrs.get("format") != FORMAT_NAME:
+            raise CorpusError("a Zarr store but not a popscale corpus", file=str(self.root))
+        if attrs.get("format_version", 0) > FORMAT_VERSION:
+            raise CorpusError(f"corpus format v{attrs['format_version']} is newer than this popscale", file=str(self.root))
+        self.rows = read_manifest(self.root)
+        self._sessions: dict[str, SessionReader] = {}
+
+    @property
+    def session_ids(self) -> list[str]:
+        return sorted(self.rows)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.rows)
+
+    def session(self, session_id: str) -> SessionReader:
+        r = self._sessions.get(session_id)
+        if r is None:
+            if session_id not in self.rows:
+                raise CorpusError("no such session in the corpus manifest", file=str(self.root), session=session_id)
+            r = self._sessions[session_id] = SessionReader(self.root, session_id)
+        return r
+
+    def read_window(self, session_id: str, t0: float, t1: float, **kw) -> Window:
+        return self.session(session_id).read_window(t0, t1, **kw)
+
+
+_open: dict[tuple[str, int], Corpus] = {}
+
+
+def open_corpus(root: Path | str) -> Corpus:
+    """The process's Corpus for `root`, re-read when the manifest changes."""
+    real = os.path.realpath(root)
+    try:
+        stamp = os.stat(os.path.join(real, MANIFEST)).st_mtime_ns
+    except FileNotFoundError:
+        stamp = 0
+    key = (real, stamp)
+    c = _open.get(key)
+    if c is None:
+        for k in [k for k in _open if k[0] == real]:
+            del _open[k]
+        c = _open[key] = Corpus(real)
+    return c

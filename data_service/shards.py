@@ -1,0 +1,228 @@
+"""Low-overhead reads of the sharded arrays popscale writes.
+
+zarr-python spends ~1.5 ms per read call on this machine whatever the size (bench/compression.py);
+a window needs several reads, so hot arrays are read here instead: a shard's index is read once
+(crc32c-checked), then each inner chunk is one positioned read, a crc32c check and a Blosc
+decode (~25 us for 4096 float64). Only the read side of zarr v3's `sharding_indexed` codec, and
+only for the codec chain that `format.sharded_codec` writes, is implemented; `open_sharded`
+returns None for anything else and the caller falls back to zarr-python. tests/test_shards.py
+checks this reader against zarr-python on every array the writer produces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import google_crc32c
+import numcodecs
+import numpy as np
+
+_MISSING = np.iinfo(np.uint64).max
+_blosc = numcodecs.Blosc()
+
+
+class ChecksumError(IOError):
+    pass
+
+
+class ChunkCache:
+    """Decoded chunks shared by every array of the process, bounded in bytes (LRU)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._d: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        with self._lock:
+            v = self._d.get(key)
+            if v is not None:
+                self._d.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
+            return v
+
+    def put(self, key, value: np.ndarray) -> None:
+        with self._lock:
+            if key in self._d:
+                return
+            self._d[key] = value
+            self.nbytes += value.nbytes
+            while self.nbytes > self.max_bytes and self._d:
+                _, old = self._d.popitem(last=False)
+                self.nbytes -= old.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+            self.nbytes = 0
+
+
+class _FileHandles:
+    """A bounded pool of open descriptors, so 10,000 sessions never hit the open-files limit."""
+
+    def __init__(self, max_open: int = 128) -> None:
+        self.max_open = max_open
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def pread(self, path: str, n: int, offset: int) -> bytes:
+        with self._lock:
+            if os.getpid() != self._pid:  # forked: descriptors are shared with the parent; start afresh
+                self._fds.clear()
+                self._pid = os.getpid()
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                self._fds[path] = fd
+                while len(self._fds) > self.max_open:
+                    _, old = self._fds.popitem(last=False)
+                    os.close(old)
+            else:
+                self._fds.move_to_end(path)
+        data = os.pread(fd, n, offset)
+        if len(data) != n:
+            raise ChecksumError(f"{path}: short read ({len(data)} of {n} bytes at {offset}); file truncated?")
+        return data
+
+    def size(self, path: str) -> int:
+        return os.path.getsize(path)
+
+
+_handles = _FileHandles()
+CACHE = ChunkCache(int(os.environ.get("POPSCALE_CHUNK_CACHE_MB", "512")) << 20)
+
+
+def _check_crc(buf: bytes, where: str) -> bytes:
+    body, stored = buf[:-4], int.from_bytes(buf[-4:], "little")
+    if google_crc32c.value(body) != stored:
+        raise ChecksumError(f"crc32c mismatch in {where}: the corpus is corrupt (run `popscale verify`)")
+    return body
+
+
+class ShardedArray:
+    """Read-only view of one sharded array, chunked along axis 0 only."""
+
+    def __init__(self, path: Path, meta: dict, inner: dict) -> None:
+        self.path = path
+        self.shape = tuple(meta["shape"])
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        self.shard_len = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        self.chunk_len = int(inner["chunk_shape"][0])
+        self.row_shape = tuple(self.shape[1:])
+        self.per_shard = self.shard_len // self.chunk_len
+        self.fill = np.array(meta.get("fill_value", 0) or 0, dtype=self.dtype)
+        enc = meta["chunk_key_encoding"]
+        sep = enc.get("configuration", {}).get("separator", "/" if enc["name"] == "default" else ".")
+        self._prefix = "c" + sep if enc["name"] == "default" else ""
+        self._sep = sep
+        self._index: dict[int, np.ndarray] = {}
+        self._key = str(path)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _shard_file(self, s: int) -> str:
+        key = self._prefix + self._sep.join([str(s)] + ["0"] * len(self.row_shape))
+        return str(self.path / key)
+
+    def _shard_index(self, s: int) -> np.ndarray | None:
+        idx = self._index.get(s)
+        if idx is None:
+            f = self._shard_file(s)
+            if not os.path.exists(f):
+                return None
+            n = self.per_shard * 16 + 4
+            size = _handles.size(f)
+            if size < n:
+                raise ChecksumError(f"{f}: {size} bytes is shorter than its shard index; file truncated")
+            raw = _check_crc(_handles.pread(f, n, size - n), f"shard index of {f}")
+            idx = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+            self._index[s] = idx
+        return idx
+
+    def chunk(self, c: int) -> np.ndarray:
+        """Inner chunk c, decoded (full chunk length, padded past the array's end)."""
+        key = (self._key, c)
+        arr = CACHE.get(key)
+        if arr is not None:
+            return arr
+        s, j = divmod(c, self.per_shard)
+        idx = self._shard_index(s)
+        shape = (self.chunk_len, *self.row_shape)
+        if idx is None or idx[j, 0] == _MISSING:
+            arr = np.full(shape, self.fill, dtype=self.dtype)
+        else:
+            f = self._shard_file(s)
+            raw = _check_crc(_handles.pread(f, int(idx[j, 1]), int(idx[j, 0])), f"chunk {c} of {f}")
+            arr = np.frombuffer(_blosc.decode(raw), dtype=self.dtype).reshape(shape)
+        arr.flags.writeable = False
+        CACHE.put(key, arr)
+        return arr
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as an array (a read-only view when they sit in one chunk)."""
+        start, stop = max(0, start), min(stop, self.shape[0])
+        if stop <= start:
+            return np.empty((0, *self.row_shape), dtype=self.dtype)
+        c0, c1 = start // self.chunk_len, (stop - 1) // self.chunk_len
+        if c0 == c1:
+            base = c0 * self.chunk_len
+            return self.chunk(c0)[start - base:stop - base]
+        parts = []
+        for c in range(c0, c1 + 1):
+            base = c * self.chunk_len
+            parts.append(self.chunk(c)[max(start, base) - base:min(stop, base + self.chunk_len) - base])
+        return np.concatenate(parts)
+
+    def read_all(self) -> np.ndarray:
+        return self.read(0, self.shape[0])
+
+
+def _supported(meta: dict) -> dict | None:
+    """The inner-chunk configuration if `meta` is an array this module can read, else None."""
+    try:
+        if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+            return None
+        if np.dtype(meta["data_type"]).kind not in "biuf":
+            return None
+        codecs = meta["codecs"]
+        if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
+            return None
+        cfg = codecs[0]["configuration"]
+        if cfg.get("index_location", "end") != "end":
+            return None
+        if [c["name"] for c in cfg["index_codecs"]] != ["bytes", "crc32c"]:
+            return None
+        inner = [c["name"] for c in cfg["codecs"]]
+        if inner != ["bytes", "blosc", "crc32c"]:
+            return None
+        if cfg["codecs"][0].get("configuration", {}).get("endian", "little") != "little":
+            return None
+        shape, grid = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+        if list(grid[1:]) != list(shape[1:]) or list(cfg["chunk_shape"][1:]) != list(shape[1:]):
+            return None
+        if grid[0] % cfg["chunk_shape"][0]:
+            return None
+        return cfg
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
+def open_sharded(array_dir: Path | str) -> ShardedArray | None:
+    """A fast reader for `array_dir`, or None if its layout is not the one popscale writes."""
+    p = Path(array_dir)
+    try:
+        meta = json.loads((p / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = _supported(meta)
+    return ShardedArray(p, meta, cfg) if cfg is not None else None

@@ -1,0 +1,120 @@
+"""Train/valid/test domains for sessions whose source has none.
+
+Held-out data are whole trials (when the session has at least three) or whole blocks of time,
+drawn with a seed derived from (seed, session id) so every re-ingest gives the same split. The
+train domain keeps `gap_s` away from every held-out interval, so no training window can include
+held-out time. Valid/test blocks are drawn only where behaviour was recorded, since a held-out
+stretch without labels cannot be scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import intervals as iv
+from .session import SPLITS, SessionData
+
+
+@dataclass
+class SplitConfig:
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    gap_s: float = 1.0  # >= the model's window length
+    block_s: float | None = None  # time-block length; default: 1/30 of the labelled time, 5..60 s
+    seed: int = 0
+
+
+def session_seed(seed: int, session_id: str) -> int:
+    h = hashlib.sha256(f"{seed}:{session_id}".encode()).digest()
+    return int.from_bytes(h[:8], "little")
+
+
+def label_support(s: SessionData, max_gap_factor: float = 10.0) -> np.ndarray:
+    """Where behaviour was sampled: each behaviour's samples, split where a gap exceeds
+    `max_gap_factor` median sample intervals; the whole domain when there is no behaviour."""
+    parts = []
+    for ts in s.behaviour.values():
+        t = np.asarray(ts.timestamps)
+        if len(t) < 2:
+            continue
+        dt = np.diff(t)
+        step = float(np.median(dt)) if len(dt) else 0.0
+        breaks = np.flatnonzero(dt > max(step * max_gap_factor, 1e-9))
+        starts = np.concatenate([[t[0]], t[breaks + 1]])
+        ends = np.concatenate([t[breaks] + step, [t[-1] + step]])
+        parts.append(np.stack([starts, ends], axis=1))
+    support = iv.union(*parts) if parts else iv.as_intervals(s.domain)
+    return iv.intersect(support, s.domain)
+
+
+def _counts(n: int, fractions) -> tuple[int, int]:
+    """Numbers of valid and test items out of n, at least one each when n >= 3."""
+    f_train, f_valid, f_test = fractions
+    total = f_train + f_valid + f_test
+    n_valid = int(round(n * f_valid / total))
+    n_test = int(round(n * f_test / total))
+    if n >= 3:
+        n_valid, n_test = max(n_valid, 1 if f_valid > 0 else 0), max(n_test, 1 if f_test > 0 else 0)
+    return n_valid, min(n_test, n - n_valid)
+
+
+def _blocks(region: np.ndarray, block_s: float) -> np.ndarray:
+    """Cut every interval of a region into consecutive blocks of about `block_s`."""
+    out = []
+    for s, e in region:
+        n = max(1, int(round((e - s) / block_s)))
+        edges = np.linspace(s, e, n + 1)
+        out.append(np.stack([edges[:-1], edges[1:]], axis=1))
+    return np.concatenate(out) if out else iv.EMPTY.copy()
+
+
+def make_splits(s: SessionData, cfg: SplitConfig | None = None) -> None:
+    """Fill s.intervals['train'/'valid'/'test'] (and 'eval') in place if the source lacks them."""
+    cfg = cfg or SplitConfig()
+    have = [k for k in SPLITS if k in s.intervals and len(s.intervals[k])]
+    support = label_support(s)
+    if "eval" not in s.intervals:
+        s.intervals["eval"] = support
+    if len(have) == 3:
+        s.split_info = {"method": "source"}
+        return
+    rng = np.random.default_rng(session_seed(cfg.seed, s.session_id))
+    info = {"seed": cfg.seed, "gap_s": cfg.gap_s, "fractions": list(cfg.fractions)}
+
+    trials = iv.as_intervals(s.intervals.get("trials", iv.EMPTY))
+    trials = trials[np.argsort(trials[:, 0], kind="stable")] if len(trials) else trials
+    if have:  # the source gave some splits (e.g. train and test): carve only what is missing
+        pool_domain = iv.normalize(s.intervals["train"]) if "train" in have else support
+    else:
+        pool_domain = support
+    pool_trials = trials[iv.inside_mask(trials, pool_domain)]
+
+    if len(pool_trials) >= 3:
+        units, info["method"] = pool_trials, "trials"
+    else:
+        total = iv.total(pool_domain)
+        block = cfg.block_s or float(np.clip(total / 30.0, 5.0, 60.0))
+        units, info["method"], info["block_s"] = _blocks(pool_domain, block), "time_blocks", block
+    missing = [k for k in ("valid", "test") if k not in have]
+    fr = list(cfg.fractions)
+    if "test" in have:
+        fr[2] = 0.0
+    if "valid" in have:
+        fr[1] = 0.0
+    n_valid, n_test = _counts(len(units), fr)
+    order = rng.permutation(len(units))
+    picked = {"valid": units[np.sort(order[:n_valid])], "test": units[np.sort(order[n_valid:n_valid + n_test])]}
+    for k in missing:
+        s.intervals[k] = iv.intersect(picked[k], support) if info["method"] == "time_blocks" else iv.normalize(picked[k])
+    held_out = iv.union(s.intervals["valid"], s.intervals["test"])
+    base_train = iv.normalize(s.intervals["train"]) if "train" in have else iv.as_intervals(s.domain)
+    s.intervals["train"] = iv.subtract(base_train, iv.dilate(held_out, cfg.gap_s))
+    if have:
+        info["method"] = f"source+{info['method']}"
+    s.split_info = info
+
+
+def split_config_dict(cfg: SplitConfig) -> dict:
+    return asdict(cfg)

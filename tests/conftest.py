@@ -1,0 +1,59 @@
+"""Shared fixtures: small sessions built in memory, and the project's real recordings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_service.session import SessionData, SourceInfo, TimeSeries, interval_array
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = Path(os.environ.get("POPSCALE_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
+
+
+@pytest.fixture
+def real_dir() -> Path:
+    if not REAL.is_dir():
+        pytest.skip(f"real recordings not found at {REAL} (set POPSCALE_REAL_DATA)")
+    return REAL
+
+
+def simple_session(session_id: str = "s1", *, duration: float = 120.0, n_units: int = 20, rate: float = 20.0,
+                   seed: int = 0, sha: str | None = None) -> SessionData:
+    """A valid session with uniform random spikes, 100 Hz behaviour and a few trials."""
+    rng = np.random.default_rng(seed)
+    n = rng.poisson(rate * n_units * duration)
+    t = np.sort(rng.uniform(0, duration, n))
+    u = rng.integers(0, n_units, n)
+    bt = np.arange(0, duration, 0.01)
+    vals = np.stack([np.sin(bt), np.cos(bt)], axis=1).astype(np.float32)
+    starts = np.arange(0, duration - 5, 6.0)
+    return SessionData(
+        session_id=session_id, subject="subj", spike_times=t, spike_units=u,
+        unit_ids=np.asarray([f"subj/{session_id}/u{i}" for i in range(n_units)]),
+        unit_areas=np.asarray(["M1"] * n_units), domain=interval_array([0.0], [duration]),
+        source=SourceInfo("memory", "synthetic", sha or f"sha-{session_id}-{seed}", 0),
+        behaviour={"hand_vel": TimeSeries(bt, vals, ["x", "y"], unit="cm/s", sampling_rate=100.0)},
+        intervals={"trials": interval_array(starts, starts + 4.0)},
+    )
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m popscale.cli ...` in a fresh process (used where a crash must be real)."""
+    e = dict(os.environ)
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "popscale.cli", *args], capture_output=True, text=True, env=e,
+                       cwd=REPO)
+    if check and p.returncode != 0:
+        raise AssertionError(f"popscale {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def result_line(stdout: str) -> dict[str, str]:
+    line = [ln for ln in stdout.strip().splitlines() if ln.startswith("RESULT ")][-1]
+    return dict(kv.split("=", 1) for kv in line.split()[1:])

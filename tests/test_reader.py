@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+import zarr
+
+from conftest import simple_session
+from data_service import intervals as iv
+from data_service.format import Chunking
+from data_service.reader import Corpus, open_corpus
+from data_service.shards import CACHE, ChecksumError, open_sharded
+from data_service.splits import make_splits
+from data_service.store import CorpusStore, write_session_group
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reader") / "corpus"
+    sessions = [simple_session("a", duration=300.0, n_units=30, seed=1),
+                simple_session("b", duration=90.5, n_units=7, rate=3.0, seed=2)]
+    for s in sessions:
+        s.domain[:] = [[0.0, s.domain[0, 1]]]
+        make_splits(s)
+    with CorpusStore(root) as st:
+        for s in sessions:
+            st.add(s)
+    return root, {s.session_id: s for s in sessions}
+
+
+def _expected(s, t0, t1):
+    m = (s.spike_times >= t0) & (s.spike_times < t1)
+    b = s.behaviour["hand_vel"]
+    bm = (b.timestamps >= t0) & (b.timestamps < t1)
+    return s.spike_times[m] - t0, s.spike_units[m], b.timestamps[bm] - t0, b.values[bm]
+
+
+def test_random_windows_equal_brute_force_slices(corpus):
+    root, sessions = corpus
+    c = open_corpus(root)
+    rng = np.random.default_rng(0)
+    for sid, s in sessions.items():
+        r = c.session(sid)
+        starts = np.concatenate([rng.uniform(-2, s.t_end + 1, 300), [0.0, s.t_end - 1, -5.0, s.t_end + 3, 17.0]])
+        lengths = np.concatenate([rng.choice([0.01, 0.5, 1.0, 7.3], 300), [1, 1, 1, 1, 0.0]])
+        for t0, d in zip(starts, lengths):
+            w = r.read_window(t0, t0 + d)
+            et, eu, ebt, ebv = _expected(s, t0, t0 + d)
+            assert np.array_equal(w.spike_times, et)
+            assert np.array_equal(w.spike_units, eu)
+            assert w.spike_units.dtype == np.int64
+            assert np.array_equal(w.behaviour["hand_vel"].timestamps, ebt)
+            assert np.array_equal(w.behaviour["hand_vel"].values, ebv)
+            for name, rows in s.intervals.items():
+                want = iv.intersect(rows, [[t0, t0 + d]]) - t0 if d > 0 else iv.EMPTY
+                assert np.allclose(iv.normalize(w.intervals[name]), iv.normalize(want)), (sid, name, t0)
+
+
+def test_window_spanning_many_chunks(corpus):
+    root, sessions = corpus
+    s = sessions["a"]
+    w = open_corpus(root).read_window("a", 10.0, 80.0)  # ~42k spikes: many 4096-spike chunks
+    et, eu, _, _ = _expected(s, 10.0, 80.0)
+    assert len(et) > 5 * 4096
+    assert np.array_equal(w.spike_times, et) and np.array_equal(w.spike_units, eu)
+
+
+def test_interval_masks_follow_the_intervals(corpus):
+    root, sessions = corpus
+    w = open_corpus(root).read_window("a", 40.0, 52.0)
+    masks = w.interval_masks("hand_vel")
+    t = w.behaviour["hand_vel"].timestamps + 40.0
+    for name, rows in sessions["a"].intervals.items():
+        assert np.array_equal(masks[name], iv.contains(iv.normalize(rows), t))
+
+
+def test_fast_shard_reader_agrees_with_zarr_on_every_array(corpus):
+    root, _ = corpus
+    checked = 0
+    for arr_dir in sorted(root.glob("sessions/*/**/zarr.json")):
+        d = arr_dir.parent
+        meta = zarr.open(str(d), mode="r")
+        if not isinstance(meta, zarr.Array):
+            continue
+        fast = open_sharded(d)
+        if fast is None:
+            assert meta.dtype.kind in "OUT" or "sharding" not in str(meta.metadata.codecs)
+            continue
+        ref = np.asarray(meta[...])
+        assert np.array_equal(fast.read_all(), ref)
+        n = len(ref)
+        for a, b in [(0, 1), (n - 1, n), (4095, 4097), (n // 3, n // 2), (5, 5)]:
+            assert np.array_equal(fast.read(a, b), ref[max(0, a):b])
+        checked += 1
+    assert checked >= 6
+
+
+def test_fast_reader_handles_multi_shard_arrays_and_chunk_cache(tmp_path):
+    chunking = Chunking(chunk=1000, shard=8000)  # 7 shards, the last one partial
+    s = simple_session("c", duration=10.0)
+    s.spike_times = np.sort(np.random.default_rng(1).uniform(0, 10, 50_000))
+    s.spike_units = np.zeros(50_000, dtype=np.int64)
+    write_session_group(tmp_path / "g", s, chunking)
+    fast = open_sharded(tmp_path / "g" / "spikes" / "timestamps")
+    assert np.array_equal(fast.read_all(), s.spike_times)
+    assert np.array_equal(fast.read(7999, 16001), s.spike_times[7999:16001])
+    before = CACHE.hits
+    fast.read(7999, 16001)
+    assert CACHE.hits > before
+
+
+def test_corrupted_chunk_is_detected_by_crc(tmp_path):
+    s = simple_session("d", duration=60.0)
+    write_session_group(tmp_path / "g", s)
+    shard = tmp_path / "g" / "spikes" / "timestamps" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    CACHE.clear()
+    with pytest.raises(ChecksumError, match="crc32c"):
+        open_sharded(tmp_path / "g" / "spikes" / "timestamps").read(0, 10)
+
+
+def test_corpus_refuses_unknown_directories_and_sessions(tmp_path, corpus):
+    from data_service.errors import CorpusError
+
+    with pytest.raises(CorpusError, match="not a popscale corpus"):
+        Corpus(tmp_path)
+    root, _ = corpus
+    with pytest.raises(CorpusError, match="no such session") as e:
+        open_corpus(root).session("nope")
+    assert e.value.session == "nope"
