@@ -9,7 +9,9 @@ of files per array at one for any session shorter than a few hours.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
@@ -33,6 +35,22 @@ UNIT_IDS = "units/id"
 UNIT_AREAS = "units/area"
 INTERVALS = "intervals"  # (n, 2) float64, rows grouped by set; attrs["sets"] = {name: [lo, hi]}
 GROUND_TRUTH = "ground_truth"
+
+
+def check_corpus_root(root: Path) -> dict:
+    """The root's popscale attributes; raises CorpusError if `root` is not a corpus this version reads."""
+    from .errors import CorpusError
+
+    meta = Path(root) / "zarr.json"
+    if not meta.exists():
+        raise CorpusError("not a popscale corpus (no zarr.json)", file=str(root))
+    attrs = json.loads(meta.read_text()).get("attributes", {}).get("popscale", {})
+    if attrs.get("format") != FORMAT_NAME:
+        raise CorpusError("a Zarr store but not a popscale corpus", file=str(root))
+    if attrs.get("format_version", 0) > FORMAT_VERSION:
+        raise CorpusError(f"corpus format v{attrs['format_version']} is newer than this popscale "
+                          f"(v{FORMAT_VERSION}); upgrade popscale", file=str(root))
+    return attrs
 
 
 def behaviour_path(name: str, leaf: str) -> str:
@@ -89,6 +107,23 @@ def checksum(a) -> str:
 
 def unit_index_dtype(n_units: int) -> np.dtype:
     return np.dtype("<u2") if n_units <= np.iinfo(np.uint16).max else np.dtype("<u4")
+
+
+def exact_grid(t: np.ndarray, rate: float | None = None) -> tuple[float, float] | None:
+    """(t0, step) if the timestamps are exactly t0 + i * step, element for element, else None.
+
+    Readers then compute a window's timestamps instead of reading them, bit for bit the same.
+    """
+    n = len(t)
+    if n < 2:
+        return None
+    t0 = float(t[0])
+    steps = [float(t[1] - t[0]), float((t[-1] - t[0]) / (n - 1))] + ([1.0 / rate] if rate else [])
+    idx = np.arange(n)
+    for step in steps:
+        if step > 0 and np.array_equal(t, t0 + idx * step):
+            return t0, step
+    return None
 
 
 def time_index(t: np.ndarray, origin: float, n_steps: int, step: float = INDEX_STEP_S) -> np.ndarray:

@@ -12,7 +12,6 @@ costs a few array slices. Times in a window are relative to its start.
 
 from __future__ import annotations
 
-import json
 import math
 from bisect import bisect_left, bisect_right
 import os
@@ -26,8 +25,8 @@ import zarr
 from . import intervals as iv
 from .errors import CorpusError
 from .format import (
-    FORMAT_NAME, FORMAT_VERSION, GROUND_TRUTH, INTERVALS, MANIFEST, SESSIONS, SPIKE_INDEX, SPIKE_TIMES,
-    SPIKE_UNITS, UNIT_AREAS, UNIT_IDS, behaviour_path,
+    GROUND_TRUTH, INTERVALS, MANIFEST, SESSIONS, SPIKE_INDEX, SPIKE_TIMES,
+    SPIKE_UNITS, UNIT_AREAS, UNIT_IDS, behaviour_path, check_corpus_root,
 )
 from .manifest import fingerprint, read_manifest, session_attrs
 from .shards import open_sharded
@@ -48,6 +47,11 @@ class _ZarrRows:
 
     def read_all(self) -> np.ndarray:
         return np.asarray(self._a[...])
+
+
+def _strings(a) -> np.ndarray:
+    """zarr returns numpy's variable-width StringDType; callers get a plain fixed-width str array."""
+    return np.asarray([str(x) for x in np.asarray(a).tolist()], dtype=np.str_)
 
 
 def _rows(path: Path):
@@ -106,6 +110,26 @@ class _TimeSeriesRows:
         return a + int(lo), a + int(hi), block[lo:hi]
 
 
+class _GridRows:
+    """Timestamps known to be exactly t0 + i * step: a window's rows and times by arithmetic."""
+
+    def __init__(self, times, t0: float, step: float) -> None:
+        self.times = times  # the stored array, for whole-series reads
+        self.t0, self.step, self.n = t0, step, len(times)
+
+    def _first_at_or_after(self, t: float) -> int:
+        i = min(max(int(math.ceil((t - self.t0) / self.step)), 0), self.n)
+        while i > 0 and self.t0 + (i - 1) * self.step >= t:  # settle float rounding either way
+            i -= 1
+        while i < self.n and self.t0 + i * self.step < t:
+            i += 1
+        return i
+
+    def window(self, t0: float, t1: float) -> tuple[int, int, np.ndarray]:
+        lo, hi = self._first_at_or_after(t0), self._first_at_or_after(t1)
+        return lo, hi, self.t0 + np.arange(lo, hi) * self.step
+
+
 class SessionReader:
     """One session of a corpus, opened lazily; safe to share within a process."""
 
@@ -122,11 +146,20 @@ class SessionReader:
                                        self.origin, self.step)
         self._units = _rows(self.path / SPIKE_UNITS)
         self._behaviour = {}
-        for name in self.attrs["behaviour"]:
-            t = _rows(self.path / behaviour_path(name, "timestamps"))
-            idx = _rows(self.path / behaviour_path(name, "index")).read_all()
-            self._behaviour[name] = (_TimeSeriesRows(t, idx, self.origin, self.step),
-                                     _rows(self.path / behaviour_path(name, "values")))
+        shared: dict[str, _TimeSeriesRows | _GridRows] = {}  # behaviours with identical timestamps
+        for name, meta in self.attrs["behaviour"].items():
+            key = meta.get("timestamps_checksum") or name
+            rows = shared.get(key)
+            if rows is None:
+                t = _rows(self.path / behaviour_path(name, "timestamps"))
+                grid = meta.get("grid")
+                if grid:
+                    rows = _GridRows(t, grid["t0"], grid["step"])
+                else:
+                    idx = _rows(self.path / behaviour_path(name, "index")).read_all()
+                    rows = _TimeSeriesRows(t, idx, self.origin, self.step)
+                shared[key] = rows
+            self._behaviour[name] = (rows, _rows(self.path / behaviour_path(name, "values")))
 
     # ---- whole-session metadata ------------------------------------------------------------
     @property
@@ -139,11 +172,11 @@ class SessionReader:
 
     @cached_property
     def unit_ids(self) -> np.ndarray:
-        return np.asarray(zarr.open_array(str(self.path / UNIT_IDS), mode="r")[...], dtype=np.str_)
+        return _strings(zarr.open_array(str(self.path / UNIT_IDS), mode="r")[...])
 
     @cached_property
     def unit_areas(self) -> np.ndarray:
-        return np.asarray(zarr.open_array(str(self.path / UNIT_AREAS), mode="r")[...], dtype=np.str_)
+        return _strings(zarr.open_array(str(self.path / UNIT_AREAS), mode="r")[...])
 
     @cached_property
     def intervals(self) -> dict[str, np.ndarray]:
@@ -194,10 +227,13 @@ class SessionReader:
         lo, hi, times = self._spikes.window(t0, t1)
         units = self._units.read(lo, hi).astype(np.int64)
         beh = {}
+        ranges: dict[int, tuple[int, int, np.ndarray]] = {}
         for name in (self._behaviour if behaviours is None else behaviours):
             rows, values = self._behaviour[name]
-            blo, bhi, bt = rows.window(t0, t1)
-            beh[name] = SeriesWindow(bt - t0, values.read(blo, bhi))
+            r = ranges.get(id(rows))
+            if r is None:
+                r = ranges[id(rows)] = rows.window(t0, t1)
+            beh[name] = SeriesWindow(r[2] - t0, values.read(r[0], r[1]))  # own array per behaviour
         return Window(self.session_id, t0, t1, times - t0, units, beh,
                       self.window_intervals(t0, t1) if intervals else {})
 
@@ -215,14 +251,7 @@ class Corpus:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
-        meta = self.root / "zarr.json"
-        if not meta.exists():
-            raise CorpusError("not a popscale corpus (no zarr.json)", file=str(self.root))
-        attrs = json.loads(meta.read_text()).get("attributes", {}).get("popscale", {})
-        if attrs.get("format") != FORMAT_NAME:
-            raise CorpusError("a Zarr store but not a popscale corpus", file=str(self.root))
-        if attrs.get("format_version", 0) > FORMAT_VERSION:
-            raise CorpusError(f"corpus format v{attrs['format_version']} is newer than this popscale", file=str(self.root))
+        check_corpus_root(self.root)
         self.rows = read_manifest(self.root)
         self._sessions: dict[str, SessionReader] = {}
 

@@ -18,11 +18,10 @@ from collections import OrderedDict
 from pathlib import Path
 
 import google_crc32c
-import numcodecs
 import numpy as np
+from numcodecs.blosc import decompress as blosc_decompress
 
 _MISSING = np.iinfo(np.uint64).max
-_blosc = numcodecs.Blosc()
 
 
 class ChecksumError(IOError):
@@ -101,10 +100,13 @@ _handles = _FileHandles()
 CACHE = ChunkCache(int(os.environ.get("POPSCALE_CHUNK_CACHE_MB", "512")) << 20)
 
 
-def _check_crc(buf: bytes, where: str) -> bytes:
-    body, stored = buf[:-4], int.from_bytes(buf[-4:], "little")
-    if google_crc32c.value(body) != stored:
-        raise ChecksumError(f"crc32c mismatch in {where}: the corpus is corrupt (run `popscale verify`)")
+def _check_crc(buf: bytes, where) -> bytes:
+    """The payload of a crc32c-suffixed buffer; raises if the checksum does not match.
+    (`where` is a callable so the message is only built on failure.)"""
+    body = buf[:-4]
+    if google_crc32c.value(body) != int.from_bytes(buf[-4:], "little"):
+        raise ChecksumError(f"crc32c mismatch in {where() if callable(where) else where}: "
+                            "the corpus is corrupt (run `popscale verify`)")
     return body
 
 
@@ -124,7 +126,7 @@ class ShardedArray:
         sep = enc.get("configuration", {}).get("separator", "/" if enc["name"] == "default" else ".")
         self._prefix = "c" + sep if enc["name"] == "default" else ""
         self._sep = sep
-        self._index: dict[int, np.ndarray] = {}
+        self._index: dict[int, tuple[str, list[tuple[int, int]]]] = {}
         self._key = str(path)
 
     def __len__(self) -> int:
@@ -134,9 +136,10 @@ class ShardedArray:
         key = self._prefix + self._sep.join([str(s)] + ["0"] * len(self.row_shape))
         return str(self.path / key)
 
-    def _shard_index(self, s: int) -> np.ndarray | None:
-        idx = self._index.get(s)
-        if idx is None:
+    def _shard_index(self, s: int) -> tuple[str, list[tuple[int, int]]] | None:
+        """(file, [(offset, nbytes) per inner chunk]) of shard s, read once; None if absent."""
+        entry = self._index.get(s)
+        if entry is None:
             f = self._shard_file(s)
             if not os.path.exists(f):
                 return None
@@ -144,26 +147,28 @@ class ShardedArray:
             size = _handles.size(f)
             if size < n:
                 raise ChecksumError(f"{f}: {size} bytes is shorter than its shard index; file truncated")
-            raw = _check_crc(_handles.pread(f, n, size - n), f"shard index of {f}")
-            idx = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
-            self._index[s] = idx
-        return idx
+            raw = _check_crc(_handles.pread(f, n, size - n), lambda: f"shard index of {f}")
+            pairs = np.frombuffer(raw, dtype="<u8").reshape(-1, 2).tolist()
+            entry = self._index[s] = (f, [tuple(p) for p in pairs])
+        return entry
 
     def chunk(self, c: int) -> np.ndarray:
-        """Inner chunk c, decoded (full chunk length, padded past the array's end)."""
+        """Inner chunk c, decoded (full chunk length, padded past the array's end); read-only."""
         key = (self._key, c)
         arr = CACHE.get(key)
         if arr is not None:
             return arr
         s, j = divmod(c, self.per_shard)
-        idx = self._shard_index(s)
-        shape = (self.chunk_len, *self.row_shape)
-        if idx is None or idx[j, 0] == _MISSING:
-            arr = np.full(shape, self.fill, dtype=self.dtype)
+        entry = self._shard_index(s)
+        offset, nbytes = entry[1][j] if entry is not None else (_MISSING, 0)
+        if offset == _MISSING:
+            arr = np.full((self.chunk_len, *self.row_shape), self.fill, dtype=self.dtype)
         else:
-            f = self._shard_file(s)
-            raw = _check_crc(_handles.pread(f, int(idx[j, 1]), int(idx[j, 0])), f"chunk {c} of {f}")
-            arr = np.frombuffer(_blosc.decode(raw), dtype=self.dtype).reshape(shape)
+            f = entry[0]
+            body = _check_crc(_handles.pread(f, nbytes, offset), lambda: f"chunk {c} of {f}")
+            arr = np.frombuffer(blosc_decompress(body), dtype=self.dtype)  # ~10 us less than Blosc().decode
+            if self.row_shape:
+                arr = arr.reshape(self.chunk_len, *self.row_shape)
         arr.flags.writeable = False
         CACHE.put(key, arr)
         return arr

@@ -1,6 +1,6 @@
 """Train/valid/test domains for sessions whose source has none.
 
-Held-out data are whole trials (when the session has at least three) or whole blocks of time,
+Held-out data are runs of whole trials (when the session has at least three) or blocks of time,
 drawn with a seed derived from (seed, session id) so every re-ingest gives the same split. The
 train domain keeps `gap_s` away from every held-out interval, so no training window can include
 held-out time. Valid/test blocks are drawn only where behaviour was recorded, since a held-out
@@ -71,7 +71,10 @@ def _blocks(region: np.ndarray, block_s: float) -> np.ndarray:
 
 
 def make_splits(s: SessionData, cfg: SplitConfig | None = None) -> None:
-    """Fill s.intervals['train'/'valid'/'test'] (and 'eval') in place if the source lacks them."""
+    """Fill s.intervals['train'/'valid'/'test'] (and 'eval') in place if the source lacks them.
+
+    Held-out units are runs of consecutive trials of about `block_s` seconds (or blocks of time
+    when there are fewer than three trials), drawn by count: 10 % / 20 % of the runs by default."""
     cfg = cfg or SplitConfig()
     have = [k for k in SPLITS if k in s.intervals and len(s.intervals[k])]
     support = label_support(s)
@@ -91,12 +94,18 @@ def make_splits(s: SessionData, cfg: SplitConfig | None = None) -> None:
         pool_domain = support
     pool_trials = trials[iv.inside_mask(trials, pool_domain)]
 
+    block = cfg.block_s or float(np.clip(iv.total(pool_domain) / 30.0, 5.0, 60.0))
+    info["block_s"] = block
     if len(pool_trials) >= 3:
-        units, info["method"] = pool_trials, "trials"
+        # contiguous runs of whole trials, about `block` seconds each: held-out data stay whole
+        # trials, and the train gap is paid at run edges rather than around every trial
+        run = np.floor((pool_trials[:, 0] - pool_trials[0, 0]) / block).astype(np.int64)
+        groups = [pool_trials[run == r] for r in np.unique(run)]
+        if len(groups) < 3:
+            groups = [pool_trials[i:i + 1] for i in range(len(pool_trials))]
+        units, info["method"] = groups, "trials"
     else:
-        total = iv.total(pool_domain)
-        block = cfg.block_s or float(np.clip(total / 30.0, 5.0, 60.0))
-        units, info["method"], info["block_s"] = _blocks(pool_domain, block), "time_blocks", block
+        units, info["method"] = [b[None] for b in _blocks(pool_domain, block)], "time_blocks"
     missing = [k for k in ("valid", "test") if k not in have]
     fr = list(cfg.fractions)
     if "test" in have:
@@ -105,7 +114,8 @@ def make_splits(s: SessionData, cfg: SplitConfig | None = None) -> None:
         fr[1] = 0.0
     n_valid, n_test = _counts(len(units), fr)
     order = rng.permutation(len(units))
-    picked = {"valid": units[np.sort(order[:n_valid])], "test": units[np.sort(order[n_valid:n_valid + n_test])]}
+    picked = {"valid": np.concatenate([units[i] for i in np.sort(order[:n_valid])] or [iv.EMPTY]),
+              "test": np.concatenate([units[i] for i in np.sort(order[n_valid:n_valid + n_test])] or [iv.EMPTY])}
     for k in missing:
         s.intervals[k] = iv.intersect(picked[k], support) if info["method"] == "time_blocks" else iv.normalize(picked[k])
     held_out = iv.union(s.intervals["valid"], s.intervals["test"])

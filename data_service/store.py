@@ -12,11 +12,11 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +28,17 @@ from .errors import CorpusError, DuplicateSession
 from .format import (
     DEFAULT_CHUNKING, FORMAT_NAME, FORMAT_VERSION, GROUND_TRUTH, INDEX_STEP_S, INTERVALS, LOCK, SESSIONS,
     SPIKE_INDEX, SPIKE_TIMES, SPIKE_UNITS, STAGING, TRASH, UNIT_AREAS, UNIT_IDS, Chunking, behaviour_path,
-    checksum, sharded_codec, time_index, unit_index_dtype,
+    check_corpus_root, checksum, exact_grid, sharded_codec, time_index, unit_index_dtype,
 )
 from . import intervals as iv
 from .manifest import read_manifest, reconcile, row_from_attrs, write_manifest
 from .session import SPLITS, SessionData
 from .validate import validate_session
 
-VERSION = "0.1.0"
+try:
+    VERSION = importlib.metadata.version("popscale")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree that was not installed
+    VERSION = "0+unknown"
 
 
 def _write_sharded(g: zarr.Group, name: str, data: np.ndarray, chunking: Chunking) -> None:
@@ -110,8 +113,11 @@ def write_session_group(path: Path, s: SessionData, chunking: Chunking = DEFAULT
         put(behaviour_path(name, "timestamps"), bt)
         put(behaviour_path(name, "values"), np.asarray(ts.values))
         put(behaviour_path(name, "index"), time_index(bt, origin, n_steps))
+        grid = exact_grid(bt, ts.sampling_rate)
         behaviour[name] = {
             "columns": list(ts.columns), "unit": ts.unit, "sampling_rate": ts.sampling_rate,
+            "grid": {"t0": grid[0], "step": grid[1]} if grid else None,
+            "timestamps_checksum": sums[behaviour_path(name, "timestamps")],
             "n_samples": int(len(bt)), "dtype": np.asarray(ts.values).dtype.str, "description": ts.description,
         }
 
@@ -212,8 +218,12 @@ class CorpusStore:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise CorpusError("another popscale process is writing to this corpus", file=str(self.root)) from None
-        self._init_layout()
-        self.recovered = self._recover()
+        try:
+            self._init_layout()
+            self.recovered = self._recover()
+        except BaseException:
+            self.__exit__()  # release the lock: __exit__ is not called when __enter__ raises
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -227,12 +237,7 @@ class CorpusStore:
         so a corpus is either not there at all or complete."""
         meta = self.root / "zarr.json"
         if meta.exists():
-            attrs = json.loads(meta.read_text()).get("attributes", {}).get("popscale", {})
-            if attrs.get("format") != FORMAT_NAME:
-                raise CorpusError("this directory is a Zarr store but not a popscale corpus", file=str(self.root))
-            if attrs.get("format_version", 0) > FORMAT_VERSION:
-                raise CorpusError(f"corpus format v{attrs['format_version']} is newer than this popscale "
-                                  f"(v{FORMAT_VERSION}); upgrade popscale", file=str(self.root))
+            check_corpus_root(self.root)
         else:
             sessions = self.root / SESSIONS
             foreign = [p.name for p in self.root.iterdir() if p.name not in (LOCK, SESSIONS, STAGING, TRASH)]

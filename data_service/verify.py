@@ -7,7 +7,6 @@ writer enforced (validate.py) re-run, plus the per-second index and the manifest
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,7 +18,7 @@ from . import intervals as iv
 from .errors import CorpusError
 from .format import (
     FORMAT_NAME, FORMAT_VERSION, GROUND_TRUTH, INTERVALS, INDEX_STEP_S, MANIFEST, SESSIONS, SPIKE_INDEX,
-    SPIKE_TIMES, SPIKE_UNITS, STAGING, UNIT_AREAS, UNIT_IDS, behaviour_path, checksum, time_index,
+    SPIKE_TIMES, SPIKE_UNITS, STAGING, UNIT_AREAS, UNIT_IDS, behaviour_path, check_corpus_root, checksum, time_index,
 )
 from .manifest import read_manifest, row_from_attrs, session_attrs
 from .session import SessionData, SourceInfo, TimeSeries
@@ -122,10 +121,15 @@ def verify_session(root: Path, sid: str, row: dict | None, report: VerifyReport)
     n_steps = len(arrays[SPIKE_INDEX]) - 1
     if not np.array_equal(arrays[SPIKE_INDEX], time_index(arrays[SPIKE_TIMES], origin, n_steps, INDEX_STEP_S)):
         report.problems.append(Problem(sid, SPIKE_INDEX, "per-second index does not match the spike times"))
-    for name in a["behaviour"]:
+    for name, meta in a["behaviour"].items():
+        bt = arrays[behaviour_path(name, "timestamps")]
         idx = arrays[behaviour_path(name, "index")]
-        if not np.array_equal(idx, time_index(arrays[behaviour_path(name, "timestamps")], origin, len(idx) - 1)):
+        if not np.array_equal(idx, time_index(bt, origin, len(idx) - 1)):
             report.problems.append(Problem(sid, behaviour_path(name, "index"), "index does not match the timestamps"))
+        grid = meta.get("grid")
+        if grid and not np.array_equal(bt, grid["t0"] + np.arange(len(bt)) * grid["step"]):
+            report.problems.append(Problem(sid, behaviour_path(name, "timestamps"),
+                                           "timestamps are not the exact grid the metadata claims"))
     for k, rows in s.intervals.items():
         if len(rows) and (rows[:, 0] > rows[:, 1]).any():
             report.problems.append(Problem(sid, f"intervals/{k}", "an interval ends before it starts"))
@@ -145,13 +149,10 @@ def verify(root: Path | str, *, sessions: list[str] | None = None,
            on_session: Callable[[str], None] | None = None) -> VerifyReport:
     root = Path(root)
     report = VerifyReport()
-    meta = root / "zarr.json"
-    if not meta.exists():
-        report.problems.append(Problem(None, "zarr.json", f"{root} is not a popscale corpus (no zarr.json)"))
-        return report
-    attrs = json.loads(meta.read_text()).get("attributes", {}).get("popscale", {})
-    if attrs.get("format") != FORMAT_NAME:
-        report.problems.append(Problem(None, "zarr.json", "not a popscale corpus"))
+    try:
+        check_corpus_root(root)
+    except CorpusError as e:
+        report.problems.append(Problem(None, "zarr.json", f"{root}: {e.message}"))
         return report
     try:
         rows = read_manifest(root)

@@ -71,7 +71,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
         console.print(f"[yellow]recovered:[/yellow] {escape(note)}")
     for f, sid, status in report.results:
         console.print(escape(f"  {status:9s} {sid}  ({f})"))
-    for f, err in report.failures:
+    for _file, err in report.failures:
         console.print(f"[red]FAILED[/red] {escape(err)}")
     n = {s: sum(1 for r in report.results if r[2] == s) for s in ("added", "replaced", "unchanged")}
     result(corpus=a.corpus, files=len(sources), failed=len(report.failures), **n)

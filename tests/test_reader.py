@@ -53,6 +53,28 @@ def test_random_windows_equal_brute_force_slices(corpus):
                 assert np.allclose(iv.normalize(w.intervals[name]), iv.normalize(want)), (sid, name, t0)
 
 
+def test_regular_and_irregular_behaviour_give_the_same_windows(tmp_path):
+    """A regularly sampled behaviour is read by arithmetic (its grid), an irregular one through
+    its index; both must return exactly the stored samples."""
+    s = simple_session("g", duration=200.0)
+    jittered = simple_session("j", duration=200.0)
+    b = jittered.behaviour["hand_vel"]
+    b.timestamps = b.timestamps + np.random.default_rng(0).uniform(0, 1e-3, len(b.timestamps))
+    with CorpusStore(tmp_path / "c") as st:
+        st.add(s)
+        st.add(jittered)
+    c = open_corpus(tmp_path / "c")
+    assert c.session("g").attrs["behaviour"]["hand_vel"]["grid"] == {"t0": 0.0, "step": 0.01}
+    assert c.session("j").attrs["behaviour"]["hand_vel"]["grid"] is None
+    for sess in (s, jittered):
+        r = c.session(sess.session_id)
+        for t0 in np.random.default_rng(1).uniform(-1, 200, 300).tolist() + [0.0, 0.01, 199.99, 57.3]:
+            _, _, ebt, ebv = _expected(sess, t0, t0 + 1.0)
+            w = r.read_window(t0, t0 + 1.0)
+            assert np.array_equal(w.behaviour["hand_vel"].timestamps, ebt)
+            assert np.array_equal(w.behaviour["hand_vel"].values, ebv)
+
+
 def test_window_spanning_many_chunks(corpus):
     root, sessions = corpus
     s = sessions["a"]

@@ -7,14 +7,14 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import result_line, run_cli, simple_session
+from conftest import REPO, result_line, run_cli, simple_session
 from data_service.format import SESSIONS, STAGING
 from data_service.manifest import read_manifest
 from data_service.reader import Corpus
 from data_service.store import CorpusStore
 from data_service.verify import verify
 
-META = "configs/real_recordings.yaml"
+META = str(REPO / "configs" / "real_recordings.yaml")
 
 
 def content(root) -> dict[str, str]:

@@ -108,11 +108,13 @@ def _behaviour(name: str, v: np.ndarray, t: np.ndarray, rate: float | None) -> T
     return TimeSeries(t.astype(np.float64), np.ascontiguousarray(v, dtype=np.float64), cols, sampling_rate=rate)
 
 
-def _trials_from_targets(targets: np.ndarray, starts: np.ndarray, width: float) -> np.ndarray:
+def _trials_from_targets(targets: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Runs of equal target id as [start, end) trials; bounds come from one array of bin edges,
+    so consecutive trials touch exactly instead of overlapping by a rounding error."""
     change = np.flatnonzero(np.diff(targets) != 0) + 1
     lo = np.concatenate([[0], change])
     hi = np.concatenate([change, [len(targets)]])
-    return interval_array(starts[lo], starts[hi - 1] + width)
+    return interval_array(edges[lo], edges[hi])
 
 
 def read_mat(path: Path, opts: IngestOptions, sha256: str | None = None) -> list[SessionData]:
@@ -175,19 +177,20 @@ def read_mat(path: Path, opts: IngestOptions, sha256: str | None = None) -> list
         sid = base_id if same_units else f"{base_id}-{group[0][0]}"
         counts = np.concatenate([p[1] for p in group])
         x = np.concatenate([p[2] for p in group])
-        starts = np.arange(len(counts), dtype=np.float64) * width
+        edges = np.arange(len(counts) + 1, dtype=np.float64) * width
+        starts = edges[:-1]
         s = binned_session(session_id=sid, subject=subject, counts=counts, bin_starts=starts,
                            bin_width=width, source=src, opts=opts)
         s.behaviour["hand_vel"] = TimeSeries(starts.copy(), x, ["x", "y"], sampling_rate=1.0 / width)
         if all(p[3] is not None for p in group):
             targets = np.concatenate([p[3] for p in group])
-            s.intervals["trials"] = _trials_from_targets(targets, starts, width)
+            s.intervals["trials"] = _trials_from_targets(targets, edges)
             s.behaviour["target_id"] = TimeSeries(starts.copy(), targets.astype(np.float64)[:, None], ["id"],
                                                   sampling_rate=1.0 / width, description="reach target id per bin")
         if same_units and len(group) == 2:  # the file's own parts become the train and test domains
-            cut = group[0][1].shape[0] * width
+            cut = edges[group[0][1].shape[0]]
             s.intervals["train"] = interval_array([0.0], [cut])
-            s.intervals["test"] = interval_array([cut], [len(counts) * width])
+            s.intervals["test"] = interval_array([cut], [edges[-1]])
             s.notes.append(f"train/test domains are the file's {group[0][0]}/{group[1][0]} parts")
         s.notes.append("bins of the file's parts laid end to end in time; runs of equal target id are trials")
         if implied:

@@ -49,7 +49,9 @@ class SynthConfig:
     center_out_fraction: float = 0.5
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        """Everything session i depends on; not the session count, so a corpus can be grown."""
+        params = {k: v for k, v in asdict(self).items() if k != "sessions"}
+        return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
 
 def _rng(cfg: SynthConfig, *key) -> np.random.Generator:
