@@ -76,6 +76,22 @@ def test_ingest_killed_midway_leaves_no_partial_session_and_rerun_finishes(tmp_p
     assert_readable_and_complete(root)
 
 
+def test_synth_killed_midway_resumes_to_the_same_corpus(tmp_path):
+    """No real data needed: a synth run killed while writing its second session, then re-run."""
+    args = ["synth", "--sessions", "3", "--subjects", "2", "--minutes", "0.3", "--workers", "1"]
+    clean = tmp_path / "clean"
+    run_cli(*args, "--corpus", str(clean), check=True)
+    root = tmp_path / "corpus"
+    p = run_cli(*args, "--corpus", str(root), env={"POPSCALE_FAULT": "array-written:20"})
+    assert p.returncode == -signal.SIGKILL
+    assert len(read_manifest(root)) == 1 and any((root / STAGING).iterdir())
+    assert_readable_and_complete(root)
+    again = run_cli(*args, "--corpus", str(root), check=True)
+    assert result_line(again.stdout) == {"corpus": str(root), "sessions": "3", "added": "2", "replaced": "0",
+                                         "unchanged": "1"}
+    assert content(root) == content(clean)
+
+
 def test_killed_replace_restores_the_old_session(tmp_path, real_dir_module):
     root = tmp_path / "corpus"
     src = str(real_dir_module / "chewie_demo.mat")
