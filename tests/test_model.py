@@ -1,0 +1,282 @@
+"""The model: sizes, vocabularies, attention backends, dropout kernels, loss and optimizer."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain import flops, ops
+from pretrain.attention import SDPA, get_backend, naive, xformers_available
+from pretrain.batch import Sample, pack
+from pretrain.config import PRESETS, ModelConfig, preset
+from pretrain.loss import weighted_mse
+from pretrain.model import POYO, count_parameters
+from pretrain.optim import LazyAdamW, OptimConfig, build_optimizer
+from pretrain.vocab import VocabEmbedding, VocabMismatch
+
+TINY = ModelConfig(dim=32, depth=2, dim_head=16, cross_heads=2, self_heads=2, latents_per_step=4)
+
+
+def random_samples(n: int, rng, n_units: int = 30, sessions: int = 3, lps: int = 4, dims: int = 2) -> list[Sample]:
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(5, 80))
+        t = np.sort(rng.random(k)).astype(np.float32)
+        no = int(rng.integers(3, 30))
+        out.append(Sample(
+            unit_index=rng.integers(0, n_units, k), input_time=t, token_type=rng.integers(0, 3, k),
+            latent_index=np.tile(np.arange(lps), 8), latent_time=np.repeat((np.arange(8) + 0.5) / 8, lps).astype(np.float32),
+            output_time=np.sort(rng.random(no)).astype(np.float32), output_readout=np.zeros(no, dtype=np.int64),
+            target=rng.normal(size=(no, dims)).astype(np.float32), weight=rng.uniform(0.1, 5, no).astype(np.float32),
+            session_index=int(rng.integers(sessions))))
+    return out
+
+
+def tiny_model(cfg: ModelConfig = TINY, n_units: int = 30, sessions: int = 3) -> POYO:
+    return POYO(cfg, [f"u{i}" for i in range(n_units)], [f"s{i}" for i in range(sessions)])
+
+
+# ---- sizes ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_are_the_size_their_name_says(name):
+    n = count_parameters(tiny_model(preset(name)))
+    stated = float(re.search(r"([\d.]+)M", name).group(1)) * 1e6
+    assert abs(n - stated) / stated < 0.05, (name, n)
+    assert flops.parameters(preset(name)) == n  # the analytic count is exact
+    assert flops.parameters(preset(name), 30, 3) == count_parameters(tiny_model(preset(name)), embeddings=True)
+
+
+def test_reference_configs_match_the_reference():
+    small, big = preset("poyo-1.3M"), preset("poyo-11.8M")
+    assert (small.dim, small.depth, small.cross_heads, small.self_heads, small.latents_per_step) == (64, 6, 2, 8, 16)
+    assert (big.dim, big.depth, big.cross_heads, big.self_heads, big.latents_per_step) == (128, 24, 4, 8, 32)
+    assert big.n_latents == 256 and (big.ffn_dropout, big.lin_dropout, big.atn_dropout) == (0.2, 0.4, 0.2)
+
+
+def test_flops_grow_linearly_with_spike_tokens():
+    cfg = preset("poyo-11.8M")
+    f = [flops.forward_flops(cfg, n, 100) for n in (1000, 2000, 3000)]
+    assert f[1] - f[0] == pytest.approx(f[2] - f[1]) and f[0] > 0
+    assert flops.train_flops(cfg, 1000, 100) == 3 * f[0]
+
+
+# ---- vocabularies ---------------------------------------------------------------------------------------
+def test_vocabulary_grows_and_looks_up():
+    v = VocabEmbedding(8, "unit", ids=["a", "b"])
+    w0 = v.weight.detach().clone()
+    assert v.extend(["b", "c", "d", "c"]).tolist() == [1, 2, 3, 2]
+    assert torch.equal(v.weight[:2], w0) and v.weight.shape == (4, 8)
+    with pytest.raises(VocabMismatch, match="'zz'"):
+        v.lookup(["a", "zz"])
+
+
+def test_state_dict_carries_the_vocabulary_and_rows_follow_ids():
+    torch.manual_seed(0)
+    a = tiny_model()
+    b = POYO(TINY, [f"u{i}" for i in reversed(range(30))], [f"s{i}" for i in range(3)])  # same ids, other order
+    b.load_state_dict(a.state_dict())
+    for uid in ["u0", "u7", "u29"]:
+        assert torch.equal(a.unit_emb.weight[a.unit_emb.index[uid]], b.unit_emb.weight[b.unit_emb.index[uid]])
+    empty = POYO(TINY)  # an empty model adopts the checkpoint's vocabularies
+    empty.load_state_dict(a.state_dict())
+    assert empty.unit_emb.ids == a.unit_emb.ids and torch.equal(empty.unit_emb.weight, a.unit_emb.weight)
+    sd = torch.load(_roundtrip(a.state_dict()), weights_only=False)
+    c = POYO(TINY)
+    c.load_state_dict(sd)
+    batch = pack(random_samples(4, np.random.default_rng(0)))
+    a.eval(), c.eval()
+    assert torch.equal(a(batch)["velocity"], c(batch)["velocity"])
+
+
+def _roundtrip(sd):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_vocabulary_mismatch_is_a_clear_error():
+    a = tiny_model()
+    b = POYO(TINY, [f"u{i}" for i in range(31)], [f"s{i}" for i in range(3)])
+    with pytest.raises(RuntimeError, match=r"unit vocabulary mismatch.*only in the model: 1 \['u30'\]"):
+        b.load_state_dict(a.state_dict())
+
+
+# ---- attention backends ---------------------------------------------------------------------------------
+def packed_qkv(q_lens, k_lens, h=4, d=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda n: torch.randn(n, h, d, generator=g, dtype=dtype).requires_grad_()  # noqa: E731
+    return mk(sum(q_lens)), mk(sum(k_lens)), mk(sum(k_lens))
+
+
+BACKENDS = {
+    "sdpa-loop": SDPA("loop"),
+    "sdpa-padded": SDPA("padded"),
+    "blocked-kernel": lambda q, k, v, ql, kl, **kw: ops._PackedDropoutAttention.apply(q, k, v, ql, kl, 0.0, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+@pytest.mark.parametrize("seed", range(3))
+def test_backends_agree_with_the_definition_forward_and_backward(name, seed):
+    rng = np.random.default_rng(seed)
+    q_lens = rng.integers(1, 40, 5).tolist()
+    k_lens = rng.integers(1, 300, 5).tolist()
+    for ql, kl in [(q_lens, k_lens), ([16] * 4, [16] * 4)]:  # mixed lengths, and the uniform fast path
+        q, k, v = packed_qkv(ql, kl, seed=seed)
+        ref = naive(q, k, v, ql, kl)
+        out = BACKENDS[name](q, k, v, ql, kl)
+        assert (out - ref).abs().max() <= 1e-5
+        g = torch.randn_like(ref)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        want = torch.autograd.grad(ref, (q, k, v), g)
+        for a, b in zip(grads, want):
+            assert (a - b).abs().max() <= 1e-5
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and xformers_available()), reason="xformers needs CUDA")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_xformers_agrees_with_the_definition(dtype, tol):
+    ql, kl = [7, 33, 1, 20], [100, 5, 64, 250]
+    q, k, v = (x.detach().cuda().requires_grad_() for x in packed_qkv(ql, kl, dtype=dtype))
+    xf = get_backend("xformers", "cuda")
+    out, ref = xf(q, k, v, ql, kl), naive(q.float(), k.float(), v.float(), ql, kl)
+    assert (out.float() - ref).abs().max() <= tol
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out.float(), (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert (a.float() - b.float()).abs().max() <= tol * 10
+
+
+def test_backend_selection():
+    assert get_backend("auto", "cpu").name == "sdpa"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        get_backend("flash9")
+
+
+# ---- dropout kernels ------------------------------------------------------------------------------------
+def test_dropout_attention_gradients_and_statistics():
+    ql, kl = [5, 7, 2], [9, 4, 6]
+    q, k, v = (x.detach().double().requires_grad_() for x in packed_qkv(ql, kl, h=3, d=8))
+    f = lambda q, k, v: ops._PackedDropoutAttention.apply(q, k, v, ql, kl, 0.3, 123)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (q, k, v))
+    old = ops.BLOCK_ELEMENTS
+    try:
+        ops.BLOCK_ELEMENTS = 20  # one head per block: same function, other blocking
+        assert torch.autograd.gradcheck(f, (q, k, v))
+        assert torch.equal(f(q, k, v), ops._PackedDropoutAttention.apply(q, k, v, ql, kl, 0.3, 123))
+    finally:
+        ops.BLOCK_ELEMENTS = old
+    keep = ops._MaskStream(5, 0.2).next((1_000_000,), "cpu")
+    assert keep.mean().item() == pytest.approx(0.8, abs=2e-3)
+    torch.manual_seed(9)
+    a = ops.packed_dropout_attention(q, k, v, ql, kl, 0.3)
+    torch.manual_seed(9)
+    assert torch.equal(a, ops.packed_dropout_attention(q, k, v, ql, kl, 0.3))  # seeded by torch.manual_seed
+
+
+def test_dropout_and_geglu_kernels():
+    x = torch.randn(20, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: ops._Dropout.apply(x, 0.3, 7), (x,))
+    assert torch.autograd.gradcheck(lambda x: ops._GegluDropout.apply(x, 0.3, 7), (x,))
+    h, gate = x.chunk(2, dim=-1)
+    assert torch.equal(ops._GegluDropout.apply(x, 0.0, 0), h * torch.nn.functional.gelu(gate))
+    y = ops.dropout(torch.ones(200_000), 0.25, True)
+    assert (y == 0).float().mean().item() == pytest.approx(0.25, abs=5e-3)
+    assert y.mean().item() == pytest.approx(1.0, abs=1e-2)  # unbiased
+    assert torch.equal(ops.dropout(x, 0.5, False), x)
+
+
+def test_layer_checkpointing_changes_nothing_but_memory():
+    torch.manual_seed(0)
+    a = tiny_model()
+    b = tiny_model(ModelConfig(**{**TINY.to_dict(), "checkpoint_layers": True}))
+    b.load_state_dict(a.state_dict())
+    batch = pack(random_samples(6, np.random.default_rng(1)))
+    outs = []
+    for m in (a, b):
+        torch.manual_seed(5)
+        p = m(batch)["velocity"]
+        p.square().sum().backward()
+        outs.append((p.detach(), m.proc[1][0].to_q.weight.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+# ---- loss and optimizer ---------------------------------------------------------------------------------
+def test_weighted_mse_is_the_reference_definition():
+    rng = np.random.default_rng(0)
+    b = pack(random_samples(3, rng))
+    pred = {"velocity": torch.randn(b.target.shape[0], 2)}
+    loss, per = weighted_mse(pred, b, ["velocity"])
+    err = ((pred["velocity"] - b.target) ** 2).mean(1)
+    assert loss.item() == pytest.approx(float((err * b.weight).sum() / b.weight.sum()), rel=1e-6)
+    assert per["velocity"] == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_embeddings_not_in_a_batch_do_not_drift():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    m = tiny_model(n_units=30)
+    opt = build_optimizer(m, OptimConfig(lr=1e-2, weight_decay=0.1))
+    torch_opt_model = tiny_model(n_units=30)
+    torch_opt_model.load_state_dict(m.state_dict())
+    torch_opt = torch.optim.AdamW(torch_opt_model.parameters(), lr=1e-2, weight_decay=0.1)
+    first = pack(random_samples(8, rng))
+    for _ in range(3):  # every unit seen: moments become non-zero everywhere
+        for model, o in ((m, opt), (torch_opt_model, torch_opt)):
+            loss, _ = weighted_mse(model(first), first, model.readout_names)
+            o.zero_grad()
+            loss.backward()
+            o.step()
+    samples = random_samples(8, rng)
+    for s in samples:  # then batches that touch units 0-9 only, and session 0
+        keep = s.unit_index < 10
+        s.unit_index, s.input_time, s.token_type = s.unit_index[keep], s.input_time[keep], s.token_type[keep]
+        s.session_index = 0
+    b = pack(samples)
+    before = m.unit_emb.weight.detach().clone(), m.session_emb.weight.detach().clone()
+    before_torch = torch_opt_model.unit_emb.weight.detach().clone()
+    for model, o in ((m, opt), (torch_opt_model, torch_opt)):
+        loss, _ = weighted_mse(model(b), b, model.readout_names)
+        o.zero_grad()
+        loss.backward()
+        o.step()
+    assert torch.equal(m.unit_emb.weight[10:], before[0][10:])  # untouched units: bit for bit
+    assert torch.equal(m.session_emb.weight[1:], before[1][1:])
+    assert not torch.equal(m.unit_emb.weight[:10], before[0][:10])  # touched ones learn
+    assert not torch.equal(torch_opt_model.unit_emb.weight[10:], before_torch[10:])  # plain AdamW drifts
+
+
+def test_dense_groups_are_torch_adamw():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    b.load_state_dict(a.state_dict())
+    oa = LazyAdamW(a.parameters(), lr=1e-2, weight_decay=0.05)
+    ob = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.05)
+    x = torch.randn(32, 6)
+    for _ in range(5):
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    assert torch.allclose(a.weight, b.weight, atol=1e-6) and torch.allclose(a.bias, b.bias, atol=1e-6)
+
+
+def test_lamb_optimizes():
+    torch.manual_seed(0)
+    m = torch.nn.Linear(8, 1)
+    x = torch.randn(256, 8)
+    y = x @ torch.randn(8, 1)
+    o = LazyAdamW(m.parameters(), lr=5e-2, algo="lamb", weight_decay=1e-4)
+    first = None
+    for _ in range(200):
+        o.zero_grad()
+        loss = (m(x) - y).square().mean()
+        loss.backward()
+        o.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.05 * first

@@ -1,0 +1,89 @@
+"""Tokenizer invariants on real windows of a synthetic corpus, and packing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data_service import intervals as iv
+from data_service.reader import open_corpus
+from data_service.synth import SynthConfig, synth_corpus
+from pretrain.batch import END, SPIKE, START, pack
+from pretrain.config import preset
+from pretrain.model import POYO
+from pretrain.tokenizer import Tokenizer, TokenizerConfig
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok") / "c"
+    synth_corpus(SynthConfig(sessions=3, subjects=2, minutes=1.0, min_units=20, max_units=120, seed=2), root)
+    c = open_corpus(root)
+    cfg = preset("poyo-1.3M")
+    model = POYO(cfg, [u for s in c.session_ids for u in c.session(s).unit_ids], c.session_ids)
+    tok = Tokenizer(TokenizerConfig(latents_per_step=cfg.latents_per_step, target_scale={"hand_vel": 20.0},
+                                    interval_weights={"reach": 5.0, "hold": 0.1, "trials": 2.0}),
+                    model.unit_emb, model.session_emb, cfg.readouts)
+    return c, model, tok
+
+
+def test_tokens_of_a_window(setup):
+    c, model, tok = setup
+    for sid in c.session_ids:
+        r = c.session(sid)
+        for t0 in (3.0, 17.25, 40.5):
+            w = r.read_window(t0, t0 + 1.0)
+            s = tok(w, r)
+            n_units = len(r.unit_ids)
+            spikes = s.token_type == SPIKE
+            assert spikes.sum() == len(w.spike_times)
+            assert len(s.unit_index) == len(w.spike_times) + 2 * n_units  # start + end per unit
+            global_ids = model.unit_emb.lookup(r.unit_ids)
+            for kind, t in ((START, 0.0), (END, 1.0)):
+                sel = s.token_type == kind
+                assert sorted(s.unit_index[sel]) == sorted(global_ids)  # every unit once
+                assert np.all(s.input_time[sel] == t)
+            assert np.array_equal(s.unit_index[spikes], global_ids[w.spike_units])
+            assert s.input_time[spikes].min() >= 0 and s.input_time[spikes].max() < 1.0
+            assert len(s.latent_index) == 8 * 16 and np.allclose(np.unique(s.latent_time), np.arange(8) / 8 + 1 / 16)
+            v = w.behaviour["hand_vel"]
+            assert np.allclose(s.output_time, v.timestamps) and np.allclose(s.target, v.values / 20.0)
+            assert s.session_index == model.session_emb.index[sid]
+            # weights: product of the weights of every interval set containing the sample
+            want = np.ones(len(v.timestamps))
+            for name, wt in (("reach", 5.0), ("hold", 0.1), ("trials", 2.0)):
+                want[iv.contains(iv.normalize(r.intervals[name] - t0), v.timestamps)] *= wt
+            assert np.allclose(s.weight, want)
+
+
+def test_unit_dropout_keeps_only_the_chosen_units(setup):
+    c, model, tok = setup
+    r = c.session(c.session_ids[0])
+    w = r.read_window(10.0, 11.0)
+    keep = np.array([0, 3, 5])
+    s = tok(w, r, keep_units=keep)
+    kept_global = set(model.unit_emb.lookup(r.unit_ids[keep]))
+    assert set(s.unit_index) <= kept_global
+    assert (s.token_type == START).sum() == 3 and (s.token_type == SPIKE).sum() == np.isin(w.spike_units, keep).sum()
+
+
+def test_packing_lengths_and_model_outputs(setup):
+    c, model, tok = setup
+    samples = []
+    for k, sid in enumerate(c.session_ids):
+        r = c.session(sid)
+        samples.append(tok(r.read_window(5.0 + k, 6.0 + k), r))
+    b = pack(samples)
+    assert b.input_lens == [len(s.unit_index) for s in samples]
+    assert b.cu_seqlens("input").tolist() == [0, *np.cumsum(b.input_lens).tolist()]
+    assert b.latent_lens == [128] * 3 and sum(b.output_lens) == len(b.output_time) == b.target.shape[0]
+    assert b.output_session.tolist() == [s.session_index for s in samples for _ in range(len(s.output_time))]
+    model.eval()
+    with torch.no_grad():
+        out = model(b)["velocity"]
+        alone = model(pack(samples[1:2]))["velocity"]
+    assert out.shape == (sum(b.output_lens), 2)
+    # packing is exact: a sample's predictions do not depend on the other samples of its batch
+    lo = b.output_lens[0]
+    assert torch.allclose(out[lo:lo + b.output_lens[1]], alone, atol=1e-5)
