@@ -21,6 +21,8 @@ def as_intervals(iv) -> np.ndarray:
 def normalize(iv) -> np.ndarray:
     """Sorted, with overlapping or touching intervals merged and empty ones dropped."""
     a = as_intervals(iv)
+    if len(a) <= 1 or ((a[1:, 0] > a[:-1, 1]).all() and (a[:, 1] > a[:, 0]).all()):
+        return a if len(a) and a[0, 1] > a[0, 0] else EMPTY.copy()  # already normalized: the common case
     a = a[a[:, 1] > a[:, 0]]
     if len(a) == 0:
         return EMPTY.copy()
@@ -97,7 +99,7 @@ def contains(iv, t: np.ndarray) -> np.ndarray:
     if len(a) == 0:
         return np.zeros(t.shape, dtype=bool)
     k = np.searchsorted(a[:, 0], t, side="right") - 1
-    kc = np.clip(k, 0, None)
+    kc = np.maximum(k, 0)
     return (k >= 0) & (t < a[kc, 1])
 
 
@@ -114,5 +116,5 @@ def inside_mask(rows, domain, tol: float = 1e-9) -> np.ndarray:
     if len(r) == 0 or len(d) == 0:
         return np.zeros(len(r), dtype=bool)
     k = np.searchsorted(d[:, 0], r[:, 0] + tol, side="right") - 1
-    kc = np.clip(k, 0, None)
+    kc = np.maximum(k, 0)
     return (k >= 0) & (r[:, 1] <= d[kc, 1] + tol)

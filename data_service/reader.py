@@ -12,6 +12,8 @@ costs a few array slices. Times in a window are relative to its start.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import math
 from bisect import bisect_left, bisect_right
 import os
@@ -206,11 +208,13 @@ class SessionReader:
         return {name: np.asarray(a[...]) for name, a in g.arrays()}
 
     # ---- windows -----------------------------------------------------------------------------
-    def window_intervals(self, t0: float, t1: float) -> dict[str, np.ndarray]:
-        """Every interval set's rows overlapping [t0, t1), clipped to it, relative to t0."""
+    def window_intervals(self, t0: float, t1: float, names: Collection[str] | None = None) -> dict[str, np.ndarray]:
+        """Every interval set's (or those named) rows overlapping [t0, t1), clipped to it, relative to t0."""
         out = {}
         width = t1 - t0
         for name, rows, starts, max_end, disjoint in self._interval_lookup:
+            if names is not None and name not in names:
+                continue
             hi = bisect_left(starts, t1)
             lo = bisect_right(max_end, t0, 0, hi)
             sel = rows[lo:hi] - t0
@@ -221,21 +225,22 @@ class SessionReader:
             out[name] = sel
         return out
 
-    def read_window(self, t0: float, t1: float, *, behaviours: list[str] | None = None,
-                    intervals: bool = True) -> Window:
-        """Spikes, behaviour samples and intervals with t0 <= t < t1, times relative to t0."""
+    def read_window(self, t0: float, t1: float, *, behaviours: Collection[str] | None = None,
+                    intervals: bool | Collection[str] = True) -> Window:
+        """Spikes, behaviour samples and intervals with t0 <= t < t1, times relative to t0.
+        `behaviours` / `intervals` (names) restrict what is read: a training window needs few."""
         lo, hi, times = self._spikes.window(t0, t1)
         units = self._units.read(lo, hi).astype(np.int64)
         beh = {}
         ranges: dict[int, tuple[int, int, np.ndarray]] = {}
-        for name in (self._behaviour if behaviours is None else behaviours):
+        for name in (self._behaviour if behaviours is None else [b for b in behaviours if b in self._behaviour]):
             rows, values = self._behaviour[name]
             r = ranges.get(id(rows))
             if r is None:
                 r = ranges[id(rows)] = rows.window(t0, t1)
             beh[name] = SeriesWindow(r[2] - t0, values.read(r[0], r[1]))  # own array per behaviour
         return Window(self.session_id, t0, t1, times - t0, units, beh,
-                      self.window_intervals(t0, t1) if intervals else {})
+                      {} if intervals is False else self.window_intervals(t0, t1, None if intervals is True else intervals))
 
     # ---- whole arrays (verify, round-trip tests, export) -----------------------------------------
     def spikes(self) -> tuple[np.ndarray, np.ndarray]:

@@ -143,6 +143,21 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# ---- pretrain -----------------------------------------------------------------------------------------
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    from pretrain.launch import pretrain
+    from pretrain.run_config import load_config
+
+    cfg = load_config(a.config, a.set or [])
+    r = pretrain(cfg, resume=a.resume, show_progress=not a.no_progress)
+    console.print(f"run {r.name}: {r.steps} steps in {r.seconds / 60:.1f} min, validation R2 {r.valid_r2:.3f}")
+    if r.model_uri:
+        console.print(f"registered {r.model_uri} (version {r.model_version}) in {r.tracking_uri}")
+    result(valid_r2=f"{r.valid_r2:.4f}", model_uri=r.model_uri or "none", model_version=r.model_version or "none",
+           run=r.name, mlflow_run_id=r.mlflow_run_id, steps=r.steps, seconds=f"{r.seconds:.0f}")
+    return 0
+
+
 # ---- parser -------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="popscale", description="Pretraining for neural population decoding.")
@@ -188,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--t0", type=float)
     s.add_argument("--seconds", type=float, default=10.0)
     s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("pretrain", help="pretrain a model (Ray + DeepSpeed, tracked in MLflow)")
+    s.add_argument("--config", default="configs/demo.yaml", help="YAML run config (default: the embedded demo)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.steps=50")
+    s.add_argument("--resume", metavar="RUN", help="continue a run from its last checkpoint (its name)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_pretrain)
 
     s = sub.add_parser("verify", help="re-check checksums and invariants")
     s.add_argument("corpus")

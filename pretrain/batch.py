@@ -68,23 +68,36 @@ class PackedBatch:
         return torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
 
 
-def pack(samples: list[Sample]) -> PackedBatch:
+TENSORS = ("unit_index", "input_time", "token_type", "latent_index", "latent_time", "output_time", "output_readout",
+           "output_session", "target", "weight")
+
+
+def pack_numpy(samples: list[Sample]) -> dict:
+    """The packed batch as numpy arrays and plain lists (cheap to pickle between processes)."""
     cat = np.concatenate
-    return PackedBatch(
-        unit_index=torch.from_numpy(cat([s.unit_index for s in samples])),
-        input_time=torch.from_numpy(cat([s.input_time for s in samples])),
-        token_type=torch.from_numpy(cat([s.token_type for s in samples])),
-        latent_index=torch.from_numpy(cat([s.latent_index for s in samples])),
-        latent_time=torch.from_numpy(cat([s.latent_time for s in samples])),
-        output_time=torch.from_numpy(cat([s.output_time for s in samples])),
-        output_readout=torch.from_numpy(cat([s.output_readout for s in samples])),
-        output_session=torch.from_numpy(cat([np.full(len(s.output_time), s.session_index, dtype=np.int64)
-                                             for s in samples])),
-        target=torch.from_numpy(cat([s.target for s in samples])),
-        weight=torch.from_numpy(cat([s.weight for s in samples])),
-        input_lens=[len(s.unit_index) for s in samples],
-        latent_lens=[len(s.latent_index) for s in samples],
-        output_lens=[len(s.output_time) for s in samples],
-        session_ids=[s.session_id for s in samples],
-        t_starts=[s.t_start for s in samples],
-    )
+    return {
+        "unit_index": cat([s.unit_index for s in samples]),
+        "input_time": cat([s.input_time for s in samples]),
+        "token_type": cat([s.token_type for s in samples]),
+        "latent_index": cat([s.latent_index for s in samples]),
+        "latent_time": cat([s.latent_time for s in samples]),
+        "output_time": cat([s.output_time for s in samples]),
+        "output_readout": cat([s.output_readout for s in samples]),
+        "output_session": cat([np.full(len(s.output_time), s.session_index, dtype=np.int64) for s in samples]),
+        "target": cat([s.target for s in samples]),
+        "weight": cat([s.weight for s in samples]),
+        "input_lens": [len(s.unit_index) for s in samples],
+        "latent_lens": [len(s.latent_index) for s in samples],
+        "output_lens": [len(s.output_time) for s in samples],
+        "session_ids": [s.session_id for s in samples],
+        "t_starts": [s.t_start for s in samples],
+    }
+
+
+def from_numpy(d: dict) -> PackedBatch:
+    return PackedBatch(**{k: torch.from_numpy(np.ascontiguousarray(d[k])) for k in TENSORS},
+                       **{k: list(d[k]) for k in ("input_lens", "latent_lens", "output_lens", "session_ids", "t_starts")})
+
+
+def pack(samples: list[Sample]) -> PackedBatch:
+    return from_numpy(pack_numpy(samples))

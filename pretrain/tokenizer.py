@@ -79,6 +79,10 @@ class Tokenizer:
                 unit_map=self.unit_vocab.lookup(reader.unit_ids), outputs=outputs)
         return p
 
+    def needs(self, reader: SessionReader) -> tuple[list[str], list[str]]:
+        """(behaviours, interval sets) a window of this session must carry to be tokenized."""
+        return [b for _, b, _, _ in self.plan(reader).outputs], list(self.cfg.interval_weights)
+
     def __call__(self, w: Window, reader: SessionReader, keep_units: np.ndarray | None = None) -> Sample:
         """Tokenize a window; `keep_units` (local indices) drops the other units' spikes and tokens."""
         p = self.plan(reader)

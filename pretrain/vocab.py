@@ -19,6 +19,27 @@ class VocabMismatch(RuntimeError):
     pass
 
 
+class StaticVocab:
+    """A frozen, picklable copy of a vocabulary's id -> index map (what the data service's
+    tokenizer needs, without the embedding weights)."""
+
+    def __init__(self, ids: Iterable[str], kind: str) -> None:
+        self.kind = kind
+        self.index = {str(i): k for k, i in enumerate(ids)}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def lookup(self, ids: Iterable[str]) -> np.ndarray:
+        ids = [str(i) for i in ids]
+        try:
+            return np.fromiter((self.index[i] for i in ids), dtype=np.int64, count=len(ids))
+        except KeyError as e:
+            missing = [i for i in ids if i not in self.index]
+            raise VocabMismatch(f"{len(missing)} {self.kind} id(s) not in the model's vocabulary, e.g. "
+                                f"{missing[:3]}") from e
+
+
 class VocabEmbedding(nn.Module):
     def __init__(self, dim: int, kind: str, init_scale: float = 0.02, ids: Iterable[str] = ()) -> None:
         super().__init__()
@@ -44,13 +65,10 @@ class VocabEmbedding(nn.Module):
         return self.lookup(ids)
 
     def lookup(self, ids: Iterable[str]) -> np.ndarray:
-        ids = [str(i) for i in ids]
-        try:
-            return np.fromiter((self.index[i] for i in ids), dtype=np.int64, count=len(ids))
-        except KeyError as e:
-            missing = [i for i in ids if i not in self.index]
-            raise VocabMismatch(f"{len(missing)} {self.kind} id(s) not in the model's vocabulary, e.g. "
-                                f"{missing[:3]}; extend the vocabulary first (unit identification)") from e
+        return StaticVocab.lookup(self, ids)  # same map semantics; index is kept in step with ids
+
+    def frozen(self) -> StaticVocab:
+        return StaticVocab(self.ids, self.kind)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return nn.functional.embedding(idx, self.weight)

@@ -1,0 +1,174 @@
+"""The data service: window index -> read -> augment -> tokenize -> pack, for one training worker.
+
+`build_batch` is the whole job for one worker's share of one global batch, a pure function of
+(spec, batch number, rank, world): the window refs come from the index, and every random choice
+(unit dropout, time scaling) is seeded by the window's stream position. Two ways to run it:
+
+- `RayBatches`: Ray Data maps batch numbers to packed batches in a pool of actors (each opens
+  the corpus and builds the index once), streams them in order with prefetching, and its
+  streaming executor bounds what is in flight (backpressure: at most `prefetch` batches wait).
+- `LocalBatches`: the same function, in the calling process (one process, tests, debugging).
+
+Both yield identical batches. The loader's state is the number of global batches consumed.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Iterator
+
+import numpy as np
+
+from .reader import Corpus, SeriesWindow, SessionReader, Window, open_corpus
+from .window_index import IndexConfig, WindowIndex, WindowRef, _uniform
+
+
+@dataclass
+class AugmentConfig:
+    unit_dropout: bool = True
+    # number of units kept ~ triangular(min, mode, max), capped at the session's units (reference values)
+    min_units: int = 30
+    mode_units: int = 100
+    max_units: int = 300
+    time_scaling: tuple[float, float] | None = None  # e.g. (0.9, 1.1): stretch a window by a random factor
+
+
+@dataclass
+class ServiceSpec:
+    """Everything a batch builder needs; small and picklable (sent to every data actor)."""
+
+    corpus: str
+    index: IndexConfig
+    tokenizer: object  # pretrain.tokenizer.Tokenizer built on a StaticVocab (picklable)
+    global_batch: int = 32
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def describe(self) -> dict:
+        return {"corpus": self.corpus, "index": asdict(self.index), "global_batch": self.global_batch,
+                "seed": self.seed, "augment": asdict(self.augment)}
+
+
+@lru_cache(maxsize=8)
+def _index(corpus: str, index_json: str) -> WindowIndex:
+    import json
+
+    return WindowIndex(open_corpus(corpus), IndexConfig(**json.loads(index_json)))
+
+
+def window_index(spec: ServiceSpec) -> WindowIndex:
+    import json
+
+    return _index(spec.corpus, json.dumps(asdict(spec.index), sort_keys=True))
+
+
+_STREAMS = {"units": 1, "time": 2}
+
+
+def _uniforms(seed: int, position: int, what: str, n: int) -> np.ndarray:
+    """n deterministic U[0, 1) draws for one window: counter-based (a hash of seed, position,
+    stream and index), so any window's augmentation is computable on its own and costs no
+    generator set-up (~10 us instead of ~45 us per window)."""
+    key = (seed * 0x9E3779B97F4A7C15 + position * 0xD1B54A32D192ED03 + _STREAMS[what] * 0x632BE59BD9B4E019) % (1 << 64)
+    return _uniform(key, np.arange(n, dtype=np.uint64))
+
+
+def keep_units(n_units: int, cfg: AugmentConfig, u: np.ndarray) -> np.ndarray | None:
+    """Unit dropout: how many units survive is triangular(min, mode, max), capped at n_units;
+    which ones is a uniformly random subset. `u`: n_units + 1 uniforms."""
+    if not cfg.unit_dropout or n_units <= cfg.min_units:
+        return None
+    a, b = float(cfg.min_units), float(min(cfg.max_units, n_units))
+    c = min(max(float(cfg.mode_units), a), b)
+    if b > a:  # inverse CDF of the triangular distribution
+        f = (c - a) / (b - a)
+        x = a + np.sqrt(u[0] * (b - a) * (c - a)) if u[0] < f else b - np.sqrt((1 - u[0]) * (b - a) * (b - c))
+        k = int(round(x))
+    else:
+        k = int(b)
+    k = min(max(k, cfg.min_units), n_units)
+    return np.sort(np.argpartition(u[1:n_units + 1], k - 1)[:k]) if k < n_units else None
+
+
+def read_window(spec: ServiceSpec, r: SessionReader, ref: WindowRef, window_s: float) -> Window:
+    """The window of a ref, stretched in time if time scaling is on (times then fit `window_s`)."""
+    ts = spec.augment.time_scaling
+    need = spec.tokenizer.needs(r)  # only the behaviours and interval sets the tokenizer uses
+    if not ts:
+        return r.read_window(ref.t_start, ref.t_start + window_s, behaviours=need[0], intervals=need[1])
+    lo, hi = ts
+    s = float(lo + (hi - lo) * _uniforms(spec.seed, ref.position, "time", 1)[0])
+    w = r.read_window(ref.t_start, ref.t_start + window_s * s, behaviours=need[0], intervals=need[1])
+    return Window(w.session_id, w.t_start, w.t_start + window_s, w.spike_times / s, w.spike_units,
+                  {k: SeriesWindow(v.timestamps / s, v.values) for k, v in w.behaviour.items()},
+                  {k: v / s for k, v in w.intervals.items()})
+
+
+def make_sample(spec: ServiceSpec, ref: WindowRef, corpus: Corpus | None = None):
+    reader = (corpus or open_corpus(spec.corpus)).session(ref.session)
+    w = read_window(spec, reader, ref, spec.index.window_s)
+    n = len(reader.unit_ids)
+    keep = keep_units(n, spec.augment, _uniforms(spec.seed, ref.position, "units", n + 1))
+    return spec.tokenizer(w, reader, keep_units=keep)
+
+
+def build_batch(spec: ServiceSpec, batch: int, rank: int, world: int) -> dict:
+    """Worker `rank`'s share of global batch `batch`, tokenized and packed (numpy)."""
+    from pretrain.batch import pack_numpy
+
+    refs = window_index(spec).worker_windows(batch, spec.global_batch, rank, world)
+    corpus = open_corpus(spec.corpus)  # once per batch: it stats the manifest
+    d = pack_numpy([make_sample(spec, ref, corpus) for ref in refs])
+    d["batch"] = batch
+    d["positions"] = np.array([r.position for r in refs], dtype=np.int64)
+    return d
+
+
+class LocalBatches:
+    """Batches [start, stop) for one worker, built in this process."""
+
+    def __init__(self, spec: ServiceSpec, rank: int = 0, world: int = 1) -> None:
+        self.spec, self.rank, self.world = spec, rank, world
+
+    def iterate(self, start: int, stop: int) -> Iterator[dict]:
+        for b in range(start, stop):
+            yield build_batch(self.spec, b, self.rank, self.world)
+
+
+class _Builder:
+    """A Ray Data actor: opens the corpus and the index once, then builds batches."""
+
+    def __init__(self, spec_bytes: bytes, rank: int, world: int) -> None:
+        self.spec = pickle.loads(spec_bytes)
+        self.rank, self.world = rank, world
+        window_index(self.spec)  # build the index once per actor
+
+    def __call__(self, rows: dict) -> dict:
+        out = [pickle.dumps(build_batch(self.spec, int(b), self.rank, self.world), protocol=5) for b in rows["id"]]
+        return {"id": rows["id"], "payload": np.array(out, dtype=object)}
+
+
+class RayBatches:
+    """Batches [start, stop) for one worker, built by Ray Data actors and streamed in order."""
+
+    def __init__(self, spec: ServiceSpec, rank: int = 0, world: int = 1, *, actors: int = 1, cpus_per_actor: float = 0.5,
+                 prefetch: int = 4, chunk: int = 256) -> None:
+        self.spec, self.rank, self.world = spec, rank, world
+        self.actors, self.cpus, self.prefetch, self.chunk = actors, cpus_per_actor, prefetch, chunk
+        self._spec_bytes = pickle.dumps(spec)
+
+    def iterate(self, start: int, stop: int) -> Iterator[dict]:
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # batch b before b + 1, whatever finishes first
+        ctx.enable_progress_bars = False
+        for lo in range(start, stop, self.chunk):  # one dataset per chunk keeps per-dataset metadata small
+            hi = min(stop, lo + self.chunk)
+            ds = ray.data.range(hi - lo, override_num_blocks=hi - lo).map(lambda r, lo=lo: {"id": r["id"] + lo})
+            ds = ds.map_batches(_Builder, fn_constructor_args=(self._spec_bytes, self.rank, self.world),
+                                batch_size=1, concurrency=self.actors, num_cpus=self.cpus, batch_format="numpy")
+            for row in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=self.prefetch):
+                yield pickle.loads(row["payload"][0])

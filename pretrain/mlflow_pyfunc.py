@@ -1,0 +1,28 @@
+"""The MLflow pyfunc definition of a popscale model ("models from code": MLflow copies this file
+into the model and runs it at load time; nothing is pickled). Weights, config and vocabularies
+come from the `model` artifact (see registry.py).
+
+predict() takes a packed batch as produced by `pretrain.batch.pack_numpy` (a dict of numpy
+arrays and lists) and returns {readout: predictions (n, d)}.
+"""
+
+import mlflow
+import torch
+from mlflow.pyfunc import PythonModel
+
+
+class PopscalePyfunc(PythonModel):
+    def load_context(self, context):
+        from pretrain.registry import load_exported
+
+        self.model, self.tokenizer = load_exported(context.artifacts["model"])
+
+    def predict(self, context, model_input, params=None):
+        from pretrain.batch import from_numpy
+
+        with torch.no_grad():
+            out = self.model(from_numpy(model_input))
+        return {k: v.numpy() for k, v in out.items()}
+
+
+mlflow.models.set_model(PopscalePyfunc())

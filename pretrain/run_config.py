@@ -1,0 +1,160 @@
+"""A pretraining run's configuration: typed dataclasses, loaded from YAML, overridden from the CLI.
+
+    cfg = load_config("configs/demo.yaml", overrides=["train.steps=50", "cluster.num_workers=2"])
+
+Unknown keys are refused with their dotted path; the config round-trips to a dict (MLflow
+params, checkpoints), so a checkpoint carries everything needed to rebuild its model and data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from data_service.service import AugmentConfig
+from data_service.synth import SynthConfig
+
+from .config import ModelConfig, preset
+from .optim import OptimConfig
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "runs/demo/corpus"
+    synth: SynthConfig | None = None  # make this synthetic corpus first if `corpus` does not exist
+    window_s: float = 1.0
+    global_batch: int = 32  # windows per micro-step, over all workers
+    seed: int = 0
+    readouts: dict[str, list[str]] = field(default_factory=lambda: {"velocity": ["hand_vel", "cursor_vel"]})
+    target_scale: dict[str, float] = field(default_factory=lambda: {"hand_vel": 20.0, "cursor_vel": 20.0})
+    interval_weights: dict[str, float] = field(default_factory=lambda: {"reach": 5.0, "hold": 0.1})
+    session_weights: dict[str, float] = field(default_factory=dict)
+    sessions: list[str] | None = None  # train on these (default: every session with a readout behaviour)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loader: str = "ray"  # ray | local
+    data_actors: int = 1  # Ray Data actors per training worker
+    prefetch: int = 4  # batches buffered per worker
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    grad_accum: int = 1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    warmup_steps: int = 30
+    final_lr_ratio: float = 0.1  # cosine decay to lr * this at the last step
+    zero_stage: int = 1
+    precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    max_failures: int = 1
+    seed: int = 0
+    eval_sessions: int | None = None  # validate on at most this many sessions (default: all)
+    stop_at: int | None = None  # stop (after checkpointing) at this step, as a pre-emption would; resume later
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # None: start an embedded local Ray; "auto" or ray://... for a cluster
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    local_cpus: int | None = None  # logical CPUs of the embedded Ray (default: 2 x cores, so data tasks fit)
+    storage_path: str = "runs/ray"
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a local sqlite store under runs/
+    experiment: str = "popscale-pretrain"
+    registered_model: str = "popscale-poyo"
+    alias: str = "pretrained"  # ("latest" is reserved by MLflow)
+
+
+@dataclass
+class RunConfig:
+    name: str = "pretrain"
+    model: str = "poyo-1.3M"
+    model_overrides: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def model_config(self) -> ModelConfig:
+        return preset(self.model, **self.model_overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build(cls, data, path: str):
+    """Recursively turn plain data into the annotated dataclass type, refusing unknown keys."""
+    if data is None:
+        return None
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path or 'config'}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{path + '.' if path else ''}{unknown[0]}: unknown key (known: {sorted(names)})")
+        return cls(**{k: _build(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()})
+    origin = typing.get_origin(cls)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(cls) if a is not type(None)]
+        return _build(args[0], data, path)
+    if origin is tuple and isinstance(data, (list, tuple)):
+        return tuple(data)
+    if cls in (int, float, bool) and not isinstance(data, cls):
+        if cls is float and isinstance(data, int) and not isinstance(data, bool):
+            return float(data)
+        if isinstance(data, str) and cls is not bool:
+            try:
+                return cls(data)  # YAML reads "3e-3" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected {cls.__name__}, got {data!r}")
+    return data
+
+
+def from_dict(d: dict) -> RunConfig:
+    return _build(RunConfig, d, "")
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        if d.get(k) is None:
+            d[k] = {}
+        d = d[k]
+    d[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """A RunConfig from a YAML file (or the defaults) with `key.sub=value` overrides (YAML values)."""
+    d: dict = {}
+    if path is not None:
+        try:
+            d = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from None
+    d = asdict(from_dict(d))  # validate the file first, then apply overrides on full defaults
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} must look like key.sub=value")
+        k, v = o.split("=", 1)
+        _set(d, k.strip(), yaml.safe_load(v))
+    return from_dict(d)

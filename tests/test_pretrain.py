@@ -1,0 +1,184 @@
+"""Pretraining end to end with the real stack: Ray (embedded), Ray Data, Ray Train, DeepSpeed on
+CPU (gloo), MLflow on sqlite. A tiny model keeps each run to seconds; Ray's start-up dominates.
+
+One uninterrupted run is the reference; the others must reproduce its window sequence (and,
+on one worker, its weights): a stop + resume, and a two-worker run whose second worker is
+SIGKILLed after a checkpoint and restarted by Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("ray.train")
+pytest.importorskip("deepspeed")
+pytest.importorskip("mlflow")
+
+from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
+from pretrain.launch import init_ray, pretrain  # noqa: E402
+from pretrain.run_config import load_config  # noqa: E402
+
+STEPS, BATCH = 6, 8
+TINY = {"dim": 32, "depth": 1, "dim_head": 16, "cross_heads": 1, "self_heads": 2, "latents_per_step": 4}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import ray
+
+    root = tmp_path_factory.mktemp("pretrain")
+    synth_corpus(SynthConfig(sessions=3, subjects=2, minutes=1.5, min_units=20, max_units=40), root / "corpus",
+                 workers=1)
+    cfg = config(root)
+    init_ray(cfg)
+    yield root
+    ray.shutdown()
+
+
+def config(root: Path, *overrides: str):
+    base = [f"data.corpus={root / 'corpus'}", f"data.global_batch={BATCH}", "data.loader=ray",
+            f"train.steps={STEPS}", "train.checkpoint_every=2", "train.eval_every=3", "train.log_every=1",
+            "train.warmup_steps=2", f"cluster.storage_path={root / 'ray'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+            "cluster.cpus_per_worker=1", "train.max_failures=1"]
+    cfg = load_config(None, [*base, *overrides])
+    cfg.model_overrides = dict(TINY)
+    return cfg
+
+
+def records(d: Path) -> dict[tuple[int, int], list[dict]]:
+    """(rank, step) -> every record of it, in the order they were written."""
+    out: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    for f in sorted(d.glob("rank*.jsonl")):
+        rank = int(f.stem[4:])
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            out[rank, r["step"]].append(r)
+    return out
+
+
+def sequence(d: Path, world: int) -> list[int]:
+    """The stream positions that made the final model: the last record of each (rank, step)."""
+    recs = records(d)
+    return [p for step in range(STEPS) for rank in range(world) for p in recs[rank, step][-1]["positions"]]
+
+
+def weights(result) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(result.checkpoint).parents[0] / "export" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    rec = env / "rec_ref"
+    rec.mkdir()
+    r = pretrain(config(env, "name=ref"), show_progress=False, hooks={"record_windows": str(rec)})
+    return r, rec
+
+
+def test_uninterrupted_run_consumes_the_stream_in_order(reference):
+    r, rec = reference
+    assert r.steps == STEPS and np.isfinite(r.valid_r2)
+    assert sequence(rec, 1) == list(range(STEPS * BATCH))
+    assert all(len(v) == 1 for v in records(rec).values())
+
+
+def test_stop_and_resume_equals_uninterrupted(env, reference):
+    ref, ref_rec = reference
+    rec = env / "rec_resume"
+    rec.mkdir()
+    first = pretrain(config(env, "name=resume", "train.stop_at=3"), show_progress=False,
+                     hooks={"record_windows": str(rec)})
+    assert first.steps == 3 and first.model_uri == ""  # stopped: nothing registered yet
+    # a resume whose data would not continue the same window order is refused up front
+    with pytest.raises(ValueError, match="cannot resume .*changed since it started"):
+        pretrain(config(env, "name=resume", "data.seed=7"), resume=first.name, show_progress=False)
+    second = pretrain(config(env, "name=resume"), resume=first.name, show_progress=False,
+                      hooks={"record_windows": str(rec)})
+    assert second.steps == STEPS and second.mlflow_run_id == first.mlflow_run_id
+    assert sequence(rec, 1) == sequence(ref_rec, 1)
+    assert all(len(v) == 1 for v in records(rec).values())  # nothing consumed twice
+    a, b = weights(ref), weights(second)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert second.valid_r2 == pytest.approx(ref.valid_r2, abs=1e-5)
+
+
+def test_two_workers_killed_worker_restarts_without_losing_a_window(env, reference):
+    """Same global order at 1 and 2 workers; rank 1 is SIGKILLed before step 3 (after the
+    step-2 checkpoint): Ray restarts the group from it, and steps 2.. are redone exactly."""
+    ref, ref_rec = reference
+    rec = env / "rec_fault"
+    rec.mkdir()
+    marker = env / "killed"
+    r = pretrain(config(env, "name=fault", "cluster.num_workers=2"), show_progress=False,
+                 hooks={"record_windows": str(rec), "fault": f"1:3:{marker}"})
+    assert marker.exists(), "the fault hook never fired"
+    assert r.steps == STEPS and r.model_uri
+    recs = records(rec)
+    assert sequence(rec, 2) == sequence(ref_rec, 1)  # nothing skipped, nothing repeated, same order
+    pids = {rank: {x["pid"] for s in range(STEPS) for x in recs[rank, s]} for rank in (0, 1)}
+    assert all(len(p) == 2 for p in pids.values()), "the worker group was not restarted"
+    assert all(len(recs[rank, s]) == 1 for rank in (0, 1) for s in (0, 1)), "restart did not resume from the checkpoint"
+    assert all(len(recs[rank, 2]) == 2 for rank in (0, 1))  # step 2 was after the checkpoint: redone
+    # each rank's share of each global batch is the half of the reference batch it should be
+    ref_seq = sequence(ref_rec, 1)
+    for s in range(STEPS):
+        assert recs[1, s][-1]["positions"] == ref_seq[s * BATCH + BATCH // 2:(s + 1) * BATCH]
+
+
+def test_registered_model_reloads_with_the_same_predictions(env, reference):
+    import mlflow
+
+    from data_service.reader import open_corpus
+    from pretrain.evaluate import evaluate
+    from pretrain.registry import load_model
+
+    ref, _ = reference
+    assert ref.model_uri == "models:/popscale-poyo@pretrained"
+    # later tests' runs moved the alias on: load this run's own version
+    model, tok = load_model(f"models:/popscale-poyo/{ref.model_version}", ref.tracking_uri)
+    corpus = open_corpus(env / "corpus")
+    sessions = [s for s in corpus.session_ids if len(corpus.session(s).intervals.get("valid", []))]
+    res = evaluate(model, tok, corpus, sessions)
+    # the workers' last validation (DeepSpeed engine) and the reloaded registered model agree
+    assert float(np.mean([v.r2 for v in res.values()])) == pytest.approx(ref.valid_r2, abs=1e-5)
+
+    client = mlflow.MlflowClient(ref.tracking_uri)
+    run = client.get_run(ref.mlflow_run_id)
+    assert run.data.params["data.global_batch"] == str(BATCH)
+    assert run.data.params["model"] == "poyo-1.3M"
+    history = client.get_metric_history(ref.mlflow_run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, STEPS + 1))
+    assert {"samples_per_s", "spike_tokens_per_s", "valid_r2", "lr"} <= set(run.data.metrics)
+    plots = [a.path for a in client.list_artifacts(ref.mlflow_run_id, "plots")]
+    assert plots and all(p.endswith(".png") for p in plots)
+    versions = client.search_model_versions(f"run_id='{ref.mlflow_run_id}'")
+    assert len(versions) == 1
+    newest = max(int(v.version) for v in client.search_model_versions("name='popscale-poyo'"))
+    assert int(client.get_model_version_by_alias("popscale-poyo", "pretrained").version) == newest
+
+
+def test_ray_and_local_batches_are_identical(env):
+    from data_service.service import LocalBatches, RayBatches
+    from pretrain.model import POYO
+    from pretrain.train import service_spec, training_sessions, vocabulary
+
+    cfg = config(env)
+    sessions = training_sessions(cfg)
+    model = POYO(cfg.model_config(), vocabulary(cfg, sessions), sessions)
+    spec = service_spec(cfg, model, sessions)
+    for rank in (0, 1):
+        local = list(LocalBatches(spec, rank, 2).iterate(3, 8))
+        remote = list(RayBatches(spec, rank, 2, chunk=3, prefetch=2).iterate(3, 8))  # chunk boundary inside
+        assert [d["batch"] for d in remote] == list(range(3, 8))
+        for a, b in zip(local, remote, strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
