@@ -213,7 +213,7 @@ def train_loop(config: dict) -> None:
             dist.all_reduce(t)
         return t.tolist()
 
-    last_checkpoint = start
+    last_checkpoint = logged_at = start
     for step in range(start, steps):
         _fault(hooks, rank, step, last_checkpoint)
         # dropout masks are a function of (seed, step, rank), so a resumed run draws what an
@@ -238,17 +238,19 @@ def train_loop(config: dict) -> None:
         if done % run.train.log_every == 0 or done == steps:
             wl, ww, wt = all_sum(window_loss, window_weight, window_tokens)
             dt = time.perf_counter() - window_t
-            n_steps = run.train.log_every if done % run.train.log_every == 0 else (done - start) % run.train.log_every or 1
-            last_metrics.update({"train_loss": wl / max(ww, 1e-12), "lr": scheduler.get_last_lr()[0],
-                                 "samples_per_s": n_steps * accum * run.data.global_batch / dt,
-                                 "spike_tokens_per_s": wt / dt})
+            train_metrics = {"train_loss": wl / max(ww, 1e-12), "lr": scheduler.get_last_lr()[0],
+                             "samples_per_s": (done - logged_at) * accum * run.data.global_batch / dt,
+                             "spike_tokens_per_s": wt / dt}
+            last_metrics.update(train_metrics)
+            logged_at = done
             if logger:
-                logger.log(last_metrics, done)
+                logger.log(train_metrics, done)
                 logger.flush()
             if progress is not None and rank == 0:
                 progress.update.remote(done, last_metrics)
             window_loss = window_weight = window_tokens = 0.0
             window_t = time.perf_counter()
+        paused = time.perf_counter()
         if done % run.train.eval_every == 0 or done == steps:
             results = evaluate(engine.module, spec.tokenizer, open_corpus(run.data.corpus), eval_ids, device=device)
             gathered = [None] * world
@@ -268,7 +270,8 @@ def train_loop(config: dict) -> None:
                         logger.artifact(plot_session(first, f"{tmp}/decoded_vs_true_step{done:06d}.png"), "plots")
             if progress is not None and rank == 0:
                 progress.update.remote(done, last_metrics)
-            window_t = time.perf_counter()  # evaluation time is not training throughput
+            window_t += time.perf_counter() - paused  # evaluation time is not training throughput
+        paused = time.perf_counter()
         if done % run.train.checkpoint_every == 0 or done == steps:
             with tempfile.TemporaryDirectory() as tmp:
                 tag = f"step{done:07d}"
@@ -283,4 +286,4 @@ def train_loop(config: dict) -> None:
                     dist.barrier()
                 ray.train.report({**last_metrics, "step": done}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             last_checkpoint = done
-            window_t = time.perf_counter()
+            window_t += time.perf_counter() - paused  # nor is checkpointing
