@@ -169,6 +169,7 @@ class RayBatches:
             hi = min(stop, lo + self.chunk)
             ds = ray.data.range(hi - lo, override_num_blocks=hi - lo).map(lambda r, lo=lo: {"id": r["id"] + lo})
             ds = ds.map_batches(_Builder, fn_constructor_args=(self._spec_bytes, self.rank, self.world),
-                                batch_size=1, concurrency=self.actors, num_cpus=self.cpus, batch_format="numpy")
+                                batch_size=1, compute=ray.data.ActorPoolStrategy(size=self.actors), num_cpus=self.cpus,
+                                batch_format="numpy")
             for row in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=self.prefetch):
                 yield pickle.loads(row["payload"][0])

@@ -75,6 +75,7 @@ TENSORS = ("unit_index", "input_time", "token_type", "latent_index", "latent_tim
 def pack_numpy(samples: list[Sample]) -> dict:
     """The packed batch as numpy arrays and plain lists (cheap to pickle between processes)."""
     cat = np.concatenate
+    out_lens = [len(s.output_time) for s in samples]
     return {
         "unit_index": cat([s.unit_index for s in samples]),
         "input_time": cat([s.input_time for s in samples]),
@@ -83,12 +84,12 @@ def pack_numpy(samples: list[Sample]) -> dict:
         "latent_time": cat([s.latent_time for s in samples]),
         "output_time": cat([s.output_time for s in samples]),
         "output_readout": cat([s.output_readout for s in samples]),
-        "output_session": cat([np.full(len(s.output_time), s.session_index, dtype=np.int64) for s in samples]),
+        "output_session": np.repeat(np.array([s.session_index for s in samples], dtype=np.int64), out_lens),
         "target": cat([s.target for s in samples]),
         "weight": cat([s.weight for s in samples]),
         "input_lens": [len(s.unit_index) for s in samples],
         "latent_lens": [len(s.latent_index) for s in samples],
-        "output_lens": [len(s.output_time) for s in samples],
+        "output_lens": out_lens,
         "session_ids": [s.session_id for s in samples],
         "t_starts": [s.t_start for s in samples],
     }

@@ -95,33 +95,53 @@ class Tokenizer:
             kept[units] = True
             sel = kept[spikes]
             spikes, times = spikes[sel], times[sel]
+        # filled in place: this runs for every training window, and numpy call overhead dominates
         n_s, n_u = len(spikes), len(units)
-        unit_index = np.concatenate([p.unit_map[spikes], p.unit_map[units], p.unit_map[units]])
-        input_time = np.concatenate([times, np.zeros(n_u), np.full(n_u, length)]).astype(np.float32)
-        token_type = np.concatenate([np.full(n_s, SPIKE), np.full(n_u, START), np.full(n_u, END)]).astype(np.int64)
+        a, b = n_s, n_s + n_u
+        unit_index = np.empty(b + n_u, dtype=np.int64)
+        unit_index[:a] = p.unit_map[spikes]
+        unit_index[a:b] = p.unit_map[units]
+        unit_index[b:] = unit_index[a:b]
+        input_time = np.empty(b + n_u, dtype=np.float32)
+        input_time[:a] = times
+        input_time[a:b] = 0.0
+        input_time[b:] = length
+        token_type = np.empty(b + n_u, dtype=np.int64)
+        token_type[:a] = SPIKE
+        token_type[a:b] = START
+        token_type[b:] = END
 
         out_t, out_r, out_y, out_w = [], [], [], []
         for readout, b, dims, scale in p.outputs:
             s = w.behaviour[b]
             n = len(s.timestamps)
-            y = np.zeros((n, self.max_dim), dtype=np.float32)
-            y[:, :dims] = s.values / scale
+            if dims == self.max_dim:
+                y = (s.values / scale).astype(np.float32, copy=False)
+            else:
+                y = np.zeros((n, self.max_dim), dtype=np.float32)
+                y[:, :dims] = s.values / scale
             weight = np.ones(n, dtype=np.float32)
             for name, wt in self.cfg.interval_weights.items():
                 rows = w.intervals.get(name)
                 if rows is not None and len(rows):
-                    weight[iv.contains(iv.normalize(rows), s.timestamps)] *= wt
+                    rows = iv.normalize(rows)
+                    k = np.searchsorted(rows[:, 0], s.timestamps, side="right") - 1  # iv.contains, inlined
+                    weight[(k >= 0) & (s.timestamps < rows[np.maximum(k, 0), 1])] *= wt
             out_t.append(s.timestamps.astype(np.float32))
-            out_r.append(np.full(n, readout, dtype=np.int64))
+            r = np.empty(n, dtype=np.int64)
+            r[:] = readout
+            out_r.append(r)
             out_y.append(y)
             out_w.append(weight)
         if not out_t:
             out_t, out_r = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
             out_y, out_w = [np.zeros((0, self.max_dim), np.float32)], [np.zeros(0, np.float32)]
+        one = len(out_t) == 1
         return Sample(
             unit_index=unit_index, input_time=input_time, token_type=token_type,
             latent_index=self.latent_index, latent_time=self.latent_time,
-            output_time=np.concatenate(out_t), output_readout=np.concatenate(out_r),
-            target=np.concatenate(out_y), weight=np.concatenate(out_w),
+            output_time=out_t[0] if one else np.concatenate(out_t),
+            output_readout=out_r[0] if one else np.concatenate(out_r),
+            target=out_y[0] if one else np.concatenate(out_y), weight=out_w[0] if one else np.concatenate(out_w),
             session_index=p.session_index, session_id=reader.session_id, t_start=w.t_start,
         )
