@@ -134,3 +134,20 @@ def test_same_pool_neuron_is_the_same_neuron_in_another_session():
     rand = np.abs(np.angle(np.exp(1j * (da[ia] - np.random.default_rng(0).permutation(db[ib])))))[tuned]
     assert np.median(diff) < np.radians(30) < np.median(rand)
     assert not set(str(u).rsplit("/", 1)[1] for u in a.unit_ids) & set(str(u).rsplit("/", 1)[1] for u in b.unit_ids)
+
+
+def test_difficulty_knobs():
+    """tuning_scale / rate_scale scale what they say, and leave default fingerprints alone."""
+    base = SynthConfig(sessions=1, minutes=1.0)
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    before = {k: v for k, v in asdict(base).items() if k not in ("sessions", "tuning_scale", "rate_scale")}
+    assert base.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert SynthConfig(sessions=1, minutes=1.0, tuning_scale=2.0).fingerprint() != base.fingerprint()
+    a = make_session(base, 0)
+    b = make_session(SynthConfig(sessions=1, minutes=1.0, rate_scale=2.0), 0)
+    ratio = len(b.spike_times) / len(a.spike_times)
+    assert 1.7 < ratio < 2.1  # refractoriness keeps it a little under 2
+    assert len(a.unit_ids) == len(b.unit_ids)  # same draw of neurons, only faster

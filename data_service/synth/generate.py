@@ -47,10 +47,17 @@ class SynthConfig:
     lag_s: float = 0.1  # neural activity leads movement
     behaviour_hz: float = 100.0
     center_out_fraction: float = 0.5
+    # difficulty knobs (1.0 = the realistic default): movement tuning strength (depth, position,
+    # speed and rotational weights) and firing rates, both multiplied
+    tuning_scale: float = 1.0
+    rate_scale: float = 1.0
 
     def fingerprint(self) -> str:
         """Everything session i depends on; not the session count, so a corpus can be grown."""
         params = {k: v for k, v in asdict(self).items() if k != "sessions"}
+        for k in ("tuning_scale", "rate_scale"):  # added later: at their defaults, old fingerprints hold
+            if params[k] == 1.0:
+                del params[k]
         return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
 
@@ -98,6 +105,10 @@ def make_session(cfg: SynthConfig, i: int) -> SessionData:
     order = rng.permutation(n_units)
     table, latent, pool_index = table[order], latent[order], pool_index[order]
     table[:, 2] *= np.exp(rng.normal(0, 0.1, n_units))  # small per-session tuning changes
+    if cfg.tuning_scale != 1.0:
+        table[:, 2:7] *= cfg.tuning_scale  # depth, position (2), speed, rotational amplitude
+    if cfg.rate_scale != 1.0:
+        table[:, 0] += np.log(cfg.rate_scale)
     params = UnitParams(table, latent)
 
     # covariates at t + lag, scaled to unit size
