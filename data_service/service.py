@@ -58,10 +58,22 @@ def _index(corpus: str, index_json: str) -> WindowIndex:
     return WindowIndex(open_corpus(corpus), IndexConfig(**json.loads(index_json)))
 
 
-def window_index(spec: ServiceSpec) -> WindowIndex:
+def index_for(corpus: str, cfg: IndexConfig) -> WindowIndex:
+    """The process's WindowIndex for (corpus, index config), built once."""
     import json
 
-    return _index(spec.corpus, json.dumps(asdict(spec.index), sort_keys=True))
+    return _index(corpus, json.dumps(asdict(cfg), sort_keys=True))
+
+
+def window_index(spec: ServiceSpec) -> WindowIndex:
+    """The spec's index. Called once per batch: the cache key (the index config as JSON, which
+    holds the session list) is built once per spec, not per batch."""
+    key = spec.__dict__.get("_index_key")
+    if key is None:
+        import json
+
+        key = spec.__dict__["_index_key"] = json.dumps(asdict(spec.index), sort_keys=True)
+    return _index(spec.corpus, key)
 
 
 _STREAMS = {"units": 1, "time": 2}

@@ -121,10 +121,10 @@ def export_checkpoint(run: RunConfig, checkpoint_dir: str, out: Path, provenance
 
     from .model import POYO
     from .registry import export_model
-    from .train import STATE_FILE, tokenizer_config
+    from .train import STATE_FILE, tokenizer_config, vocabulary
 
     state = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
-    units = _units_of(run, state["sessions"])
+    units = vocabulary(run, state["sessions"])
     model = POYO(run.model_config(), units, state["sessions"])
     weights = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=state["tag"])
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -132,12 +132,6 @@ def export_checkpoint(run: RunConfig, checkpoint_dir: str, out: Path, provenance
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return export_model(model, tokenizer_config(run), out, {**provenance, "step": state["step"]})
-
-
-def _units_of(run: RunConfig, sessions: list[str]) -> list[str]:
-    from .train import vocabulary
-
-    return vocabulary(run, sessions)
 
 
 def test_hooks() -> dict:
@@ -155,7 +149,7 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
 
     from .registry import register
     from .tracking import start_run, tracking_uri
-    from .train import train_loop, training_sessions
+    from .train import train_loop, training_sessions, vocabulary
 
     t0 = time.time()
     # Workers run in their own directories: every path they see must be absolute.
@@ -175,7 +169,7 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
 
     corpus = open_corpus(run.data.corpus)
     sessions = meta.get("sessions") or training_sessions(run)
-    units = _units_of(run, sessions)
+    units = vocabulary(run, sessions)
     valid = [s for s in sessions if len(corpus.session(s).intervals.get("valid", []))]
     valid = valid[: run.train.eval_sessions] if run.train.eval_sessions else valid
     from .train import index_fingerprint

@@ -17,7 +17,6 @@ import os
 import signal
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +73,9 @@ def service_spec(run: RunConfig, model: POYO, sessions: list[str]) -> ServiceSpe
 
 def index_fingerprint(run: RunConfig, sessions: list[str]) -> str:
     """What a checkpoint's data position is relative to (corpus + index config)."""
-    from data_service.service import _index
+    from data_service.service import index_for
 
-    return _index(run.data.corpus, json.dumps(asdict(index_config(run, sessions)), sort_keys=True)).fingerprint
+    return index_for(run.data.corpus, index_config(run, sessions)).fingerprint
 
 
 def lr_factor(step: int, run: RunConfig) -> float:

@@ -10,11 +10,10 @@ from data_service.reader import open_corpus
 from data_service.synth import SynthConfig, synth_corpus
 from pretrain.batch import Sample, pack
 from pretrain.config import ModelConfig
-from pretrain.loss import weighted_mse
 from pretrain.model import POYO
 from pretrain.optim import OptimConfig, build_optimizer
 from pretrain.tokenizer import Tokenizer, TokenizerConfig
-from training import batches, windows
+from training import batches, sgd_step, windows
 
 NO_DROPOUT = dict(ffn_dropout=0.0, lin_dropout=0.0, atn_dropout=0.0)
 
@@ -30,13 +29,7 @@ def test_overfits_one_synthetic_session_in_200_steps(tmp_path):
                     cfg.readouts)
     (b,) = batches(c, tok, windows(c, "train", 8, np.random.default_rng(0)), 8)
     opt = build_optimizer(m, OptimConfig(lr=2e-3))
-    losses = []
-    for _ in range(200):
-        loss, _ = weighted_mse(m(b), b, m.readout_names)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = [sgd_step(m, opt, b) for _ in range(200)]
     assert np.mean(losses[-10:]) <= 0.1 * np.mean(losses[:5]), (losses[:5], losses[-10:])
 
 
@@ -73,11 +66,7 @@ def test_learns_a_decodable_signal_from_packed_batches_of_different_session_size
     m = POYO(cfg, [f"u{i}" for i in range(offsets[-1])], ["small", "medium", "large"])
     opt = build_optimizer(m, OptimConfig(lr=3e-3))
     for _ in range(500):  # every batch mixes sessions of 15, 40 and 90 units
-        b = pack([population_sample(rng, int(rng.integers(3)), sizes, weights, offsets) for _ in range(16)])
-        loss, _ = weighted_mse(m(b), b, m.readout_names)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        sgd_step(m, opt, pack([population_sample(rng, int(rng.integers(3)), sizes, weights, offsets) for _ in range(16)]))
     m.eval()
     with torch.no_grad():
         b = pack([population_sample(rng, k % 3, sizes, weights, offsets) for k in range(60)])
@@ -99,11 +88,5 @@ def test_both_optimizers_train_the_whole_model(algo, lr):
     m = POYO(cfg, [f"u{i}" for i in range(20)], ["s"])
     opt = build_optimizer(m, OptimConfig(algo=algo, lr=lr))
     b = pack([population_sample(rng, 0, sizes, weights, offsets) for _ in range(8)])
-    losses = []
-    for _ in range(100):
-        loss, _ = weighted_mse(m(b), b, m.readout_names)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = [sgd_step(m, opt, b) for _ in range(100)]
     assert np.mean(losses[-5:]) < 0.2 * np.mean(losses[:5]), (algo, losses[:5], losses[-5:])

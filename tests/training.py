@@ -36,6 +36,15 @@ def batches(c: Corpus, tok, wins, batch_size: int):
         yield pack(samples)
 
 
+def sgd_step(model, opt, b) -> float:
+    """One optimisation step on batch b; returns the loss."""
+    loss, _ = weighted_mse(model(b), b, model.readout_names)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
 def train(model, tok, c: Corpus, steps: int, batch_size: int = 16, lr: float = 2e-3, seed: int = 0) -> list[float]:
     rng = np.random.default_rng(seed)
     opt = build_optimizer(model, OptimConfig(lr=lr))
@@ -43,11 +52,7 @@ def train(model, tok, c: Corpus, steps: int, batch_size: int = 16, lr: float = 2
     losses = []
     for _ in range(steps):
         (b,) = batches(c, tok, windows(c, "train", batch_size, rng), batch_size)
-        loss, _ = weighted_mse(model(b), b, model.readout_names)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+        losses.append(sgd_step(model, opt, b))
     return losses
 
 
