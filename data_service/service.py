@@ -118,21 +118,25 @@ def read_window(spec: ServiceSpec, r: SessionReader, ref: WindowRef, window_s: f
                   {k: v / s for k, v in w.intervals.items()})
 
 
-def make_sample(spec: ServiceSpec, ref: WindowRef, corpus: Corpus | None = None):
-    reader = (corpus or open_corpus(spec.corpus)).session(ref.session)
+def augmented_window(spec: ServiceSpec, ref: WindowRef, corpus: Corpus) -> tuple[Window, SessionReader, np.ndarray | None]:
+    """A ref's window (time-scaled if on), its reader and the units kept by unit dropout."""
+    reader = corpus.session(ref.session)
     w = read_window(spec, reader, ref, spec.index.window_s)
     n = len(reader.unit_ids)
-    keep = keep_units(n, spec.augment, _uniforms(spec.seed, ref.position, "units", n + 1))
+    return w, reader, keep_units(n, spec.augment, _uniforms(spec.seed, ref.position, "units", n + 1))
+
+
+def make_sample(spec: ServiceSpec, ref: WindowRef, corpus: Corpus | None = None):
+    """One ref as a tokenized Sample (build_batch does a whole batch in one pass)."""
+    w, reader, keep = augmented_window(spec, ref, corpus or open_corpus(spec.corpus))
     return spec.tokenizer(w, reader, keep_units=keep)
 
 
 def build_batch(spec: ServiceSpec, batch: int, rank: int, world: int) -> dict:
     """Worker `rank`'s share of global batch `batch`, tokenized and packed (numpy)."""
-    from pretrain.batch import pack_numpy
-
     refs = window_index(spec).worker_windows(batch, spec.global_batch, rank, world)
     corpus = open_corpus(spec.corpus)  # once per batch: it stats the manifest
-    d = pack_numpy([make_sample(spec, ref, corpus) for ref in refs])
+    d = spec.tokenizer.pack([augmented_window(spec, ref, corpus) for ref in refs])
     d["batch"] = batch
     d["positions"] = np.array([r.position for r in refs], dtype=np.int64)
     return d

@@ -35,6 +35,11 @@ class ModelConfig:
     # recompute each processor layer in backward instead of keeping its activations: ~1/3 more
     # compute, a fraction of the memory (for large models / batches)
     checkpoint_layers: bool = False
+    # a time-locality prior at initialisation: queries and keys get a learned bias, aligned in every
+    # rotary pair with period >= locality_min_period, so that attention starts out peaked at equal
+    # times (a peak logit of `locality`) instead of flat; 0 = off (the reference)
+    locality: float = 0.0
+    locality_min_period: float = 0.05
 
     @property
     def n_latents(self) -> int:

@@ -191,10 +191,17 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
                 "index_fingerprint": fingerprint}
         meta_file.parent.mkdir(parents=True, exist_ok=True)
         meta_file.write_text(json.dumps(meta))
+    warm = None
+    if run.train.warm_start.method == "ridge":  # deterministic: recomputed on resume, used only at init
+        from .warm_start import unit_directions
+
+        warm = unit_directions(corpus, sessions, run.data.readouts, run.model_config().readouts, run.data.target_scale,
+                               run.train.warm_start, progress=show_progress)
     progress = _progress_actor()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"run": run.to_dict(), "sessions": sessions, "units": units, "valid_sessions": valid,
+                           "warm_start": warm,
                            "mlflow_run_id": meta["mlflow_run_id"], "progress": progress,
                            "hooks": {**(test_hooks() if hooks is None else hooks), "run_dir": str(storage / name)}},
         torch_config=TorchConfig(backend="nccl" if run.cluster.use_gpu else "gloo"),

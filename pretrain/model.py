@@ -43,7 +43,7 @@ class Attention(nn.Module):
     """Multi-head attention over packed tokens: self-attention, or cross-attention to a context."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, dropout: float, *, cross: bool, rotate_value: bool,
-                 backend: Backend) -> None:
+                 backend: Backend, prior: torch.Tensor | None = None) -> None:
         super().__init__()
         inner = heads * dim_head
         self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
@@ -53,6 +53,9 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
+        # locality prior: q/k biases whose rotated product is a kernel peaked at zero time difference
+        self.q_bias = nn.Parameter(prior.repeat(heads, 1)) if prior is not None else None
+        self.k_bias = nn.Parameter(prior.repeat(heads, 1)) if prior is not None else None
 
     def forward(self, x: torch.Tensor, rot: Rotation, lens: Lens, ctx: torch.Tensor | None = None,
                 rot_ctx: Rotation | None = None, ctx_lens: Lens | None = None) -> torch.Tensor:
@@ -62,8 +65,11 @@ class Attention(nn.Module):
             ctx, rot_ctx, ctx_lens = self.norm_ctx(ctx), rot_ctx, ctx_lens
         else:
             ctx, rot_ctx, ctx_lens = xn, rot, lens
-        q = rotate(self.to_q(xn).view(-1, h, d), rot)
+        q = self.to_q(xn).view(-1, h, d)
         k, v = self.to_kv(ctx).view(-1, 2, h, d).unbind(1)
+        if self.q_bias is not None:
+            q, k = q + self.q_bias, k + self.k_bias
+        q = rotate(q, rot)
         k = rotate(k, rot_ctx)
         if self.rotate_value:
             v = rotate(v, rot_ctx)
@@ -88,9 +94,11 @@ class POYO(nn.Module):
         self.readout_emb = nn.Embedding(len(cfg.readouts), d) if len(cfg.readouts) > 1 else None
         self.rotary = RotaryTime(cfg.dim_head, cfg.t_min, cfg.t_max)
 
+        prior = locality_prior(self.rotary.omega, cfg) if cfg.locality > 0 else None
+
         def attn(heads: int, *, cross: bool, rotate_value: bool) -> Attention:
             return Attention(d, heads, cfg.dim_head, cfg.atn_dropout, cross=cross, rotate_value=rotate_value,
-                             backend=backend)
+                             backend=backend, prior=prior)
 
         self.enc_atn = attn(cfg.cross_heads, cross=True, rotate_value=True)
         self.enc_ffn = FeedForward(d, cfg.ffn_mult, cfg.ffn_dropout)
@@ -144,6 +152,17 @@ class POYO(nn.Module):
         """Grow the vocabularies for a new session (its rows start random; rebuild the optimizer)."""
         self.unit_emb.extend(unit_ids)
         self.session_emb.extend([session_id])
+
+
+def locality_prior(omega: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """A (dim_head,) vector c with q = k = c giving scores sum_p c_p^2 cos(w_p dt) / sqrt(dim_head):
+    equal weight on every rotary pair slower than `locality_min_period`, peak `locality` at dt = 0."""
+    periods = 2 * torch.pi / omega.clamp_min(1e-12)
+    use = (omega > 0) & (periods >= cfg.locality_min_period)
+    c = torch.zeros(cfg.dim_head // 2, 2)
+    if use.any():
+        c[use, 0] = (cfg.locality * cfg.dim_head**0.5 / use.sum()) ** 0.5
+    return c.reshape(-1)
 
 
 def count_parameters(model: nn.Module, *, embeddings: bool = False) -> int:

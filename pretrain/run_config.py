@@ -21,6 +21,7 @@ from data_service.synth import SynthConfig
 
 from .config import ModelConfig, preset
 from .optim import OptimConfig
+from .warm_start import WarmStartConfig
 
 
 @dataclass
@@ -58,6 +59,8 @@ class TrainConfig:
     seed: int = 0
     eval_sessions: int | None = None  # validate on at most this many sessions (default: all)
     stop_at: int | None = None  # stop (after checkpointing) at this step, as a pre-emption would; resume later
+    # unit embeddings initialised from per-session linear decoders (pretrain/warm_start.py); none = random
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
 
 @dataclass

@@ -15,6 +15,7 @@ vocabularies; the data service receives it as a callable.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -22,6 +23,8 @@ from data_service import intervals as iv
 from data_service.reader import SessionReader, Window
 
 from .batch import END, SPIKE, START, Sample
+
+_NO_ROWS = np.zeros((0, 2))
 
 
 @dataclass
@@ -85,63 +88,100 @@ class Tokenizer:
 
     def __call__(self, w: Window, reader: SessionReader, keep_units: np.ndarray | None = None) -> Sample:
         """Tokenize a window; `keep_units` (local indices) drops the other units' spikes and tokens."""
-        p = self.plan(reader)
-        length = w.t_end - w.t_start
-        units = np.arange(len(p.unit_map)) if keep_units is None else np.asarray(keep_units, dtype=np.int64)
-        spikes = w.spike_units
-        times = w.spike_times
-        if keep_units is not None:
-            kept = np.zeros(len(p.unit_map), dtype=bool)
-            kept[units] = True
-            sel = kept[spikes]
-            spikes, times = spikes[sel], times[sel]
-        # filled in place: this runs for every training window, and numpy call overhead dominates
-        n_s, n_u = len(spikes), len(units)
-        a, b = n_s, n_s + n_u
-        unit_index = np.empty(b + n_u, dtype=np.int64)
-        unit_index[:a] = p.unit_map[spikes]
-        unit_index[a:b] = p.unit_map[units]
-        unit_index[b:] = unit_index[a:b]
-        input_time = np.empty(b + n_u, dtype=np.float32)
-        input_time[:a] = times
-        input_time[a:b] = 0.0
-        input_time[b:] = length
-        token_type = np.empty(b + n_u, dtype=np.int64)
-        token_type[:a] = SPIKE
-        token_type[a:b] = START
-        token_type[b:] = END
-
-        out_t, out_r, out_y, out_w = [], [], [], []
-        for readout, b, dims, scale in p.outputs:
-            s = w.behaviour[b]
-            n = len(s.timestamps)
-            if dims == self.max_dim:
-                y = (s.values / scale).astype(np.float32, copy=False)
-            else:
-                y = np.zeros((n, self.max_dim), dtype=np.float32)
-                y[:, :dims] = s.values / scale
-            weight = np.ones(n, dtype=np.float32)
-            for name, wt in self.cfg.interval_weights.items():
-                rows = w.intervals.get(name)
-                if rows is not None and len(rows):
-                    rows = iv.normalize(rows)
-                    k = np.searchsorted(rows[:, 0], s.timestamps, side="right") - 1  # iv.contains, inlined
-                    weight[(k >= 0) & (s.timestamps < rows[np.maximum(k, 0), 1])] *= wt
-            out_t.append(s.timestamps.astype(np.float32))
-            r = np.empty(n, dtype=np.int64)
-            r[:] = readout
-            out_r.append(r)
-            out_y.append(y)
-            out_w.append(weight)
-        if not out_t:
-            out_t, out_r = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
-            out_y, out_w = [np.zeros((0, self.max_dim), np.float32)], [np.zeros(0, np.float32)]
-        one = len(out_t) == 1
+        d = self.pack([(w, reader, keep_units)])
         return Sample(
-            unit_index=unit_index, input_time=input_time, token_type=token_type,
-            latent_index=self.latent_index, latent_time=self.latent_time,
-            output_time=out_t[0] if one else np.concatenate(out_t),
-            output_readout=out_r[0] if one else np.concatenate(out_r),
-            target=out_y[0] if one else np.concatenate(out_y), weight=out_w[0] if one else np.concatenate(out_w),
-            session_index=p.session_index, session_id=reader.session_id, t_start=w.t_start,
+            unit_index=d["unit_index"], input_time=d["input_time"], token_type=d["token_type"],
+            latent_index=self.latent_index, latent_time=self.latent_time, output_time=d["output_time"],
+            output_readout=d["output_readout"], target=d["target"], weight=d["weight"],
+            session_index=self.plan(reader).session_index, session_id=reader.session_id, t_start=w.t_start,
         )
+
+    def pack(self, items: Sequence[tuple[Window, SessionReader, np.ndarray | None]]) -> dict:
+        """Tokenize and pack a batch of (window, reader, kept units or None) in one pass: what
+        `pack_numpy` of the windows' Samples gives, with one concatenation per field for the whole
+        batch (the data service's hot path: numpy call overhead, not arithmetic, is its cost)."""
+        B = len(items)
+        ids, times, seg = [], [], []  # input tokens: per window spikes, START and END segments
+        out_t, out_y, out_wins, out_r, scales, out_lens = [], [], [], [], [], []  # output queries, per readout
+        sessions, sids, t0s = [], [], []
+        zeros = np.zeros(0, dtype=np.float64)
+        for w, reader, keep in items:
+            p = self.plan(reader)
+            spikes, t = w.spike_units, w.spike_times
+            if keep is None:
+                units = p.unit_map
+            else:
+                keep = np.asarray(keep, dtype=np.int64)
+                kept = np.zeros(len(p.unit_map), dtype=bool)
+                kept[keep] = True
+                sel = kept[spikes]
+                spikes, t = spikes[sel], t[sel]
+                units = p.unit_map[keep]
+            n_u = len(units)
+            if len(zeros) < n_u:
+                zeros = np.zeros(max(n_u, 2 * len(zeros)), dtype=np.float64)
+            ids += (p.unit_map[spikes], units, units)
+            times += (t, zeros[:n_u], np.full(n_u, w.t_end - w.t_start))
+            seg += (len(t), n_u, n_u)
+            n_out = 0
+            for readout, b, dims, scale in p.outputs:
+                s = w.behaviour[b]
+                n = len(s.timestamps)
+                y = s.values
+                if dims != self.max_dim:
+                    y = np.zeros((n, self.max_dim), dtype=np.float64)
+                    y[:, :dims] = s.values
+                out_t.append(s.timestamps)
+                out_y.append(y)
+                out_wins.append(w)
+                out_r.append((readout, n))
+                scales.append((scale, n))
+                n_out += n
+            out_lens.append(n_out)
+            sessions.append(p.session_index)
+            sids.append(reader.session_id)
+            t0s.append(w.t_start)
+        cat = np.concatenate
+        seg = np.asarray(seg, dtype=np.int64)
+        in_lens = seg.reshape(B, 3).sum(1)
+        if out_t:
+            rr, rn = np.asarray(out_r, dtype=np.int64).T
+            sc, sn = np.asarray([s for s, _ in scales], dtype=np.float64), np.asarray([n for _, n in scales])
+            # divided in float64 and rounded once: the same float32 as dividing each window on its own
+            target = (cat(out_y, dtype=np.float64) / np.repeat(sc, sn)[:, None]).astype(np.float32)
+            output_time, readouts, weight = cat(out_t, dtype=np.float32), np.repeat(rr, rn), self._weights(out_wins, out_t)
+        else:
+            target, output_time = np.zeros((0, self.max_dim), np.float32), np.zeros(0, np.float32)
+            readouts, weight = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return {
+            "unit_index": cat(ids) if ids else np.zeros(0, np.int64),
+            "input_time": cat(times, dtype=np.float32) if times else np.zeros(0, np.float32),
+            "token_type": np.repeat(np.tile(np.array([SPIKE, START, END], dtype=np.int64), B), seg),
+            "latent_index": np.tile(self.latent_index, B), "latent_time": np.tile(self.latent_time, B),
+            "output_time": output_time, "output_readout": readouts,
+            "output_session": np.repeat(np.asarray(sessions, dtype=np.int64), out_lens),
+            "target": target, "weight": weight,
+            "input_lens": in_lens.tolist(), "latent_lens": [len(self.latent_index)] * B, "output_lens": out_lens,
+            "session_ids": sids, "t_starts": t0s,
+        }
+
+    def _weights(self, wins: Sequence[Window], times: list[np.ndarray]) -> np.ndarray:
+        """Loss weight per output time (float32, concatenated over windows): the product of the
+        weights of the interval sets holding it. One pass for the whole batch: window k's times and
+        rows are shifted by k * (longest window + 1) s, so windows cannot overlap, and each set is
+        normalised and searched once."""
+        n = np.fromiter((len(t) for t in times), dtype=np.int64, count=len(times))
+        weight = np.ones(int(n.sum()), dtype=np.float32)
+        if not len(weight) or not self.cfg.interval_weights:
+            return weight
+        shift = np.arange(len(wins)) * (max(w.t_end - w.t_start for w in wins) + 1.0)
+        t = np.concatenate(times) + np.repeat(shift, n)
+        for name, wt in self.cfg.interval_weights.items():
+            parts = [w.intervals.get(name, _NO_ROWS) for w in wins]
+            m = np.fromiter((len(r) for r in parts), dtype=np.int64, count=len(parts))
+            if not m.any():
+                continue
+            rows = iv.normalize(np.concatenate(parts) + np.repeat(shift, m)[:, None])
+            k = np.searchsorted(rows[:, 0], t, side="right") - 1  # iv.contains, inlined
+            weight[(k >= 0) & (t < rows[np.maximum(k, 0), 1])] *= wt
+        return weight

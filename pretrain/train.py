@@ -170,6 +170,10 @@ def train_loop(config: dict) -> None:
 
     sessions, units = config["sessions"], config["units"]
     model = POYO(run.model_config(), units, sessions, device=device)
+    if config.get("warm_start") is not None:
+        from .warm_start import apply_warm_start
+
+        apply_warm_start(model, config["warm_start"])
     spec = service_spec(run, model, sessions)
     optimizer = build_optimizer(model, run.train.optim)
     engine, _, _, scheduler = deepspeed.initialize(

@@ -280,3 +280,28 @@ def test_lamb_optimizes():
         o.step()
         first = first if first is not None else loss.item()
     assert loss.item() < 0.05 * first
+
+
+# ---- locality prior ---------------------------------------------------------------------------------------
+def test_locality_prior_starts_attention_peaked_at_equal_times():
+    """With `locality` on, the q/k biases alone give every attention a score kernel that peaks at
+    zero time difference with the configured logit and decays away from it; off, the model is the
+    reference (no extra parameters)."""
+    from pretrain.rotary import rotate
+
+    cfg = preset("poyo-1.3M", t_min=0.02, locality=6.0)
+    m = POYO(cfg, ["u0"], ["s0"])
+    assert count_parameters(m) > count_parameters(POYO(preset("poyo-1.3M"), ["u0"], ["s0"]))
+    assert not any("q_bias" in n for n, _ in POYO(preset("poyo-1.3M"), ["u0"], ["s0"]).named_parameters())
+    for atn in (m.enc_atn, m.proc[0][0], m.dec_atn):
+        h, d = atn.q_bias.shape
+        t = torch.tensor([0.5])
+        taus = torch.linspace(0.0, 1.0, 81)
+        q = rotate(atn.q_bias[None].expand(1, h, d), m.rotary(t))
+        k = rotate(atn.k_bias[None].expand(len(taus), h, d), m.rotary(taus))
+        scores = torch.einsum("qhd,khd->hk", q, k)[0] / d**0.5
+        assert int(scores.argmax()) == 40 and abs(float(scores[40]) - 6.0) < 1e-4
+        w = torch.softmax(scores, 0)
+        near = (taus - 0.5).abs() <= 0.125
+        assert float(w[near].sum()) > 0.5 > float(near.float().mean())  # most mass within one latent step
+        assert float(scores[0]) < 3.0 and float(scores[-1]) < 3.0

@@ -87,3 +87,27 @@ def test_packing_lengths_and_model_outputs(setup):
     # packing is exact: a sample's predictions do not depend on the other samples of its batch
     lo = b.output_lens[0]
     assert torch.allclose(out[lo:lo + b.output_lens[1]], alone, atol=1e-5)
+
+
+def test_batch_pack_equals_window_by_window(setup):
+    """Tokenizer.pack (the data service's one-pass path) gives exactly the arrays of packing the
+    windows' Samples, with and without unit dropout, across sessions and edge windows."""
+    from pretrain.batch import pack_numpy
+
+    c, model, tok = setup
+    rng = np.random.default_rng(0)
+    items = []
+    for k in range(12):
+        r = c.session(c.session_ids[k % len(c.session_ids)])
+        t0 = 0.0 if k == 0 else float(rng.uniform(0, r.domain[-1][1] - 1.0))
+        keep = None if k % 3 == 0 else np.sort(rng.choice(len(r.unit_ids), 1 + k, replace=False))
+        items.append((r.read_window(t0, t0 + 1.0), r, keep))
+    got = tok.pack(items)
+    want = pack_numpy([tok(w, r, keep_units=keep) for w, r, keep in items])
+    assert got.keys() == want.keys()
+    for key, v in want.items():
+        if isinstance(v, np.ndarray):
+            assert got[key].dtype == v.dtype and np.array_equal(got[key], v), key
+        else:
+            assert list(got[key]) == list(v), key
+    assert (got["weight"] != 1.0).any()  # the interval weights were exercised

@@ -1,0 +1,121 @@
+"""Linear warm start of the unit embeddings, from the training split.
+
+Why: POYO starts at a saddle. A unit's embedding is useful only once the layers above it read
+it, and those layers learn only from embeddings that already say something, so from random
+embeddings the loss sits at "predict the mean" for a long time (bench/RESULTS.md: hundreds to
+thousands of steps on our synthetic corpora, the whole of a 10-minute CPU run). Writing into
+each unit's embedding, before training, the weights of a per-session linear decoder (its recent
+spike counts -> the behaviour the readouts decode) gives the shared layers a direction to read at
+once; everything, these coordinates included, is then trained as usual.
+
+    table = unit_directions(corpus, sessions, tokenizer_cfg, readout_dims, WarmStartConfig("ridge"))
+    apply_warm_start(model, table)
+
+The decoder is a ridge regression per session on square-rooted spike counts in `bin_s` bins,
+summed over the `history_s` before each bin (activity leads movement), fitted only on bins
+inside the session's `train` intervals; its weights are scaled per session so that the largest
+is `scale`, and written into the first coordinates of the embedding (one per readout output,
+in the model's readout order). Units of sessions without a decodable behaviour keep their random
+embedding. Cost: one pass over each training session's spikes (seconds for the demo corpus;
+for thousands of sessions prefer `none`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from data_service import intervals as iv
+from data_service.reader import Corpus, SessionReader
+
+
+@dataclass
+class WarmStartConfig:
+    method: str = "none"  # none | ridge
+    scale: float = 0.5  # largest |coordinate| written per session (embeddings start at ~0.02)
+    bin_s: float = 0.05
+    history_s: float = 0.2
+    ridge: float = 100.0  # on standardised features
+
+    def __post_init__(self) -> None:
+        if self.method not in ("none", "ridge"):
+            raise ValueError(f"warm_start.method must be none or ridge, got {self.method!r}")
+
+
+def _session_directions(r: SessionReader, columns: list[tuple[str, int, float]], cfg: WarmStartConfig) -> np.ndarray | None:
+    """(units, sum of dims) ridge weights for one session, or None if it has no training data."""
+    train = r.intervals.get("train")
+    if train is None or not len(train):
+        return None
+    lo, hi = float(r.domain[0, 0]), float(r.domain[-1, 1])
+    n_bins = int((hi - lo) // cfg.bin_s)
+    history = max(1, int(round(cfg.history_s / cfg.bin_s)))
+    if n_bins <= history + 1:
+        return None
+    times, units = r.spikes()
+    counts = np.zeros((n_bins, len(r.unit_ids)))
+    b = ((times - lo) // cfg.bin_s).astype(np.int64)
+    ok = (b >= 0) & (b < n_bins)
+    np.add.at(counts, (b[ok], units[ok]), 1.0)
+    csum = np.cumsum(np.sqrt(counts), axis=0)
+    feats = np.zeros_like(csum)  # bin i: the `history` bins before it
+    feats[history + 1:] = csum[history:-1] - csum[:-history - 1]
+    feats[1:history + 1] = csum[:history]
+    centres = lo + (np.arange(n_bins) + 0.5) * cfg.bin_s
+    use = iv.contains(iv.normalize(train), centres)
+    use[:history] = False
+    if use.sum() < 10:
+        return None
+    targets = []
+    train = iv.normalize(train)
+    for name, dims, scale in columns:
+        t, v = r.behaviour(name)
+        inside = iv.contains(train, t)  # interpolate from train samples only: no label leaks in at edges
+        t, v = t[inside], v[inside]
+        if len(t) < 2:
+            return None
+        targets.append(np.stack([np.interp(centres[use], t, v[:, d]) for d in range(dims)], axis=1) / scale)
+    y = np.concatenate(targets, axis=1)
+    x = feats[use]
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    w = np.linalg.solve(x.T @ x + cfg.ridge * np.eye(x.shape[1]), x.T @ (y - y.mean(0)))
+    peak = np.abs(w).max()
+    return w / peak * cfg.scale if peak > 0 else None
+
+
+def unit_directions(corpus: Corpus, sessions: Iterable[str], readouts: dict[str, list[str]], readout_dims: dict[str, int],
+                    target_scale: dict[str, float], cfg: WarmStartConfig, progress: bool = False) -> np.ndarray:
+    """(units of `sessions` in vocabulary order, sum of readout dims) float32; NaN rows: left random."""
+    sessions = list(sessions)
+    it = sessions
+    if progress:
+        from rich.progress import track
+
+        it = track(sessions, description="warm start (ridge per session)", transient=True)
+    rows = []
+    width = sum(readout_dims.values())
+    for sid in it:
+        r = corpus.session(sid)
+        columns = []
+        for name, dims in readout_dims.items():
+            b = next((x for x in readouts.get(name, []) if x in r.behaviour_names), None)
+            if b is None:
+                break
+            columns.append((b, dims, float(target_scale.get(b, 1.0))))
+        w = _session_directions(r, columns, cfg) if len(columns) == len(readout_dims) else None
+        rows.append(np.full((len(r.unit_ids), width), np.nan) if w is None else w)
+    return np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, width), np.float32)
+
+
+@torch.no_grad()
+def apply_warm_start(model, table: np.ndarray) -> None:
+    """Write the table into the first coordinates of the unit embeddings (rows in vocabulary order)."""
+    weight = model.unit_emb.weight
+    if table.shape[0] != weight.shape[0] or table.shape[1] > weight.shape[1]:
+        raise ValueError(f"warm-start table {table.shape} does not fit the unit embeddings {tuple(weight.shape)}")
+    ok = ~np.isnan(table).any(axis=1)
+    idx = torch.from_numpy(np.flatnonzero(ok)).to(weight.device)
+    weight[idx, :table.shape[1]] = torch.from_numpy(table[ok]).to(weight.device, weight.dtype)
