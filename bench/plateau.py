@@ -99,14 +99,15 @@ def run_arm(corpus, name: str, steps: int, eval_every: int, seed: int = 0) -> li
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="reference vs both, 100 steps (about a minute per arm)")
+    ap.add_argument("--quick", action="store_true", help="reference vs both, 100 steps (about two minutes: at 60 steps neither arm has moved yet)")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--arms", default=None, help="comma-separated: " + ",".join(ARMS))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     steps = args.steps or (100 if args.quick else 400)
+    eval_every = args.eval_every or (steps if args.quick else 100)
     arms = (args.arms or ("reference,both" if args.quick else ",".join(ARMS))).split(",")
 
     root = ROOT / "runs" / "bench" / "plateau-corpus"
@@ -122,7 +123,7 @@ def main() -> None:
         line += f"; real M1 (Stevenson 2011, 171 units) {lagged_ridge_r2(d['spikes'].T.astype(float), d['handVel'][:2].T):.2f}"
     print(line, flush=True)
 
-    results = {a: run_arm(corpus, a, steps, args.eval_every) for a in arms}
+    results = {a: run_arm(corpus, a, steps, eval_every) for a in arms}
     print(f"\n{'arm':10s} " + " ".join(f"{'@' + str(s):>7s}" for s, _, _ in results[arms[0]]))
     for a, rows in results.items():
         print(f"{a:10s} " + " ".join(f"{v:+7.3f}" for _, v, _ in rows))

@@ -64,11 +64,29 @@ class ChunkCache:
             self.nbytes = 0
 
 
+def _open_files_budget() -> int:
+    """How many descriptors the pool may keep: half the process's open-files limit (raised to the
+    hard limit first, as Ray does), between 128 and 8192. A pool smaller than the files a random
+    window stream touches (a few per session) re-opens a file for most reads (measured: 2,757
+    opens for 4,373 reads over 200 sessions with 128)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 65536
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 65536), hard))
+            soft = min(want, 65536)
+    except (ImportError, ValueError, OSError):
+        soft = 1024
+    return int(min(max(128, (65536 if soft == -1 else soft) // 2), 8192))
+
+
 class _FileHandles:
     """A bounded pool of open descriptors, so 10,000 sessions never hit the open-files limit."""
 
-    def __init__(self, max_open: int = 128) -> None:
-        self.max_open = max_open
+    def __init__(self, max_open: int | None = None) -> None:
+        self.max_open = max_open or _open_files_budget()
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
         self._pid = os.getpid()

@@ -42,7 +42,7 @@ def sgd_step(model, opt, b) -> float:
     opt.zero_grad()
     loss.backward()
     opt.step()
-    return float(loss)
+    return loss.item()
 
 
 def train(model, tok, c: Corpus, steps: int, batch_size: int = 16, lr: float = 2e-3, seed: int = 0) -> list[float]:
