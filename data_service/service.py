@@ -32,7 +32,9 @@ class AugmentConfig:
     min_units: int = 30
     mode_units: int = 100
     max_units: int = 300
-    time_scaling: tuple[float, float] | None = None  # e.g. (0.9, 1.1): stretch a window by a random factor
+    # e.g. (0.9, 1.1): a window holds window_s x factor seconds of data squeezed into window_s (spike
+    # and behaviour times divided by the factor, per-second behaviours such as velocity multiplied)
+    time_scaling: tuple[float, float] | None = None
 
 
 @dataclass
@@ -114,8 +116,18 @@ def read_window(spec: ServiceSpec, r: SessionReader, ref: WindowRef, window_s: f
     s = float(lo + (hi - lo) * _uniforms(spec.seed, ref.position, "time", 1)[0])
     w = r.read_window(ref.t_start, ref.t_start + window_s * s, behaviours=need[0], intervals=need[1])
     return Window(w.session_id, w.t_start, w.t_start + window_s, w.spike_times / s, w.spike_units,
-                  {k: SeriesWindow(v.timestamps / s, v.values) for k, v in w.behaviour.items()},
+                  {k: SeriesWindow(v.timestamps / s, v.values * rate_factor(r.attrs["behaviour"][k].get("unit", ""), s))
+                   for k, v in w.behaviour.items()},
                   {k: v / s for k, v in w.intervals.items()})
+
+
+def rate_factor(unit: str, s: float) -> float:
+    """How a behaviour's values change when s seconds of it are squeezed into one: a rate per
+    second (cm/s, deg/s) is s times larger, per second squared s^2 times, anything else unchanged."""
+    u = unit.replace(" ", "").lower()
+    if u.endswith(("/s^2", "/s2", "/s**2")):
+        return s * s
+    return s if u.endswith("/s") else 1.0
 
 
 def augmented_window(spec: ServiceSpec, ref: WindowRef, corpus: Corpus) -> tuple[Window, SessionReader, np.ndarray | None]:

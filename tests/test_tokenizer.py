@@ -111,3 +111,25 @@ def test_batch_pack_equals_window_by_window(setup):
         else:
             assert list(got[key]) == list(v), key
     assert (got["weight"] != 1.0).any()  # the interval weights were exercised
+
+
+def test_time_scaling_squeezes_times_and_scales_rates(setup):
+    """A window time-scaled by s holds s seconds of data in one: spike and behaviour times are
+    divided by s, velocities (cm/s) multiplied by s, positions (cm) unchanged."""
+    from data_service.service import AugmentConfig, ServiceSpec, rate_factor, read_window
+    from data_service.window_index import IndexConfig, WindowRef
+
+    c, model, _ = setup
+    r = c.session(c.session_ids[0])
+    tok = Tokenizer(TokenizerConfig(readouts={"velocity": ["hand_vel"], "position": ["hand_pos"]}),
+                    model.unit_emb, model.session_emb, {"velocity": 2, "position": 2})
+    spec = ServiceSpec(corpus=str(c.root), index=IndexConfig(), tokenizer=tok,
+                       augment=AugmentConfig(time_scaling=(1.5, 1.5)))
+    w = read_window(spec, r, WindowRef(position=7, epoch=0, session=r.session_id, t_start=10.0), 1.0)
+    raw = r.read_window(10.0, 11.5)
+    assert np.allclose(w.spike_times, raw.spike_times / 1.5) and w.spike_times.max() < 1.0
+    assert np.array_equal(w.spike_units, raw.spike_units)
+    assert np.allclose(w.behaviour["hand_vel"].values, raw.behaviour["hand_vel"].values * 1.5)
+    assert np.allclose(w.behaviour["hand_pos"].values, raw.behaviour["hand_pos"].values)
+    assert np.allclose(w.behaviour["hand_vel"].timestamps, raw.behaviour["hand_vel"].timestamps / 1.5)
+    assert rate_factor("cm/s", 2.0) == 2.0 and rate_factor("m/s^2", 2.0) == 4.0 and rate_factor("cm", 2.0) == 1.0
