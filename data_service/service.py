@@ -6,7 +6,8 @@
 
 - `RayBatches`: Ray Data maps batch numbers to packed batches in a pool of actors (each opens
   the corpus and builds the index once), streams them in order with prefetching, and its
-  streaming executor bounds what is in flight (backpressure: at most `prefetch` batches wait).
+  streaming executor bounds what is in flight (backpressure: at most `prefetch` batches wait,
+  and at most `buffer_mb` of object-store memory per worker).
 - `LocalBatches`: the same function, in the calling process (one process, tests, debugging).
 
 Both yield identical batches. The loader's state is the number of global batches consumed.
@@ -182,9 +183,12 @@ class RayBatches:
     """Batches [start, stop) for one worker, built by Ray Data actors and streamed in order."""
 
     def __init__(self, spec: ServiceSpec, rank: int = 0, world: int = 1, *, actors: int = 1, cpus_per_actor: float = 0.5,
-                 prefetch: int = 4, chunk: int = 256) -> None:
+                 prefetch: int = 4, chunk: int = 256, buffer_mb: float | None = 256) -> None:
+        """buffer_mb: a cap on the object-store memory this worker's pipeline may hold (Ray Data's
+        streaming executor stops launching builders at the cap); None = Ray Data's default share."""
         self.spec, self.rank, self.world = spec, rank, world
         self.actors, self.cpus, self.prefetch, self.chunk = actors, cpus_per_actor, prefetch, chunk
+        self.buffer_mb = buffer_mb
         self._spec_bytes = pickle.dumps(spec)
 
     def iterate(self, start: int, stop: int) -> Iterator[dict]:
@@ -193,6 +197,9 @@ class RayBatches:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # batch b before b + 1, whatever finishes first
         ctx.enable_progress_bars = False
+        if self.buffer_mb is not None:
+            limits = ctx.execution_options.resource_limits
+            ctx.execution_options.resource_limits = limits.copy(object_store_memory=self.buffer_mb * 2**20)
         for lo in range(start, stop, self.chunk):  # one dataset per chunk keeps per-dataset metadata small
             hi = min(stop, lo + self.chunk)
             ds = ray.data.range(hi - lo, override_num_blocks=hi - lo).map(lambda r, lo=lo: {"id": r["id"] + lo})

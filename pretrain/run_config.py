@@ -40,6 +40,7 @@ class DataConfig:
     loader: str = "ray"  # ray | local
     data_actors: int = 1  # Ray Data actors per training worker
     prefetch: int = 4  # batches buffered per worker
+    buffer_mb: float | None = 256  # object-store memory the data pipeline of one worker may hold (None: Ray's default)
 
 
 @dataclass

@@ -202,8 +202,11 @@ def train_loop(config: dict) -> None:
     progress = config.get("progress")
     hooks = config.get("hooks") or {}
     accum, steps = run.train.grad_accum, run.train.stop_at or run.train.steps
-    loader = RayBatches(spec, rank, world, actors=run.data.data_actors, prefetch=run.data.prefetch) \
-        if run.data.loader == "ray" else LocalBatches(spec, rank, world)
+    if run.data.loader == "ray":
+        loader = RayBatches(spec, rank, world, actors=run.data.data_actors, prefetch=run.data.prefetch,
+                            buffer_mb=run.data.buffer_mb)
+    else:
+        loader = LocalBatches(spec, rank, world)
     batches = loader.iterate(start * accum, steps * accum)
     eval_ids = config["valid_sessions"][rank::world]
     window_loss = window_weight = window_tokens = 0.0
