@@ -139,12 +139,6 @@ def augmented_window(spec: ServiceSpec, ref: WindowRef, corpus: Corpus) -> tuple
     return w, reader, keep_units(n, spec.augment, _uniforms(spec.seed, ref.position, "units", n + 1))
 
 
-def make_sample(spec: ServiceSpec, ref: WindowRef, corpus: Corpus | None = None):
-    """One ref as a tokenized Sample (build_batch does a whole batch in one pass)."""
-    w, reader, keep = augmented_window(spec, ref, corpus or open_corpus(spec.corpus))
-    return spec.tokenizer(w, reader, keep_units=keep)
-
-
 def build_batch(spec: ServiceSpec, batch: int, rank: int, world: int) -> dict:
     """Worker `rank`'s share of global batch `batch`, tokenized and packed (numpy)."""
     refs = window_index(spec).worker_windows(batch, spec.global_batch, rank, world)

@@ -73,13 +73,15 @@ def _open_files_budget() -> int:
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = hard if hard != resource.RLIM_INFINITY else 65536
-        if soft != resource.RLIM_INFINITY and soft < want:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 65536), hard))
-            soft = min(want, 65536)
+        cap = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft == resource.RLIM_INFINITY:
+            soft = cap
+        elif soft < cap:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (cap, hard))
+            soft = cap
     except (ImportError, ValueError, OSError):
         soft = 1024
-    return int(min(max(128, (65536 if soft == -1 else soft) // 2), 8192))
+    return int(min(max(128, soft // 2), 8192))
 
 
 class _FileHandles:

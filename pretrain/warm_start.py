@@ -50,6 +50,7 @@ def _session_directions(r: SessionReader, columns: list[tuple[str, int, float]],
     train = r.intervals.get("train")
     if train is None or not len(train):
         return None
+    train = iv.normalize(train)
     lo, hi = float(r.domain[0, 0]), float(r.domain[-1, 1])
     n_bins = int((hi - lo) // cfg.bin_s)
     history = max(1, int(round(cfg.history_s / cfg.bin_s)))
@@ -65,12 +66,11 @@ def _session_directions(r: SessionReader, columns: list[tuple[str, int, float]],
     feats[history + 1:] = csum[history:-1] - csum[:-history - 1]
     feats[1:history + 1] = csum[:history]
     centres = lo + (np.arange(n_bins) + 0.5) * cfg.bin_s
-    use = iv.contains(iv.normalize(train), centres)
+    use = iv.contains(train, centres)
     use[:history] = False
     if use.sum() < 10:
         return None
     targets = []
-    train = iv.normalize(train)
     for name, dims, scale in columns:
         t, v = r.behaviour(name)
         inside = iv.contains(train, t)  # interpolate from train samples only: no label leaks in at edges
