@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from data_service.reader import open_corpus  # noqa: E402
 from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
-from pretrain.batch import pack  # noqa: E402
+from pretrain.batch import concat  # noqa: E402
 from pretrain.config import preset  # noqa: E402
 from pretrain.loss import weighted_mse  # noqa: E402
 from pretrain.model import POYO, count_parameters  # noqa: E402
@@ -41,6 +41,7 @@ from pretrain.optim import OptimConfig, build_optimizer  # noqa: E402
 from pretrain.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 
 CORPUS = ROOT / "runs" / "bench" / "model-corpus"
+WINDOW_S = 1.0  # seconds per sample, both models
 
 
 def rss_mb() -> float:
@@ -71,16 +72,16 @@ def setup(preset_name: str, batch: int, steps: int, seed: int = 0):
     cfg = preset(preset_name)
     units = [u for s in ids for u in c.session(s).unit_ids]
     model = POYO(cfg, units, ids)
-    tok = Tokenizer(TokenizerConfig(latents_per_step=cfg.latents_per_step, target_scale={"hand_vel": 20.0}),
-                    model.unit_emb, model.session_emb, cfg.readouts)
+    tok = Tokenizer(TokenizerConfig.build(cfg, window_s=WINDOW_S, target_scale={"hand_vel": 20.0}),
+                    model.unit_emb, model.session_emb)
     rng = np.random.default_rng(seed)
     batches = []
     for _ in range(steps + 1):
         samples = []
         for sid in rng.choice(ids, batch):
             r = c.session(sid)
-            t0 = float(rng.uniform(r.domain[0, 0], r.domain[-1, 1] - 1.0))
-            samples.append(tok(r.read_window(t0, t0 + 1.0), r))
+            t0 = float(rng.uniform(r.domain[0, 0], r.domain[-1, 1] - WINDOW_S))
+            samples.append(tok(r.read_window(t0, t0 + WINDOW_S), r))  # one window: a batch of one
         batches.append(samples)
     return cfg, model, units, ids, batches
 
@@ -88,7 +89,7 @@ def setup(preset_name: str, batch: int, steps: int, seed: int = 0):
 def reference_model(cfg, units, ids):
     from torch_brain.models import POYO as TBPOYO
 
-    m = TBPOYO(sequence_length=cfg.window, latent_step=cfg.latent_step, num_latents_per_step=cfg.latents_per_step,
+    m = TBPOYO(sequence_length=WINDOW_S, latent_step=cfg.latent_step, num_latents_per_step=cfg.latents_per_step,
                dim_out=2, dim=cfg.dim, depth=cfg.depth, dim_head=cfg.dim_head, cross_heads=cfg.cross_heads,
                self_heads=cfg.self_heads, ffn_dropout=cfg.ffn_dropout, lin_dropout=cfg.lin_dropout,
                atn_dropout=cfg.atn_dropout, emb_init_scale=cfg.emb_init_scale, t_min=cfg.t_min, t_max=cfg.t_max)
@@ -122,7 +123,7 @@ def reference_inputs(samples, units, ids, model) -> dict:
         input_unit_index=ui, input_timestamps=it, input_token_type=tt, input_mask=in_mask,
         latent_index=torch.from_numpy(np.stack([s.latent_index for s in samples])),
         latent_timestamps=torch.from_numpy(np.stack([s.latent_time for s in samples])),
-        session_index=torch.from_numpy(sess_map[[s.session_index for s in samples]]),
+        session_index=torch.from_numpy(sess_map[[ids.index(s.session_ids[0]) for s in samples]]),
         output_timestamps=ot, output_mask=out_mask), target=y, weight=w, mask=out_mask)
 
 
@@ -131,7 +132,7 @@ def run(variant: str, preset_name: str, batch: int, steps: int) -> dict:
     torch.set_num_threads(2)
     cfg, model, units, ids, batches = setup(preset_name, batch, steps)
     if variant == "popscale":
-        data = [pack(b) for b in batches]
+        data = [concat(b).to("cpu") for b in batches]
         opt = build_optimizer(model, OptimConfig(lr=1e-4))
 
         def step(b):

@@ -26,17 +26,49 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "tests"))
-from data_service.reader import open_corpus  # noqa: E402
+from data_service.reader import Corpus, open_corpus  # noqa: E402
 from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
 from pretrain.config import preset  # noqa: E402
+from pretrain.loss import weighted_mse  # noqa: E402
 from pretrain.model import POYO  # noqa: E402
 from pretrain.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 from pretrain.warm_start import WarmStartConfig, apply_warm_start, unit_directions  # noqa: E402
-from training import batches, r2, sgd_step, windows  # noqa: E402
 
 ARMS = {"reference": (0.0, False), "locality": (6.0, False), "warm": (0.0, True), "both": (6.0, True)}
 M1 = ROOT.parent / "shared" / "data" / "real" / "m1_stevenson_2011.mat"
+
+
+# ---- the bare in-process loop the figures in bench/RESULTS.md were measured with -------------------------
+def windows(c: Corpus, split: str, n: int, rng: np.random.Generator) -> list[tuple[str, float]]:
+    """n random (session, start) with the whole 1 s window inside the session's `split` domain."""
+    out = []
+    while len(out) < n:
+        sid = c.session_ids[rng.integers(len(c.session_ids))]
+        rows = c.session(sid).intervals[split]
+        rows = rows[rows[:, 1] - rows[:, 0] >= 1.0]
+        if len(rows):
+            a, b = rows[rng.integers(len(rows))]
+            out.append((sid, float(rng.uniform(a, b - 1.0))))
+    return out
+
+
+def batch(c: Corpus, tok: Tokenizer, wins: list[tuple[str, float]]):
+    return tok.pack([(c.session(sid).read_window(t0, t0 + 1.0), c.session(sid), None) for sid, t0 in wins]).to("cpu")
+
+
+@torch.no_grad()
+def r2(model, tok: Tokenizer, c: Corpus, n: int = 200, seed: int = 1) -> float:
+    """R2 of velocity over n random valid-split windows (pooled over sessions, both dims averaged)."""
+    model.eval()
+    wins = windows(c, "valid", n, np.random.default_rng(seed))
+    preds, ys = [], []
+    for i in range(0, n, 32):
+        b = batch(c, tok, wins[i:i + 32])
+        out = model(b)[model.readout_names[0]]
+        preds.append(out)
+        ys.append(b.target[:, : out.shape[1]])
+    p, y = torch.cat(preds), torch.cat(ys)
+    return float((1 - ((y - p) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)).mean())
 
 
 def lagged_ridge_r2(counts: np.ndarray, y: np.ndarray, lags: int = 6) -> float:
@@ -76,19 +108,21 @@ def run_arm(corpus, name: str, steps: int, eval_every: int, seed: int = 0) -> li
     torch.manual_seed(seed)
     cfg = preset("poyo-1.3M", t_min=0.02, locality=locality, ffn_dropout=0.0, lin_dropout=0.0, atn_dropout=0.0)
     m = POYO(cfg, units, ids)
+    tokens = TokenizerConfig.build(cfg, behaviours={"velocity": ["hand_vel"]}, target_scale={"hand_vel": 20.0})
     if warm:
-        apply_warm_start(m, unit_directions(corpus, ids, {"velocity": ["hand_vel"]}, cfg.readouts, {"hand_vel": 20.0},
-                                            WarmStartConfig("ridge")))
-    tok = Tokenizer(TokenizerConfig(latents_per_step=cfg.latents_per_step, target_scale={"hand_vel": 20.0}),
-                    m.unit_emb, m.session_emb, cfg.readouts)
+        apply_warm_start(m, unit_directions(corpus, ids, tokens, WarmStartConfig("ridge")))
+    tok = Tokenizer(tokens, m.unit_emb, m.session_emb)
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 40))
     rng = np.random.default_rng(seed)
     out, t0 = [], time.perf_counter()
     m.train()
     for step in range(1, steps + 1):
-        (b,) = batches(corpus, tok, windows(corpus, "train", 16, rng), 16)
-        sgd_step(m, opt, b)
+        b = batch(corpus, tok, windows(corpus, "train", 16, rng))
+        loss, _ = weighted_mse(m(b), b, m.readout_names)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
         sched.step()
         if step % eval_every == 0 or step == steps:
             out.append((step, r2(m, tok, corpus, n=200), time.perf_counter() - t0))

@@ -6,9 +6,9 @@ start/end tokens per kept unit, the latent grid, one output query per behaviour 
 scaled target and reach/hold loss weight), and batches of 32 as torch tensors. Both sides do
 exactly that over the same sessions, same number of windows, one process, one thread:
 
-- popscale: `data_service.service.LocalBatches(spec, 0, 1).iterate(...)` with the spec built the
-  way `pretrain/train.py` builds it (`load_config` defaults, poyo-1.3M, global batch 32), then
-  `pretrain.batch.from_numpy` (what the trainer does with each batch). The window order comes from
+- popscale: `data_service.service.LocalBatches(spec, 0, 1).iterate(...)` with the spec of the run
+  plan, as a training worker gets it (`load_config` defaults, poyo-1.3M, global batch 32), then
+  `PackedBatch.to("cpu")` (what the trainer does with each batch). The window order comes from
   `WindowIndex` (the train split). Optionally (--ray) also `RayBatches` (Ray Data actors).
 - torch_brain 0.2.1: the same sessions as temporaldata HDF5 files (made by bench/reader.py's
   `build`), `torch_brain.datasets.Dataset` subclassed the way brainsets datasets are
@@ -63,10 +63,8 @@ sys.path.insert(1, str(ROOT / "bench"))
 from data_service import shards  # noqa: E402
 from data_service.service import LocalBatches, RayBatches, ServiceSpec  # noqa: E402
 from data_service.synth import SynthConfig  # noqa: E402
-from pretrain.batch import from_numpy  # noqa: E402
-from pretrain.model import POYO  # noqa: E402
+from pretrain.plan import build_plan  # noqa: E402
 from pretrain.run_config import RunConfig, load_config  # noqa: E402
-from pretrain.train import service_spec, training_sessions, vocabulary  # noqa: E402
 from reader import build  # noqa: E402
 
 GLOBAL_BATCH = 32
@@ -104,22 +102,21 @@ def timed(batches: Iterator, count: Callable[[object], tuple[int, int, int]]) ->
 
 # ---- popscale ------------------------------------------------------------------------------------------
 def popscale_spec(corpus: Path) -> tuple[RunConfig, ServiceSpec, list[str]]:
-    """The data-service spec exactly as the trainer builds it (defaults, poyo-1.3M)."""
+    """The data-service spec exactly as a training worker gets it (defaults, poyo-1.3M)."""
     run = load_config(None, [f"data.corpus={corpus}", f"data.global_batch={GLOBAL_BATCH}"])
-    sessions = training_sessions(run)
-    model = POYO(run.model_config(), vocabulary(run, sessions), sessions)
-    return run, service_spec(run, model, sessions), sessions
+    plan = build_plan(run)
+    return run, plan.service_spec(), plan.sessions
 
 
-def popscale_count(d: dict) -> tuple[int, int, int]:
-    b = from_numpy(d)  # what the trainer does with every batch it receives
+def popscale_count(served) -> tuple[int, int, int]:
+    b = served.data.to("cpu")  # what the trainer does with every batch it receives
     return b.size, len(b.unit_index), len(b.output_time)
 
 
 def run_popscale(spec: ServiceSpec, n_batches: int, clear_cache: bool) -> Timing:
     loader = LocalBatches(spec, 0, 1)
     for d in loader.iterate(0, n_batches + 1):  # warm-up: page cache, index, tokenizer plans
-        from_numpy(d)
+        d.data.to("cpu")
     if clear_cache:
         shards.CACHE.clear()
     return timed(loader.iterate(0, n_batches + 1), popscale_count)
@@ -141,7 +138,7 @@ def run_ray(spec: ServiceSpec, n_batches: int, actors: int, cpus_per_actor: floa
     try:
         loader = RayBatches(spec, 0, 1, actors=actors, cpus_per_actor=cpus_per_actor)
         for d in loader.iterate(0, n_batches + 1):  # warm-up (actors start, page cache)
-            from_numpy(d)
+            d.data.to("cpu")
         t = timed(loader.iterate(0, n_batches + 1), popscale_count)
     finally:
         ray.shutdown()

@@ -1,2 +1,4 @@
 """Everything up to a packed batch: the corpus format, writer, reader, ingest, the synthetic
-generator and (next) the window index and the Ray data service. See docs/corpus-format.md."""
+generator, the window index (the global training order) and the data service (Ray Data and
+in-process). It knows nothing of the model: batches are made by a tokenizer it is handed. See
+docs/corpus-format.md and docs/architecture.md."""

@@ -10,20 +10,25 @@
   and at most `buffer_mb` of object-store memory per worker).
 - `LocalBatches`: the same function, in the calling process (one process, tests, debugging).
 
-Both yield identical batches. The loader's state is the number of global batches consumed.
+Both yield identical `ServedBatch`es. The loader's state is the number of global batches
+consumed. The service knows nothing of the model: the tokenizer is anything with the two
+methods of `BatchTokenizer` (pretrain.tokenizer.Tokenizer is the one popscale uses).
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Iterator
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from .errors import CorpusError
 from .reader import Corpus, SeriesWindow, SessionReader, Window, open_corpus
-from .window_index import IndexConfig, WindowIndex, WindowRef, _uniform
+from .rng import uniform
+from .window_index import IndexConfig, WindowIndex, WindowRef
 
 
 @dataclass
@@ -38,45 +43,60 @@ class AugmentConfig:
     time_scaling: tuple[float, float] | None = None
 
 
+Item = tuple[Window, SessionReader, "np.ndarray | None"]  # a window, its session, the units kept (None: all)
+
+
+class BatchTokenizer(Protocol):
+    """What the service asks of a tokenizer."""
+
+    def needs(self, reader: SessionReader) -> tuple[list[str], list[str]]:
+        """(behaviours, interval sets) a window of this session must carry to be tokenized."""
+        ...
+
+    def pack(self, items: Sequence[Item]) -> Any:
+        """The windows tokenized and packed into one batch."""
+        ...
+
+
 @dataclass
 class ServiceSpec:
     """Everything a batch builder needs; small and picklable (sent to every data actor)."""
 
     corpus: str
     index: IndexConfig
-    tokenizer: object  # pretrain.tokenizer.Tokenizer built on a StaticVocab (picklable)
+    tokenizer: BatchTokenizer  # picklable (its vocabularies are plain id -> index maps)
     global_batch: int = 32
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # the index fingerprint the consumer planned with: a corpus changed since is refused, not served
+    index_fingerprint: str | None = None
 
-    def describe(self) -> dict:
-        return {"corpus": self.corpus, "index": asdict(self.index), "global_batch": self.global_batch,
-                "seed": self.seed, "augment": asdict(self.augment)}
+
+@dataclass
+class ServedBatch:
+    """One worker's share of one global batch."""
+
+    number: int  # the global batch number
+    positions: np.ndarray  # int64: stream positions of its windows
+    data: Any  # what the tokenizer's `pack` made of them
 
 
 @lru_cache(maxsize=8)
-def _index(corpus: str, index_json: str) -> WindowIndex:
-    import json
-
-    return WindowIndex(open_corpus(corpus), IndexConfig(**json.loads(index_json)))
-
-
-def index_for(corpus: str, cfg: IndexConfig) -> WindowIndex:
-    """The process's WindowIndex for (corpus, index config), built once."""
-    import json
-
-    return _index(corpus, json.dumps(asdict(cfg), sort_keys=True))
+def _index(corpus: str, index_json: str, expected: str | None) -> WindowIndex:
+    index = WindowIndex(open_corpus(corpus), IndexConfig(**json.loads(index_json)))
+    if expected is not None and index.fingerprint != expected:
+        raise CorpusError(f"the corpus changed since the run was planned (window-index fingerprint {index.fingerprint}, "
+                          f"planned {expected}): its window order would not be the planned one", file=corpus)
+    return index
 
 
 def window_index(spec: ServiceSpec) -> WindowIndex:
-    """The spec's index. Called once per batch: the cache key (the index config as JSON, which
-    holds the session list) is built once per spec, not per batch."""
+    """The spec's index, built once per process. Called once per batch: the cache key (the index
+    config as JSON, which holds the session list) is built once per spec, not per batch."""
     key = spec.__dict__.get("_index_key")
     if key is None:
-        import json
-
         key = spec.__dict__["_index_key"] = json.dumps(asdict(spec.index), sort_keys=True)
-    return _index(spec.corpus, key)
+    return _index(spec.corpus, key, spec.index_fingerprint)
 
 
 _STREAMS = {"units": 1, "time": 2}
@@ -87,7 +107,7 @@ def _uniforms(seed: int, position: int, what: str, n: int) -> np.ndarray:
     stream and index), so any window's augmentation is computable on its own and costs no
     generator set-up (~10 us instead of ~45 us per window)."""
     key = (seed * 0x9E3779B97F4A7C15 + position * 0xD1B54A32D192ED03 + _STREAMS[what] * 0x632BE59BD9B4E019) % (1 << 64)
-    return _uniform(key, np.arange(n, dtype=np.uint64))
+    return uniform(key, np.arange(n, dtype=np.uint64))
 
 
 def keep_units(n_units: int, cfg: AugmentConfig, u: np.ndarray) -> np.ndarray | None:
@@ -139,14 +159,12 @@ def augmented_window(spec: ServiceSpec, ref: WindowRef, corpus: Corpus) -> tuple
     return w, reader, keep_units(n, spec.augment, _uniforms(spec.seed, ref.position, "units", n + 1))
 
 
-def build_batch(spec: ServiceSpec, batch: int, rank: int, world: int) -> dict:
-    """Worker `rank`'s share of global batch `batch`, tokenized and packed (numpy)."""
+def build_batch(spec: ServiceSpec, batch: int, rank: int, world: int) -> ServedBatch:
+    """Worker `rank`'s share of global batch `batch`, tokenized and packed."""
     refs = window_index(spec).worker_windows(batch, spec.global_batch, rank, world)
     corpus = open_corpus(spec.corpus)  # once per batch: it stats the manifest
-    d = spec.tokenizer.pack([augmented_window(spec, ref, corpus) for ref in refs])
-    d["batch"] = batch
-    d["positions"] = np.array([r.position for r in refs], dtype=np.int64)
-    return d
+    data = spec.tokenizer.pack([augmented_window(spec, ref, corpus) for ref in refs])
+    return ServedBatch(batch, np.array([r.position for r in refs], dtype=np.int64), data)
 
 
 class LocalBatches:
@@ -155,7 +173,7 @@ class LocalBatches:
     def __init__(self, spec: ServiceSpec, rank: int = 0, world: int = 1) -> None:
         self.spec, self.rank, self.world = spec, rank, world
 
-    def iterate(self, start: int, stop: int) -> Iterator[dict]:
+    def iterate(self, start: int, stop: int) -> Iterator[ServedBatch]:
         for b in range(start, stop):
             yield build_batch(self.spec, b, self.rank, self.world)
 
@@ -185,7 +203,7 @@ class RayBatches:
         self.buffer_mb = buffer_mb
         self._spec_bytes = pickle.dumps(spec)
 
-    def iterate(self, start: int, stop: int) -> Iterator[dict]:
+    def iterate(self, start: int, stop: int) -> Iterator[ServedBatch]:
         import ray.data
 
         ctx = ray.data.DataContext.get_current()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+
+from popscale import __version__ as VERSION  # the software version, stamped into every session written
 
 from . import faults
 from .errors import CorpusError, DuplicateSession
@@ -34,11 +35,6 @@ from . import intervals as iv
 from .manifest import read_manifest, reconcile, row_from_attrs, write_manifest
 from .session import SPLITS, SessionData
 from .validate import validate_session
-
-try:
-    VERSION = importlib.metadata.version("popscale")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree that was not installed
-    VERSION = "0+unknown"
 
 
 def _write_sharded(g: zarr.Group, name: str, data: np.ndarray, chunking: Chunking) -> None:

@@ -25,8 +25,8 @@ import numpy as np
 
 from .errors import CorpusError
 from .reader import Corpus
-
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+from .rng import key as _key
+from .rng import mix, uniform
 
 
 @dataclass
@@ -46,31 +46,11 @@ class WindowRef:
     t_start: float
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser, vectorised: a well-mixed 64-bit hash of each element."""
-    # (unsigned array arithmetic wraps modulo 2^64 silently: no errstate needed, and it is
-    # ~5 us per use on a per-window path)
-    x = x.astype(np.uint64, copy=True)
-    x ^= x >> _S30
-    x *= _M1
-    x ^= x >> _S27
-    x *= _M2
-    x ^= x >> _S31
-    return x
-
-
-_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def _key(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "little")
-
-
-def _uniform(key: int, idx: np.ndarray) -> np.ndarray:
-    """Deterministic U[0, 1) per index for a key."""
-    h = _mix(idx.astype(np.uint64) + np.uint64(key & 0xFFFFFFFFFFFFFFFF))
-    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+def index_fingerprint(corpus_fingerprint: str, cfg: IndexConfig) -> str:
+    """What the window order is a function of: the corpus content and the index config. Cheap
+    (no index is built), so a driver can check a resume or a plan without building one."""
+    return hashlib.sha256(json.dumps([corpus_fingerprint, asdict(cfg)], sort_keys=True, default=str).encode()
+                          ).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=64)
@@ -91,7 +71,7 @@ def permute(i: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:
     def once(x: np.ndarray) -> np.ndarray:
         left, right = x >> np.uint64(half), x & mask
         for k in keys:
-            f = _mix(right ^ k) & mask
+            f = mix(right ^ k) & mask
             left, right = right, left ^ f
         return (left << np.uint64(half)) | right
 
@@ -130,8 +110,7 @@ class WindowIndex:
         if (weights < 0).any():
             raise CorpusError("session weights must be >= 0")
         self.row_weight = weights[self.row_session] if len(self.row_session) else np.zeros(0)
-        self.fingerprint = hashlib.sha256(json.dumps(
-            [corpus.fingerprint, asdict(cfg)], sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.fingerprint = index_fingerprint(corpus.fingerprint, cfg)
         self._epochs: dict[int, tuple] = {}
         self._epoch_ends: list[int] = [self.epoch_size(0)]
         if self._epoch_ends[0] == 0:
@@ -151,11 +130,11 @@ class WindowIndex:
     def _compute_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         w = self.cfg.window_s
         rows = np.arange(len(self.row_len), dtype=np.uint64)
-        offset = _uniform(_key(self.fingerprint, self.cfg.seed, epoch, "jitter"), rows) * w
+        offset = uniform(_key(self.fingerprint, self.cfg.seed, epoch, "jitter"), rows) * w
         base = np.floor((self.row_len - offset) / w + 1e-9).astype(np.int64)
         base = np.maximum(base, 0)
         # per-session weights: stochastic rounding of weight x count, spread evenly over the row
-        u = _uniform(_key(self.fingerprint, self.cfg.seed, epoch, "weight"), rows)
+        u = uniform(_key(self.fingerprint, self.cfg.seed, epoch, "weight"), rows)
         count = np.where(self.row_weight == 1.0, base, np.floor(base * self.row_weight + u).astype(np.int64))
         cum = np.concatenate([[0], np.cumsum(count)])
         return cum, offset, base, _key(self.fingerprint, self.cfg.seed, epoch, "order")

@@ -1,7 +1,10 @@
 """The `popscale` command. Subcommands are thin: parse, call one library function, print.
 
 Every subcommand ends with one `RESULT key=value ...` line so scripts can read the outcome;
-exit status is 0 on success, 1 when some input failed (the rest was still done), 2 on usage.
+exit status is 0 on success, 1 when some input failed (the rest was still done), 2 on usage
+(a bad flag, config key, override, config file or model preset). An error is one line,
+`error: ...`, naming the key or the file, then `RESULT error=<kind>`; `popscale --debug ...`
+shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -17,9 +20,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from data_service.errors import CorpusError
+from data_service.errors import ConfigError, CorpusError
 
 console = Console(stderr=True)
+
+
+def say(message: str) -> None:
+    """One line to the user (stderr; never wrapped, so a script can grep it)."""
+    console.print(escape(message), soft_wrap=True)
 
 
 def _progress() -> Progress:
@@ -53,16 +61,22 @@ def cmd_ingest(a: argparse.Namespace) -> int:
     from data_service.ingest.common import IngestOptions, load_metadata_file, options_for
     from data_service.splits import SplitConfig
 
-    meta = load_metadata_file(a.meta) if a.meta else {}
     base = IngestOptions(seed=a.seed, drop_nan_behaviour=a.drop_nan_behaviour,
                          splits=SplitConfig(fractions=(1 - a.valid_frac - a.test_frac, a.valid_frac, a.test_frac),
                                             gap_s=a.gap, seed=a.seed))
+    meta = {}
+    if a.meta:  # a metadata file is configuration: a bad one is a usage error, found before any file is read
+        try:
+            meta = load_metadata_file(a.meta)
+            for entry in meta.values():
+                base.merged(entry)
+        except CorpusError as e:
+            raise ConfigError(f"metadata file {a.meta}: {e.message}") from None  # (the message names no file)
     cli = {"subject": a.subject, "session_id": a.session_id, "species": a.species, "task": a.task,
            "area": a.area, "bin_width_s": a.bin_width}
     sources = expand_sources(a.sources)
     if a.session_id and len(sources) > 1:
-        console.print("[red]--session-id applies to a single source file[/red]")
-        return 2
+        raise ConfigError("--session-id applies to a single source file")
     with _progress() as p:
         task = p.add_task(f"ingest → {a.corpus}", total=len(sources))
         report = ingest(sources, a.corpus, lambda path: options_for(path, base, meta, cli), replace=a.replace,
@@ -128,7 +142,12 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from data_service.manifest import read_manifest
     from data_service.verify import verify
 
-    total = len(a.session) if a.session else len(read_manifest(Path(a.corpus))) if Path(a.corpus).exists() else 0
+    if not Path(a.corpus).is_dir():
+        raise CorpusError("no corpus directory here", file=a.corpus)
+    try:
+        total = len(a.session) if a.session else len(read_manifest(Path(a.corpus)))
+    except ValueError:  # an unreadable manifest: verify() reports it
+        total = 0
     with _progress() as p:
         task = p.add_task(f"verify {a.corpus}", total=total or None)
         report = verify(a.corpus, sessions=a.session, on_session=lambda sid: p.advance(task))
@@ -149,7 +168,10 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     from pretrain.run_config import load_config
 
     cfg = load_config(a.config, a.set or [])
-    r = pretrain(cfg, resume=a.resume, show_progress=not a.no_progress)
+    keys = {o.partition("=")[0].strip() for o in a.set or []}
+    if "data.corpus" in keys and not any(k == "data.synth" or k.startswith("data.synth.") for k in keys):
+        cfg.data.synth = None  # a corpus named on the command line must exist: a typo never makes a new one
+    r = pretrain(cfg, resume=a.resume, show_progress=not a.no_progress, notify=say)
     console.print(f"run {r.name}: {r.steps} steps in {r.seconds / 60:.1f} min, validation R2 {r.valid_r2:.3f}")
     if r.model_uri:
         console.print(f"registered {r.model_uri} (version {r.model_version}) in {r.tracking_uri}")
@@ -159,8 +181,16 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
 
 # ---- parser -------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's usage errors end like every other error
+        self.print_usage(sys.stderr)
+        fail(f"{self.prog}: {message}", "usage")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="popscale", description="Pretraining for neural population decoding.")
+    p = _Parser(prog="popscale", description="Pretraining for neural population decoding.")
+    p.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="make a synthetic corpus of reaching sessions")
@@ -218,14 +248,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def fail(message: str, kind: str) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+    result(error=kind)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except CorpusError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}")
-        result(error=type(e).__name__)
-        return 1
+    except Exception as e:  # noqa: BLE001 - every error ends as one line and a RESULT line
+        if args.debug:
+            raise
+        message = str(e)
+        if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in message:
+            message = f"{e.filename}: {e.strerror or e}"
+        lines = [ln.strip() for ln in message.splitlines() if ln.strip()] or [type(e).__name__]
+        message = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"  # e.g. a worker's traceback
+        if len(lines) > 1 or not isinstance(e, (ValueError, OSError, RuntimeError, CorpusError)):
+            message = f"{message} (popscale --debug {args.command} ... shows the whole error)"
+        fail(message, type(e).__name__)
+        return 2 if isinstance(e, ConfigError) else 1  # 2: asked wrongly (usage); 1: input or job failed
 
 
 if __name__ == "__main__":

@@ -1,104 +1,82 @@
-"""Tokenized samples and packed batches.
+"""The packed batch: the one form in which tokens travel from the tokenizer to the model.
 
-A batch is flat: every sample's tokens concatenated, with per-sample lengths for the inputs
+A batch is flat: every window's tokens concatenated, with per-window lengths for the inputs
 (spikes + start/end tokens), the latents and the output queries. Attention is block-diagonal
-over those lengths, so no FLOP or byte is spent on padding.
+over those lengths, so no FLOP or byte is spent on padding. The tokenizer makes it with numpy
+arrays (cheap to pickle between processes); `to(device)` gives the torch form the model takes.
+Training, evaluation, the registered model and decoding all use this one type; its fields are
+listed here only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Union
 
 import numpy as np
 import torch
 
 SPIKE, START, END = 0, 1, 2  # token types
 
-
-@dataclass
-class Sample:
-    """One window, tokenized (numpy, produced by the data service's workers)."""
-
-    unit_index: np.ndarray  # int64 [Ni] global unit-vocabulary index
-    input_time: np.ndarray  # float32 [Ni] seconds from the window start
-    token_type: np.ndarray  # int64 [Ni] SPIKE | START | END
-    latent_index: np.ndarray  # int64 [Nl]
-    latent_time: np.ndarray  # float32 [Nl]
-    output_time: np.ndarray  # float32 [No]
-    output_readout: np.ndarray  # int64 [No] index into the model's readouts
-    target: np.ndarray  # float32 [No, max readout dim] (unused columns are 0)
-    weight: np.ndarray  # float32 [No] loss weight per output
-    session_index: int  # session-vocabulary index
-    session_id: str = ""
-    t_start: float = 0.0  # absolute window start, to put predictions back in session time
+Array = Union[np.ndarray, torch.Tensor]
 
 
 @dataclass
 class PackedBatch:
-    unit_index: torch.Tensor
-    input_time: torch.Tensor
-    token_type: torch.Tensor
-    latent_index: torch.Tensor
-    latent_time: torch.Tensor
-    output_time: torch.Tensor
-    output_readout: torch.Tensor
-    output_session: torch.Tensor  # session index of every output query
-    target: torch.Tensor
-    weight: torch.Tensor
+    # one row per input token
+    unit_index: Array  # int64: global unit-vocabulary index
+    input_time: Array  # float32: seconds from the window start
+    token_type: Array  # int64: SPIKE | START | END
+    # one row per latent
+    latent_index: Array  # int64
+    latent_time: Array  # float32
+    # one row per output query
+    output_time: Array  # float32
+    output_readout: Array  # int64: index into the model's readouts
+    output_session: Array  # int64: session-vocabulary index
+    target: Array  # float32 [n, max readout dim] (unused columns are 0)
+    weight: Array  # float32: loss weight
+    # one entry per window
     input_lens: list[int]
     latent_lens: list[int]
     output_lens: list[int]
     session_ids: list[str]
-    t_starts: list[float]
+    t_starts: list[float]  # absolute window starts, to put predictions back in session time
 
     @property
     def size(self) -> int:
         return len(self.input_lens)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+    def to(self, device: torch.device | str = "cpu", non_blocking: bool = False) -> "PackedBatch":
+        """The torch form on `device` (numpy arrays are wrapped without a copy on the CPU)."""
         kw = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            kw[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
-        return PackedBatch(**kw)
+        for name in ARRAYS:
+            v = getattr(self, name)
+            if isinstance(v, np.ndarray):
+                v = torch.from_numpy(np.ascontiguousarray(v))
+            kw[name] = v.to(device, non_blocking=non_blocking)
+        return PackedBatch(**kw, **{name: list(getattr(self, name)) for name in LISTS})
 
     def cu_seqlens(self, which: str) -> torch.Tensor:
         """Cumulative lengths [B + 1] (int32), the varlen-attention convention."""
         lens = getattr(self, f"{which}_lens")
         return torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
 
-
-TENSORS = ("unit_index", "input_time", "token_type", "latent_index", "latent_time", "output_time", "output_readout",
-           "output_session", "target", "weight")
-
-
-def pack_numpy(samples: list[Sample]) -> dict:
-    """The packed batch as numpy arrays and plain lists (cheap to pickle between processes)."""
-    cat = np.concatenate
-    out_lens = [len(s.output_time) for s in samples]
-    return {
-        "unit_index": cat([s.unit_index for s in samples]),
-        "input_time": cat([s.input_time for s in samples]),
-        "token_type": cat([s.token_type for s in samples]),
-        "latent_index": cat([s.latent_index for s in samples]),
-        "latent_time": cat([s.latent_time for s in samples]),
-        "output_time": cat([s.output_time for s in samples]),
-        "output_readout": cat([s.output_readout for s in samples]),
-        "output_session": np.repeat(np.array([s.session_index for s in samples], dtype=np.int64), out_lens),
-        "target": cat([s.target for s in samples]),
-        "weight": cat([s.weight for s in samples]),
-        "input_lens": [len(s.unit_index) for s in samples],
-        "latent_lens": [len(s.latent_index) for s in samples],
-        "output_lens": out_lens,
-        "session_ids": [s.session_id for s in samples],
-        "t_starts": [s.t_start for s in samples],
-    }
+    def to_dict(self) -> dict:
+        """Plain arrays and lists (the registered model's input; `PackedBatch(**d)` rebuilds it)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def from_numpy(d: dict) -> PackedBatch:
-    return PackedBatch(**{k: torch.from_numpy(np.ascontiguousarray(d[k])) for k in TENSORS},
-                       **{k: list(d[k]) for k in ("input_lens", "latent_lens", "output_lens", "session_ids", "t_starts")})
+ARRAYS = tuple(f.name for f in fields(PackedBatch) if f.type == "Array")
+LISTS = tuple(f.name for f in fields(PackedBatch) if f.type != "Array")
 
 
-def pack(samples: list[Sample]) -> PackedBatch:
-    return from_numpy(pack_numpy(samples))
+def concat(batches: list[PackedBatch]) -> PackedBatch:
+    """Batches joined into one (numpy), as if their windows had been packed together."""
+    host = [b if isinstance(b.unit_index, np.ndarray) else _numpy(b) for b in batches]
+    return PackedBatch(**{k: np.concatenate([getattr(b, k) for b in host]) for k in ARRAYS},
+                       **{k: [x for b in host for x in getattr(b, k)] for k in LISTS})
+
+
+def _numpy(b: PackedBatch) -> PackedBatch:
+    return PackedBatch(**{k: getattr(b, k).cpu().numpy() for k in ARRAYS}, **{k: list(getattr(b, k)) for k in LISTS})

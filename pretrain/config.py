@@ -20,8 +20,7 @@ class ModelConfig:
     cross_heads: int = 2
     self_heads: int = 8
     latents_per_step: int = 16
-    latent_step: float = 0.125  # seconds between groups of latents
-    window: float = 1.0  # seconds of spikes per sample
+    latent_step: float = 0.125  # seconds between groups of latents (the window is the data's: data.window_s)
     ffn_dropout: float = 0.2
     lin_dropout: float = 0.4
     atn_dropout: float = 0.2
@@ -40,10 +39,6 @@ class ModelConfig:
     # times (a peak logit of `locality`) instead of flat; 0 = off (the reference)
     locality: float = 0.0
     locality_min_period: float = 0.05
-
-    @property
-    def n_latents(self) -> int:
-        return self.latents_per_step * round(self.window / self.latent_step)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,7 +14,6 @@ import torch
 from data_service import intervals as iv
 from data_service.reader import Corpus, SessionReader
 
-from .batch import pack
 
 
 @dataclass
@@ -54,7 +53,7 @@ def predict_session(model, tokenizer, reader: SessionReader, split: str = "valid
     if not plan.outputs:
         return None
     readout, name, dims, scale = plan.outputs[0]
-    window = tokenizer.cfg.window
+    window = tokenizer.cfg.geometry.window_s
     rows = iv.normalize(reader.intervals[split])
     if not len(rows):
         return None
@@ -68,12 +67,13 @@ def predict_session(model, tokenizer, reader: SessionReader, split: str = "valid
     was_training = model.training
     model.eval()
     for i in range(0, len(starts), batch_size):
-        samples = [tokenizer(reader.read_window(t0, t0 + window), reader) for t0 in starts[i:i + batch_size]]
-        b = pack(samples).to(device)
-        pred = model(b)[model.readout_names[readout]].float().cpu().numpy()
-        sel = b.output_readout.cpu().numpy() == readout if len(model.readout_names) > 1 else slice(None)
-        out_t = b.output_time.cpu().numpy()[sel].astype(np.float64)
-        first = np.repeat([s.t_start for s in samples], [int((s.output_readout == readout).sum()) for s in samples])
+        host = tokenizer.pack([(reader.read_window(t0, t0 + window), reader, None) for t0 in starts[i:i + batch_size]])
+        pred = model(host.to(device))[model.readout_names[readout]].float().cpu().numpy()
+        mine = host.output_readout == readout
+        sel = mine if len(model.readout_names) > 1 else slice(None)
+        out_t = host.output_time[sel].astype(np.float64)
+        per_window = np.bincount(np.repeat(np.arange(host.size), host.output_lens)[mine], minlength=host.size)
+        first = np.repeat(host.t_starts, per_window)
         idx = np.clip(np.searchsorted(times, first + out_t - 1e-6), 0, len(times) - 1)
         np.add.at(total, idx, pred)
         np.add.at(count, idx, 1)
@@ -92,6 +92,31 @@ def evaluate(model, tokenizer, corpus: Corpus, sessions: list[str], split: str =
         if res is not None:
             out[sid] = res
     return out
+
+
+class Evaluator:
+    """The loop's validation callback: stitched R2 on this worker's share of the plan's validation
+    sessions, gathered over workers; logs the mean and every session's R2, and (rank 0) a plot of
+    decoded vs true behaviour for the first session. Returns {"valid_r2": mean}."""
+
+    def __init__(self, tokenizer, corpus: str, sessions: list[str], dist, split: str = "valid") -> None:
+        self.tokenizer, self.corpus, self.dist, self.split = tokenizer, corpus, dist, split
+        self.mine = sessions[dist.rank::dist.world]
+
+    def __call__(self, model, step: int, sink) -> dict[str, float]:
+        import tempfile
+
+        from data_service.reader import open_corpus
+
+        results = evaluate(model, self.tokenizer, open_corpus(self.corpus), self.mine, self.split, device=self.dist.device)
+        per_session = {k: v for g in self.dist.gather({k: v.r2 for k, v in results.items()}) for k, v in g.items()}
+        mean = float(np.mean(list(per_session.values()))) if per_session else float("nan")
+        sink.log({f"{self.split}_r2": mean, **{f"{self.split}_r2.{k}": v for k, v in per_session.items()}}, step)
+        if results and self.dist.rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                first = results[sorted(results)[0]]
+                sink.artifact(plot_session(first, f"{tmp}/decoded_vs_true_step{step:06d}.png"), "plots")
+        return {f"{self.split}_r2": mean}
 
 
 def plot_session(res: SessionResult, path: str, seconds: float = 20.0) -> str:

@@ -30,9 +30,10 @@ def parameters(cfg: ModelConfig, n_units: int = 0, n_sessions: int = 0) -> int:
             + (n_units + n_sessions) * d)
 
 
-def forward_flops(cfg: ModelConfig, n_inputs: float, n_outputs: float) -> float:
-    """FLOPs of one sample's forward pass: n_inputs spike+start/end tokens, n_outputs queries."""
-    d, dh, m, lat = cfg.dim, cfg.dim_head, cfg.ffn_mult, cfg.n_latents
+def forward_flops(cfg: ModelConfig, n_inputs: float, n_outputs: float, n_latents: int) -> float:
+    """FLOPs of one sample's forward pass: n_inputs spike+start/end tokens, n_outputs queries,
+    n_latents latents (the window's latent grid: `Geometry.n_latents`)."""
+    d, dh, m, lat = cfg.dim, cfg.dim_head, cfg.ffn_mult, n_latents
     ffn = 2 * 3 * m * d * d  # per token
     hc, hs = cfg.cross_heads * dh, cfg.self_heads * dh
     enc = 2 * lat * d * hc + 2 * n_inputs * d * 2 * hc + 4 * lat * n_inputs * hc + 2 * lat * hc * d + lat * ffn
@@ -42,5 +43,5 @@ def forward_flops(cfg: ModelConfig, n_inputs: float, n_outputs: float) -> float:
     return float(enc + cfg.depth * layer + dec)
 
 
-def train_flops(cfg: ModelConfig, n_inputs: float, n_outputs: float) -> float:
-    return 3.0 * forward_flops(cfg, n_inputs, n_outputs)
+def train_flops(cfg: ModelConfig, n_inputs: float, n_outputs: float, n_latents: int) -> float:
+    return 3.0 * forward_flops(cfg, n_inputs, n_outputs, n_latents)

@@ -1,9 +1,11 @@
-"""`popscale pretrain`: the driver. Makes the corpus if needed, starts (or joins) Ray, opens the
-MLflow run, runs the Ray Train job with a live progress bar, then exports the final weights
-(safetensors + config + vocabularies) and registers them in MLflow under an alias.
+"""`popscale pretrain`: the driver. Makes the corpus if needed (saying so), builds the run plan,
+starts (or joins) Ray, opens the MLflow run, runs the Ray Train job with a live progress bar,
+then exports the final weights (safetensors + config + vocabularies) and registers them in
+MLflow under an alias.
 
-A run is named `<config name>-<timestamp>`; `resume=<that name>` continues it from its last
-checkpoint (same Ray storage, same MLflow run).
+A run is named `<config name>-<timestamp>`; its directory (`cluster.storage_path/<name>`) holds
+Ray's checkpoints, the plan and the MLflow run id, so `resume=<that name>` continues it from
+its last checkpoint with the same plan, in the same MLflow run.
 """
 
 from __future__ import annotations
@@ -12,10 +14,16 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
+from data_service.errors import CorpusError
+
+from .hooks import FaultAndRecord, LoopHooks
+from .plan import PlanMismatch, RunPlan, build_plan
 from .run_config import RunConfig
+from .train import WorkerArgs, ray_worker
 
 RUN_FILE = "popscale_run.json"
 
@@ -33,14 +41,20 @@ class PretrainResult:
     checkpoint: str
 
 
-def ensure_corpus(run: RunConfig) -> None:
+def ensure_corpus(run: RunConfig, notify: Callable[[str], None] = print) -> None:
+    """Make the configured synthetic corpus if there is no corpus at `data.corpus` (saying so)."""
     from data_service.synth import synth_corpus
 
-    if (Path(run.data.corpus) / "manifest.json").exists():
+    root = Path(run.data.corpus)
+    if (root / "manifest.json").exists():
         return
     if run.data.synth is None:
-        raise FileNotFoundError(f"no corpus at {run.data.corpus} and no `data.synth` config to make one")
-    synth_corpus(run.data.synth, run.data.corpus, workers=os.cpu_count() or 1)
+        raise CorpusError("no corpus here, and no `data.synth` config to make a synthetic one "
+                          "(--set data.synth.sessions=N makes one)", file=str(root))
+    s = run.data.synth
+    notify(f"making a synthetic corpus at {root}: {s.sessions} sessions of {s.subjects} subjects, "
+           f"~{s.minutes:g} min each (seed {s.seed})")
+    synth_corpus(s, root, workers=os.cpu_count() or 1)
 
 
 def init_ray(run: RunConfig) -> None:
@@ -115,95 +129,56 @@ def _fit_with_progress(trainer, progress, total: int, show: bool):
     return out["result"]
 
 
-def export_checkpoint(run: RunConfig, checkpoint_dir: str, out: Path, provenance: dict) -> Path:
-    """Consolidate a DeepSpeed checkpoint into fp32 weights and export them (registry format)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from .model import POYO
-    from .registry import export_model
-    from .train import STATE_FILE, tokenizer_config, vocabulary
-
-    state = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
-    units = vocabulary(run, state["sessions"])
-    model = POYO(run.model_config(), units, state["sessions"])
-    weights = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=state["tag"])
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return export_model(model, tokenizer_config(run), out, {**provenance, "step": state["step"]})
-
-
-def test_hooks() -> dict:
-    """Fault-injection and window-recording hooks for the workers, from the driver's environment:
-    POPSCALE_TRAIN_FAULT="<rank>:<step>:<marker>" kills that worker once; POPSCALE_RECORD_WINDOWS=<dir>
-    records each consumed window's stream position."""
-    env = {"fault": "POPSCALE_TRAIN_FAULT", "record_windows": "POPSCALE_RECORD_WINDOWS"}
-    return {k: os.environ[v] for k, v in env.items() if os.environ.get(v)}
-
-
 def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool = True,
-             hooks: dict | None = None) -> PretrainResult:
+             hooks: LoopHooks | None = None, notify: Callable[[str], None] = print) -> PretrainResult:
+    """Plan the run, train it on Ray Train workers, export and register the final weights.
+    `hooks` default to the test hooks of the environment (hooks.FaultAndRecord.from_env)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .registry import register
+    from .registry import export_checkpoint, register
     from .tracking import start_run, tracking_uri
-    from .train import train_loop, training_sessions, vocabulary
 
     t0 = time.time()
     # Workers run in their own directories: every path they see must be absolute.
     run.data.corpus = str(Path(run.data.corpus).resolve())
     run.tracking.uri = tracking_uri(run.tracking)
-    ensure_corpus(run)
     storage = Path(run.cluster.storage_path).resolve()
     name = resume or f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    meta_file = storage / name / RUN_FILE
+    run_dir = storage / name
+    meta, previous = {}, None
     if resume:
-        if not meta_file.exists():
+        if not (run_dir / RUN_FILE).exists():
             raise FileNotFoundError(f"no run {resume!r} under {storage} to resume")
-        meta = json.loads(meta_file.read_text())
-    else:
-        meta = {}
-    from data_service.reader import open_corpus
-
-    corpus = open_corpus(run.data.corpus)
-    sessions = meta.get("sessions") or training_sessions(run)
-    units = vocabulary(run, sessions)
-    valid = [s for s in sessions if len(corpus.session(s).intervals.get("valid", []))]
-    valid = valid[: run.train.eval_sessions] if run.train.eval_sessions else valid
-    from .train import index_fingerprint
-
-    fingerprint = index_fingerprint(run, sessions)
-    if meta and meta.get("index_fingerprint") not in (None, fingerprint):
-        raise ValueError(f"cannot resume {name}: its data (corpus {run.data.corpus} or the data config) changed since "
-                         f"it started (window-index fingerprint {meta['index_fingerprint']} -> {fingerprint}); "
-                         "the window order would not continue where it stopped")
+        meta, previous = json.loads((run_dir / RUN_FILE).read_text()), RunPlan.load(run_dir)
+    ensure_corpus(run, notify)
+    try:
+        plan = build_plan(run, previous=previous, progress=show_progress)
+    except PlanMismatch as e:
+        raise PlanMismatch(f"cannot resume {name}: {e}") from None
+    notify(f"run {name}: {'resuming, ' if resume else ''}{len(plan.sessions)} sessions, {len(plan.unit_vocab)} units, "
+           f"{plan.run.model} on {run.cluster.num_workers} worker(s); checkpoints in {run_dir}")
     init_ray(run)
     if not meta:
         from .flops import forward_flops, parameters
 
-        mcfg = run.model_config()
-        tags = {"corpus": str(Path(run.data.corpus).resolve()), "corpus_fingerprint": corpus.fingerprint,
-                "ray_run": name, "n_sessions": str(len(sessions)), "n_units": str(len(units)),
-                "n_params": str(parameters(mcfg)), "train_gflops_per_sample_2k_spikes": f"{3 * forward_flops(mcfg, 2000, 100) / 1e9:.2f}"}
-        meta = {"name": name, "mlflow_run_id": start_run(run, tags), "sessions": sessions,
-                "index_fingerprint": fingerprint}
-        meta_file.parent.mkdir(parents=True, exist_ok=True)
-        meta_file.write_text(json.dumps(meta))
-    warm = None
-    if run.train.warm_start.method == "ridge":  # deterministic: recomputed on resume, used only at init
-        from .warm_start import unit_directions
-
-        warm = unit_directions(corpus, sessions, run.data.readouts, run.model_config().readouts, run.data.target_scale,
-                               run.train.warm_start, progress=show_progress)
+        tags = {"corpus": run.data.corpus, "corpus_fingerprint": plan.corpus_fingerprint, "ray_run": name,
+                "n_sessions": str(len(plan.sessions)), "n_units": str(len(plan.unit_vocab)),
+                "n_params": str(parameters(plan.model)),
+                "train_gflops_per_sample_2k_spikes":
+                    f"{3 * forward_flops(plan.model, 2000, 100, plan.tokenizer.geometry.n_latents) / 1e9:.2f}"}
+        meta = {"name": name, "mlflow_run_id": start_run(run, tags)}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        plan.save(run_dir)
+        (run_dir / RUN_FILE).write_text(json.dumps(meta))
     progress = _progress_actor()
+    if hooks is None:
+        hooks = FaultAndRecord.from_env() or LoopHooks()
+    if isinstance(hooks, FaultAndRecord):
+        hooks = replace(hooks, run_dir=str(run_dir))
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"run": run.to_dict(), "sessions": sessions, "units": units, "valid_sessions": valid,
-                           "warm_start": warm,
-                           "mlflow_run_id": meta["mlflow_run_id"], "progress": progress,
-                           "hooks": {**(test_hooks() if hooks is None else hooks), "run_dir": str(storage / name)}},
+        ray_worker,
+        train_loop_config={"args": WorkerArgs(plan, meta["mlflow_run_id"], progress, hooks)},
         torch_config=TorchConfig(backend="nccl" if run.cluster.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=run.cluster.num_workers, use_gpu=run.cluster.use_gpu,
                                                resources_per_worker={"CPU": run.cluster.cpus_per_worker}),
@@ -224,9 +199,8 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
     stopped_early = run.train.stop_at is not None and run.train.stop_at < run.train.steps
     with result.checkpoint.as_directory() as d:
         if not stopped_early:
-            export = export_checkpoint(run, d, storage / name / "export",
-                                       {"mlflow_run_id": meta["mlflow_run_id"], "ray_run": name,
-                                        "corpus_fingerprint": corpus.fingerprint})
+            export = export_checkpoint(d, run_dir / "export", {"mlflow_run_id": meta["mlflow_run_id"], "ray_run": name,
+                                                               "corpus_fingerprint": plan.corpus_fingerprint})
             version, model_uri = register(uri, meta["mlflow_run_id"], export, run.tracking.registered_model,
                                           run.tracking.alias)
     return PretrainResult(name=name, valid_r2=float(metrics.get("valid_r2", float("nan"))),

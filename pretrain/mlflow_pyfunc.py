@@ -2,8 +2,8 @@
 into the model and runs it at load time; nothing is pickled). Weights, config and vocabularies
 come from the `model` artifact (see registry.py).
 
-predict() takes a packed batch as produced by `pretrain.batch.pack_numpy` (a dict of numpy
-arrays and lists) and returns {readout: predictions (n, d)}.
+predict() takes a packed batch as the tokenizer makes it (`pretrain.batch.PackedBatch`, or its
+`to_dict()`) and returns {readout: predictions (n, d)}.
 """
 
 import mlflow
@@ -18,10 +18,11 @@ class PopscalePyfunc(PythonModel):
         self.model, self.tokenizer = load_exported(context.artifacts["model"])
 
     def predict(self, context, model_input, params=None):
-        from pretrain.batch import from_numpy
+        from pretrain.batch import PackedBatch
 
+        batch = model_input if isinstance(model_input, PackedBatch) else PackedBatch(**model_input)
         with torch.no_grad():
-            out = self.model(from_numpy(model_input))
+            out = self.model(batch.to("cpu"))
         return {k: v.numpy() for k, v in out.items()}
 
 

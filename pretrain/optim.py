@@ -1,4 +1,4 @@
-"""AdamW (default) or LAMB, with lazy updates for the unit and session embeddings.
+"""AdamW (default) or LAMB, with lazy updates for the unit and session embeddings; the LR schedule.
 
 With plain AdamW an embedding row that a batch does not touch still moves: its first moment is
 non-zero from earlier batches, and weight decay shrinks it. Units and sessions not in a batch
@@ -11,6 +11,7 @@ ratio ||w|| / ||step||, clipped to 10 as in the reference.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -105,3 +106,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> LazyAdamW:
     return LazyAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                      weight_decay=cfg.weight_decay, algo=cfg.algo, trust_clip=cfg.trust_clip)
+
+
+def warmup_cosine(step: int, steps: int, warmup: int, final_ratio: float) -> float:
+    """The learning-rate factor at `step`: linear warmup over `warmup` steps, then cosine decay to
+    `final_ratio` at the last of `steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

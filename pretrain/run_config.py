@@ -1,9 +1,10 @@
-"""A pretraining run's configuration: typed dataclasses, loaded from YAML, overridden from the CLI.
+"""A training run's configuration: typed dataclasses, loaded from YAML, overridden from the CLI.
 
     cfg = load_config("configs/demo.yaml", overrides=["train.steps=50", "cluster.num_workers=2"])
 
-Unknown keys are refused with their dotted path; the config round-trips to a dict (MLflow
-params, checkpoints), so a checkpoint carries everything needed to rebuild its model and data.
+Unknown keys, unknown model presets and model overrides that are not model fields are refused
+with their dotted path (`ConfigError`); the config round-trips to a dict (MLflow params, the
+run plan in every checkpoint). What the config means on a corpus is the plan's (`plan.py`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import yaml
 
+from data_service.errors import ConfigError
 from data_service.service import AugmentConfig
 from data_service.synth import SynthConfig
 
 from .config import ModelConfig, preset
 from .optim import OptimConfig
+from .tokenizer import DEFAULT_BEHAVIOURS, DEFAULT_INTERVAL_WEIGHTS
 from .warm_start import WarmStartConfig
 
 
@@ -28,12 +31,13 @@ from .warm_start import WarmStartConfig
 class DataConfig:
     corpus: str = "runs/demo/corpus"
     synth: SynthConfig | None = None  # make this synthetic corpus first if `corpus` does not exist
-    window_s: float = 1.0
+    window_s: float = 1.0  # seconds per sample (a whole number of the model's latent steps)
     global_batch: int = 32  # windows per micro-step, over all workers
     seed: int = 0
-    readouts: dict[str, list[str]] = field(default_factory=lambda: {"velocity": ["hand_vel", "cursor_vel"]})
+    # readout -> behaviours it decodes (the first one a session has)
+    readouts: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_BEHAVIOURS.items()})
     target_scale: dict[str, float] = field(default_factory=lambda: {"hand_vel": 20.0, "cursor_vel": 20.0})
-    interval_weights: dict[str, float] = field(default_factory=lambda: {"reach": 5.0, "hold": 0.1})
+    interval_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_INTERVAL_WEIGHTS))
     session_weights: dict[str, float] = field(default_factory=dict)
     sessions: list[str] | None = None  # train on these (default: every session with a readout behaviour)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -99,10 +103,6 @@ class RunConfig:
         return asdict(self)
 
 
-class ConfigError(ValueError):
-    pass
-
-
 def _build(cls, data, path: str):
     """Recursively turn plain data into the annotated dataclass type, refusing unknown keys."""
     if data is None:
@@ -115,8 +115,18 @@ def _build(cls, data, path: str):
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{path + '.' if path else ''}{unknown[0]}: unknown key (known: {sorted(names)})")
-        return cls(**{k: _build(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()})
+        kw = {k: _build(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+        try:
+            return cls(**kw)
+        except ConfigError:
+            raise
+        except ValueError as e:  # a dataclass's own check (__post_init__)
+            raise ConfigError(f"{path or 'config'}: {e}") from None
     origin = typing.get_origin(cls)
+    if origin is dict and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {data!r}")
+    if origin is list and not isinstance(data, list):
+        raise ConfigError(f"{path}: expected a list, got {data!r}")
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(cls) if a is not type(None)]
         return _build(args[0], data, path)
@@ -135,14 +145,26 @@ def _build(cls, data, path: str):
 
 
 def from_dict(d: dict) -> RunConfig:
-    return _build(RunConfig, d, "")
+    run = _build(RunConfig, d, "")
+    try:
+        run.model_config()
+    except KeyError as e:
+        raise ConfigError(f"model: {e.args[0]}") from None
+    except TypeError:
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        bad = sorted(set(run.model_overrides) - fields)
+        raise ConfigError(f"model_overrides.{bad[0] if bad else '?'}: not a model setting (known: {sorted(fields)})"
+                          ) from None
+    return run
 
 
 def _set(d: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
-    for k in keys[:-1]:
+    for i, k in enumerate(keys[:-1]):
         if d.get(k) is None:
             d[k] = {}
+        if not isinstance(d[k], dict):
+            raise ConfigError(f"{'.'.join(keys[:i + 1])} is a value, not a section: {dotted} cannot be set")
         d = d[k]
     d[keys[-1]] = value
 
@@ -153,12 +175,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     if path is not None:
         try:
             d = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from None
-    d = asdict(from_dict(d))  # validate the file first, then apply overrides on full defaults
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    try:
+        d = asdict(from_dict(d))  # validate the file first, then apply overrides on full defaults
+    except ConfigError as e:
+        raise ConfigError(f"config {path}: {e}") from None
     for o in overrides:
-        if "=" not in o:
+        k, eq, v = o.partition("=")
+        if not eq or not k.strip():
             raise ConfigError(f"override {o!r} must look like key.sub=value")
-        k, v = o.split("=", 1)
-        _set(d, k.strip(), yaml.safe_load(v))
+        try:
+            _set(d, k.strip(), yaml.safe_load(v))
+            from_dict(d)  # so that an error names the override that caused it
+        except yaml.YAMLError:
+            raise ConfigError(f"override {o!r}: the value is not valid YAML") from None
+        except ConfigError as e:
+            raise ConfigError(f"override {o!r}: {e}") from None
     return from_dict(d)

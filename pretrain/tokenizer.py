@@ -1,4 +1,4 @@
-"""A window from the corpus reader -> one tokenized Sample, in the model's vocabulary.
+"""Windows from the corpus reader -> one packed batch, in the model's vocabularies.
 
 - inputs: one token per spike (global unit index, time from the window start, type SPIKE), and
   for every unit of the session (after unit dropout, if any) a START token at 0 and an END token
@@ -8,34 +8,98 @@
   by a fixed per-behaviour scale) and a loss weight: the product of the weights of the interval
   sets containing it (e.g. reach 5, hold 0.1).
 
-The tokenizer belongs to the model because it maps unit and session ids into the model's
-vocabularies; the data service receives it as a callable.
+The tokenizer maps unit and session ids into vocabularies through `VocabLookup`, a protocol that
+the model's embeddings and the plan's frozen id maps both satisfy, so the data service builds
+batches without a model. `pack` is the one way a batch is made: training, evaluation and the
+registered model all go through it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
 from data_service import intervals as iv
 from data_service.reader import SessionReader, Window
 
-from .batch import END, SPIKE, START, Sample
+from .batch import END, SPIKE, START, PackedBatch
+from .config import ModelConfig
 
 _NO_ROWS = np.zeros((0, 2))
+# readout -> the behaviours it decodes, the first one a session has wins
+DEFAULT_BEHAVIOURS: dict[str, list[str]] = {"velocity": ["hand_vel", "cursor_vel"]}
+DEFAULT_INTERVAL_WEIGHTS: dict[str, float] = {"reach": 5.0, "hold": 0.1}
+
+
+class VocabLookup(Protocol):
+    def lookup(self, ids: Iterable[str]) -> np.ndarray:
+        """int64 vocabulary index of every id (an unknown id is an error naming it)."""
+        ...
+
+
+@dataclass
+class Geometry:
+    """The time layout of one sample: a window of `window_s` seconds and its latent grid,
+    `latents_per_step` latents every `latent_step` seconds."""
+
+    window_s: float = 1.0
+    latent_step: float = 0.125
+    latents_per_step: int = 16
+
+    @property
+    def n_steps(self) -> int:
+        return int(round(self.window_s / self.latent_step))
+
+    @property
+    def n_latents(self) -> int:
+        return self.latents_per_step * self.n_steps
+
+    def check(self) -> None:
+        if self.window_s <= 0 or self.latent_step <= 0 or self.latents_per_step < 1:
+            raise ValueError(f"window geometry must be positive, got {self}")
+        if abs(self.n_steps * self.latent_step - self.window_s) > 1e-9 * self.window_s:
+            raise ValueError(f"the window ({self.window_s} s) must be a whole number of latent steps "
+                             f"({self.latent_step} s)")
+
+
+@dataclass
+class Readout:
+    """One of the model's outputs: its width and the behaviours (by name) it decodes."""
+
+    name: str
+    dims: int
+    behaviours: list[str] = field(default_factory=list)
 
 
 @dataclass
 class TokenizerConfig:
-    window: float = 1.0
-    latent_step: float = 0.125
-    latents_per_step: int = 16
-    # readout -> behaviours it decodes, first one present in a session wins
-    readouts: dict[str, list[str]] = field(default_factory=lambda: {"velocity": ["hand_vel", "cursor_vel"]})
+    geometry: Geometry = field(default_factory=Geometry)
+    readouts: list[Readout] = field(default_factory=lambda: [Readout("velocity", 2, DEFAULT_BEHAVIOURS["velocity"])])
     target_scale: dict[str, float] = field(default_factory=dict)  # behaviour -> divisor (fixed z-scaling)
-    interval_weights: dict[str, float] = field(default_factory=lambda: {"reach": 5.0, "hold": 0.1})
+    interval_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_INTERVAL_WEIGHTS))
+
+    @classmethod
+    def build(cls, model: ModelConfig, window_s: float = 1.0, behaviours: dict[str, list[str]] | None = None,
+              target_scale: dict[str, float] | None = None,
+              interval_weights: dict[str, float] | None = None) -> "TokenizerConfig":
+        """The tokenizer for `model` (its readouts, in its order; its latent grid) over windows of
+        `window_s` seconds; `behaviours`: readout -> accepted behaviour names."""
+        behaviours = DEFAULT_BEHAVIOURS if behaviours is None else behaviours
+        unknown = sorted(set(behaviours) - set(model.readouts))
+        if unknown:
+            raise ValueError(f"readouts {unknown} are not readouts of the model (it has {sorted(model.readouts)})")
+        geometry = Geometry(window_s, model.latent_step, model.latents_per_step)
+        geometry.check()
+        return cls(geometry, [Readout(n, d, list(behaviours.get(n, []))) for n, d in model.readouts.items()],
+                   dict(target_scale or {}),
+                   dict(DEFAULT_INTERVAL_WEIGHTS if interval_weights is None else interval_weights))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenizerConfig":
+        return cls(Geometry(**d["geometry"]), [Readout(**r) for r in d["readouts"]], dict(d["target_scale"]),
+                   dict(d["interval_weights"]))
 
 
 @dataclass
@@ -48,35 +112,30 @@ class SessionPlan:
 
 
 class Tokenizer:
-    def __init__(self, cfg: TokenizerConfig, unit_vocab, session_vocab, readout_dims: dict[str, int]) -> None:
-        """unit_vocab/session_vocab: anything with `lookup(ids) -> indices` (the model's VocabEmbedding)."""
-        unknown = set(cfg.readouts) - set(readout_dims)
-        if unknown:
-            raise ValueError(f"tokenizer readouts {sorted(unknown)} are not readouts of the model {sorted(readout_dims)}")
+    def __init__(self, cfg: TokenizerConfig, unit_vocab: VocabLookup, session_vocab: VocabLookup) -> None:
         self.cfg = cfg
         self.unit_vocab, self.session_vocab = unit_vocab, session_vocab
-        self.readout_names = list(readout_dims)
-        self.readout_dims = readout_dims
-        self.max_dim = max(readout_dims.values())
-        n_steps = int(round(cfg.window / cfg.latent_step))
-        self.latent_index = np.tile(np.arange(cfg.latents_per_step, dtype=np.int64), n_steps)
-        centres = (np.arange(n_steps) + 0.5) * cfg.latent_step
-        self.latent_time = np.repeat(centres, cfg.latents_per_step).astype(np.float32)
+        self.readout_names = [r.name for r in cfg.readouts]
+        self.max_dim = max(r.dims for r in cfg.readouts)
+        g = cfg.geometry
+        self.latent_index = np.tile(np.arange(g.latents_per_step, dtype=np.int64), g.n_steps)
+        centres = (np.arange(g.n_steps) + 0.5) * g.latent_step
+        self.latent_time = np.repeat(centres, g.latents_per_step).astype(np.float32)
         self._plans: dict[str, SessionPlan] = {}
 
     def plan(self, reader: SessionReader) -> SessionPlan:
         p = self._plans.get(reader.session_id)
         if p is None:
             outputs = []
-            for name, behaviours in self.cfg.readouts.items():
-                b = next((x for x in behaviours if x in reader.behaviour_names), None)
+            for k, ro in enumerate(self.cfg.readouts):
+                b = next((x for x in ro.behaviours if x in reader.behaviour_names), None)
                 if b is None:
                     continue
                 dims = len(reader.attrs["behaviour"][b]["columns"])
-                if dims != self.readout_dims[name]:
+                if dims != ro.dims:
                     raise ValueError(f"session {reader.session_id}: behaviour {b} has {dims} columns, readout "
-                                     f"{name} predicts {self.readout_dims[name]}")
-                outputs.append((self.readout_names.index(name), b, dims, float(self.cfg.target_scale.get(b, 1.0))))
+                                     f"{ro.name} predicts {ro.dims}")
+                outputs.append((k, b, dims, float(self.cfg.target_scale.get(b, 1.0))))
             p = self._plans[reader.session_id] = SessionPlan(
                 session_index=int(self.session_vocab.lookup([reader.session_id])[0]),
                 unit_map=self.unit_vocab.lookup(reader.unit_ids), outputs=outputs)
@@ -86,19 +145,13 @@ class Tokenizer:
         """(behaviours, interval sets) a window of this session must carry to be tokenized."""
         return [b for _, b, _, _ in self.plan(reader).outputs], list(self.cfg.interval_weights)
 
-    def __call__(self, w: Window, reader: SessionReader, keep_units: np.ndarray | None = None) -> Sample:
-        """Tokenize a window; `keep_units` (local indices) drops the other units' spikes and tokens."""
-        d = self.pack([(w, reader, keep_units)])
-        return Sample(
-            unit_index=d["unit_index"], input_time=d["input_time"], token_type=d["token_type"],
-            latent_index=self.latent_index, latent_time=self.latent_time, output_time=d["output_time"],
-            output_readout=d["output_readout"], target=d["target"], weight=d["weight"],
-            session_index=self.plan(reader).session_index, session_id=reader.session_id, t_start=w.t_start,
-        )
+    def __call__(self, w: Window, reader: SessionReader, keep_units: np.ndarray | None = None) -> PackedBatch:
+        """One window as a batch of one; `keep_units` (local indices) drops the other units' spikes and tokens."""
+        return self.pack([(w, reader, keep_units)])
 
-    def pack(self, items: Sequence[tuple[Window, SessionReader, np.ndarray | None]]) -> dict:
+    def pack(self, items: Sequence[tuple[Window, SessionReader, np.ndarray | None]]) -> PackedBatch:
         """Tokenize and pack a batch of (window, reader, kept units or None) in one pass: what
-        `pack_numpy` of the windows' Samples gives, with one concatenation per field for the whole
+        joining the windows packed one by one gives, with one concatenation per field for the whole
         batch (the data service's hot path: numpy call overhead, not arithmetic, is its cost)."""
         B = len(items)
         ids, times, seg = [], [], []  # input tokens: per window spikes, START and END segments
@@ -153,17 +206,17 @@ class Tokenizer:
         else:
             target, output_time = np.zeros((0, self.max_dim), np.float32), np.zeros(0, np.float32)
             readouts, weight = np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return {
-            "unit_index": cat(ids) if ids else np.zeros(0, np.int64),
-            "input_time": cat(times, dtype=np.float32) if times else np.zeros(0, np.float32),
-            "token_type": np.repeat(np.tile(np.array([SPIKE, START, END], dtype=np.int64), B), seg),
-            "latent_index": np.tile(self.latent_index, B), "latent_time": np.tile(self.latent_time, B),
-            "output_time": output_time, "output_readout": readouts,
-            "output_session": np.repeat(np.asarray(sessions, dtype=np.int64), out_lens),
-            "target": target, "weight": weight,
-            "input_lens": in_lens.tolist(), "latent_lens": [len(self.latent_index)] * B, "output_lens": out_lens,
-            "session_ids": sids, "t_starts": t0s,
-        }
+        return PackedBatch(
+            unit_index=cat(ids) if ids else np.zeros(0, np.int64),
+            input_time=cat(times, dtype=np.float32) if times else np.zeros(0, np.float32),
+            token_type=np.repeat(np.tile(np.array([SPIKE, START, END], dtype=np.int64), B), seg),
+            latent_index=np.tile(self.latent_index, B), latent_time=np.tile(self.latent_time, B),
+            output_time=output_time, output_readout=readouts,
+            output_session=np.repeat(np.asarray(sessions, dtype=np.int64), out_lens),
+            target=target, weight=weight,
+            input_lens=in_lens.tolist(), latent_lens=[len(self.latent_index)] * B, output_lens=out_lens,
+            session_ids=sids, t_starts=t0s,
+        )
 
     def _weights(self, wins: Sequence[Window], times: list[np.ndarray]) -> np.ndarray:
         """Loss weight per output time (float32, concatenated over windows): the product of the

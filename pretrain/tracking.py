@@ -1,4 +1,4 @@
-"""MLflow: one run per pretraining job, metrics in batches, plots as artifacts.
+"""MLflow: one run per training job, metrics in batches, plots as artifacts.
 
 The tracking store is, in order: the config's `tracking.uri`, $MLFLOW_TRACKING_URI, or a
 local sqlite file `runs/mlflow.db` (artifacts next to it in `runs/mlartifacts`, not in a
@@ -69,24 +69,20 @@ def start_run(cfg: RunConfig, tags: dict[str, str]) -> str:
     return run.info.run_id
 
 
-class MetricLogger:
-    """Buffers metrics and sends them in one `log_batch` call every flush (MLflow slows down with
-    many single-metric calls)."""
+class MLflowSink:
+    """A metrics sink (sinks.py) writing into an existing run: each `log` is one `log_batch` call
+    (MLflow slows down with many single-metric calls)."""
 
     def __init__(self, cfg: TrackingConfig, run_id: str) -> None:
         self.client, self.run_id = client(cfg), run_id
-        self.buffer = []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 
-    def flush(self) -> None:
-        for i in range(0, len(self.buffer), 1000):
-            self.client.log_batch(self.run_id, metrics=self.buffer[i:i + 1000])
-        self.buffer = []
-
-    def artifact(self, path: str, folder: str | None = None) -> None:
+    def artifact(self, path: str, folder: str) -> None:
         self.client.log_artifact(self.run_id, path, folder)

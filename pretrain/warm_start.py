@@ -8,8 +8,10 @@ each unit's embedding, before training, the weights of a per-session linear deco
 spike counts -> the behaviour the readouts decode) gives the shared layers a direction to read at
 once; everything, these coordinates included, is then trained as usual.
 
-    table = unit_directions(corpus, sessions, tokenizer_cfg, readout_dims, WarmStartConfig("ridge"))
+    table = unit_directions(corpus, sessions, plan.tokenizer, WarmStartConfig("ridge"))
     apply_warm_start(model, table)
+
+(`pretrain.plan.build_plan` does this once on the driver; the table travels in the plan.)
 
 The decoder is a ridge regression per session on square-rooted spike counts in `bin_s` bins,
 summed over the `history_s` before each bin (activity leads movement), fitted only on bins
@@ -30,6 +32,8 @@ import torch
 
 from data_service import intervals as iv
 from data_service.reader import Corpus, SessionReader
+
+from .tokenizer import TokenizerConfig
 
 
 @dataclass
@@ -86,9 +90,11 @@ def _session_directions(r: SessionReader, columns: list[tuple[str, int, float]],
     return w / peak * cfg.scale if peak > 0 else None
 
 
-def unit_directions(corpus: Corpus, sessions: Iterable[str], readouts: dict[str, list[str]], readout_dims: dict[str, int],
-                    target_scale: dict[str, float], cfg: WarmStartConfig, progress: bool = False) -> np.ndarray:
-    """(units of `sessions` in vocabulary order, sum of readout dims) float32; NaN rows: left random."""
+def unit_directions(corpus: Corpus, sessions: Iterable[str], tokenizer: TokenizerConfig, cfg: WarmStartConfig,
+                    progress: bool = False) -> np.ndarray:
+    """(units of `sessions` in vocabulary order, sum of readout dims) float32; NaN rows: left random.
+    The readouts' behaviours and target scales are the tokenizer's, so the directions are in the
+    units the model is trained in."""
     sessions = list(sessions)
     it = sessions
     if progress:
@@ -96,16 +102,16 @@ def unit_directions(corpus: Corpus, sessions: Iterable[str], readouts: dict[str,
 
         it = track(sessions, description="warm start (ridge per session)", transient=True)
     rows = []
-    width = sum(readout_dims.values())
+    width = sum(ro.dims for ro in tokenizer.readouts)
     for sid in it:
         r = corpus.session(sid)
         columns = []
-        for name, dims in readout_dims.items():
-            b = next((x for x in readouts.get(name, []) if x in r.behaviour_names), None)
+        for ro in tokenizer.readouts:
+            b = next((x for x in ro.behaviours if x in r.behaviour_names), None)
             if b is None:
                 break
-            columns.append((b, dims, float(target_scale.get(b, 1.0))))
-        w = _session_directions(r, columns, cfg) if len(columns) == len(readout_dims) else None
+            columns.append((b, ro.dims, float(tokenizer.target_scale.get(b, 1.0))))
+        w = _session_directions(r, columns, cfg) if len(columns) == len(tokenizer.readouts) else None
         rows.append(np.full((len(r.unit_ids), width), np.nan) if w is None else w)
     return np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, width), np.float32)
 

@@ -57,3 +57,41 @@ def run_cli(*args: str, env: dict | None = None, check: bool = False) -> subproc
 def result_line(stdout: str) -> dict[str, str]:
     line = [ln for ln in stdout.strip().splitlines() if ln.startswith("RESULT ")][-1]
     return dict(kv.split("=", 1) for kv in line.split()[1:])
+
+
+def window_batch(unit_index, input_time, token_type, latent_index, latent_time, output_time, target, weight,
+                 session_index: int, output_readout=None):
+    """One window's tokens, as arrays made by a test, in the one batch type (a batch of one)."""
+    from pretrain.batch import PackedBatch
+
+    n_out = len(output_time)
+    return PackedBatch(
+        unit_index=np.asarray(unit_index, dtype=np.int64), input_time=np.asarray(input_time, dtype=np.float32),
+        token_type=np.asarray(token_type, dtype=np.int64), latent_index=np.asarray(latent_index, dtype=np.int64),
+        latent_time=np.asarray(latent_time, dtype=np.float32), output_time=np.asarray(output_time, dtype=np.float32),
+        output_readout=np.zeros(n_out, np.int64) if output_readout is None else np.asarray(output_readout, np.int64),
+        output_session=np.full(n_out, session_index, dtype=np.int64), target=np.asarray(target, dtype=np.float32),
+        weight=np.asarray(weight, dtype=np.float32), input_lens=[len(unit_index)], latent_lens=[len(latent_index)],
+        output_lens=[n_out], session_ids=[""], t_starts=[0.0])
+
+
+def packed(windows):
+    """Windows joined into one batch, as torch tensors."""
+    from pretrain.batch import concat
+
+    return concat(list(windows)).to("cpu")
+
+
+def random_samples(n: int, rng, n_units: int = 30, sessions: int = 3, lps: int = 4, dims: int = 2) -> list:
+    """n windows of random tokens (model and optimizer tests)."""
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(5, 80))
+        t = np.sort(rng.random(k)).astype(np.float32)
+        no = int(rng.integers(3, 30))
+        out.append(window_batch(
+            unit_index=rng.integers(0, n_units, k), input_time=t, token_type=rng.integers(0, 3, k),
+            latent_index=np.tile(np.arange(lps), 8), latent_time=np.repeat((np.arange(8) + 0.5) / 8, lps),
+            output_time=np.sort(rng.random(no)), target=rng.normal(size=(no, dims)), weight=rng.uniform(0.1, 5, no),
+            session_index=int(rng.integers(sessions))))
+    return out

@@ -153,12 +153,13 @@ def run_pretrain(root: Path, name: str, *overrides: str) -> dict:
     """One golden-config run through `pretrain` (Ray Train + DeepSpeed); what the golden holds."""
     import mlflow
 
+    from pretrain.hooks import FaultAndRecord
     from pretrain.launch import pretrain
 
     rec = root / f"rec-{name}"
     rec.mkdir()
     r = pretrain(golden_config(root, f"name={name}", *overrides), show_progress=False,
-                 hooks={"record_windows": str(rec)})
+                 hooks=FaultAndRecord(record_windows=str(rec)))
     steps = [json.loads(line) for line in (rec / "rank0.jsonl").read_text().splitlines()]
     history = mlflow.MlflowClient(r.tracking_uri).get_metric_history(r.mlflow_run_id, "train_loss")
     w = load_file(str(Path(r.checkpoint).parents[0] / "export" / "model.safetensors"))
@@ -210,3 +211,21 @@ def test_golden_run_ray_loader(env):
 
 def test_golden_run_local_loader(env):
     check_against_golden(run_pretrain(env, "golden-local", "data.loader=local"))
+
+
+def test_golden_run_in_process(env):
+    """The same loop with no Ray at all (in-process loader, metrics recorded in memory), in seconds."""
+    from pretrain.hooks import FaultAndRecord
+    from pretrain.plan import build_plan
+    from pretrain.sinks import MemorySink
+    from pretrain.train import train_in_process
+
+    rec = env / "rec-in-process"
+    rec.mkdir()
+    sink = MemorySink()
+    r = train_in_process(build_plan(golden_config(env)), env / "in-process", sink, FaultAndRecord(record_windows=str(rec)))
+    steps = [json.loads(line) for line in (rec / "rank0.jsonl").read_text().splitlines()]
+    check_against_golden({"steps": len(steps), "windows": windows_of(env, steps), "valid_r2": r.metrics["valid_r2"],
+                          "train_loss": [v for _, v in sink.series("train_loss")],
+                          "weights": {k: v.detach().cpu() for k, v in r.model.state_dict().items()
+                                      if not k.endswith("_extra_state")}})

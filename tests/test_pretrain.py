@@ -22,6 +22,7 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("mlflow")
 
 from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
+from pretrain.hooks import FaultAndRecord  # noqa: E402
 from pretrain.launch import init_ray, pretrain  # noqa: E402
 from pretrain.run_config import load_config  # noqa: E402
 
@@ -77,7 +78,7 @@ def weights(result) -> dict[str, torch.Tensor]:
 def reference(env):
     rec = env / "rec_ref"
     rec.mkdir()
-    r = pretrain(config(env, "name=ref"), show_progress=False, hooks={"record_windows": str(rec)})
+    r = pretrain(config(env, "name=ref"), show_progress=False, hooks=FaultAndRecord(record_windows=str(rec)))
     return r, rec
 
 
@@ -93,13 +94,13 @@ def test_stop_and_resume_equals_uninterrupted(env, reference):
     rec = env / "rec_resume"
     rec.mkdir()
     first = pretrain(config(env, "name=resume", "train.stop_at=3"), show_progress=False,
-                     hooks={"record_windows": str(rec)})
+                     hooks=FaultAndRecord(record_windows=str(rec)))
     assert first.steps == 3 and first.model_uri == ""  # stopped: nothing registered yet
     # a resume whose data would not continue the same window order is refused up front
     with pytest.raises(ValueError, match="cannot resume .*changed since it started"):
         pretrain(config(env, "name=resume", "data.seed=7"), resume=first.name, show_progress=False)
     second = pretrain(config(env, "name=resume"), resume=first.name, show_progress=False,
-                      hooks={"record_windows": str(rec)})
+                      hooks=FaultAndRecord(record_windows=str(rec)))
     assert second.steps == STEPS and second.mlflow_run_id == first.mlflow_run_id
     assert sequence(rec, 1) == sequence(ref_rec, 1)
     assert all(len(v) == 1 for v in records(rec).values())  # nothing consumed twice
@@ -118,7 +119,7 @@ def test_two_workers_killed_worker_restarts_without_losing_a_window(env, referen
     rec.mkdir()
     marker = env / "killed"
     r = pretrain(config(env, "name=fault", "cluster.num_workers=2"), show_progress=False,
-                 hooks={"record_windows": str(rec), "fault": f"1:3:{marker}"})
+                 hooks=FaultAndRecord(record_windows=str(rec), fault=f"1:3:{marker}"))
     assert marker.exists(), "the fault hook never fired"
     assert r.steps == STEPS and r.model_uri
     recs = records(rec)
@@ -167,18 +168,16 @@ def test_registered_model_reloads_with_the_same_predictions(env, reference):
 
 def test_ray_and_local_batches_are_identical(env):
     from data_service.service import LocalBatches, RayBatches
-    from pretrain.model import POYO
-    from pretrain.train import service_spec, training_sessions, vocabulary
+    from pretrain.plan import build_plan
 
-    cfg = config(env)
-    sessions = training_sessions(cfg)
-    model = POYO(cfg.model_config(), vocabulary(cfg, sessions), sessions)
-    spec = service_spec(cfg, model, sessions)
+    spec = build_plan(config(env)).service_spec()  # no model is needed to serve batches
     for rank in (0, 1):
         local = list(LocalBatches(spec, rank, 2).iterate(3, 8))
         remote = list(RayBatches(spec, rank, 2, chunk=3, prefetch=2).iterate(3, 8))  # chunk boundary inside
-        assert [d["batch"] for d in remote] == list(range(3, 8))
+        assert [d.number for d in remote] == list(range(3, 8))
         for a, b in zip(local, remote, strict=True):
-            assert a.keys() == b.keys()
-            for k in a:
-                np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+            assert a.number == b.number and np.array_equal(a.positions, b.positions)
+            da, db = a.data.to_dict(), b.data.to_dict()
+            assert da.keys() == db.keys()
+            for k in da:
+                np.testing.assert_array_equal(np.asarray(da[k]), np.asarray(db[k]), err_msg=k)

@@ -9,7 +9,8 @@ import torch
 from data_service import intervals as iv
 from data_service.reader import open_corpus
 from data_service.synth import SynthConfig, synth_corpus
-from pretrain.batch import END, SPIKE, START, pack
+from conftest import packed as pack
+from pretrain.batch import ARRAYS, END, SPIKE, START, concat
 from pretrain.config import preset
 from pretrain.model import POYO
 from pretrain.tokenizer import Tokenizer, TokenizerConfig
@@ -22,9 +23,9 @@ def setup(tmp_path_factory):
     c = open_corpus(root)
     cfg = preset("poyo-1.3M")
     model = POYO(cfg, [u for s in c.session_ids for u in c.session(s).unit_ids], c.session_ids)
-    tok = Tokenizer(TokenizerConfig(latents_per_step=cfg.latents_per_step, target_scale={"hand_vel": 20.0},
-                                    interval_weights={"reach": 5.0, "hold": 0.1, "trials": 2.0}),
-                    model.unit_emb, model.session_emb, cfg.readouts)
+    tok = Tokenizer(TokenizerConfig.build(cfg, target_scale={"hand_vel": 20.0},
+                                          interval_weights={"reach": 5.0, "hold": 0.1, "trials": 2.0}),
+                    model.unit_emb, model.session_emb)
     return c, model, tok
 
 
@@ -49,7 +50,7 @@ def test_tokens_of_a_window(setup):
             assert len(s.latent_index) == 8 * 16 and np.allclose(np.unique(s.latent_time), np.arange(8) / 8 + 1 / 16)
             v = w.behaviour["hand_vel"]
             assert np.allclose(s.output_time, v.timestamps) and np.allclose(s.target, v.values / 20.0)
-            assert s.session_index == model.session_emb.index[sid]
+            assert set(s.output_session.tolist()) == {model.session_emb.index[sid]} and s.session_ids == [sid]
             # weights: product of the weights of every interval set containing the sample
             want = np.ones(len(v.timestamps))
             for name, wt in (("reach", 5.0), ("hold", 0.1), ("trials", 2.0)):
@@ -78,7 +79,8 @@ def test_packing_lengths_and_model_outputs(setup):
     assert b.input_lens == [len(s.unit_index) for s in samples]
     assert b.cu_seqlens("input").tolist() == [0, *np.cumsum(b.input_lens).tolist()]
     assert b.latent_lens == [128] * 3 and sum(b.output_lens) == len(b.output_time) == b.target.shape[0]
-    assert b.output_session.tolist() == [s.session_index for s in samples for _ in range(len(s.output_time))]
+    assert b.output_session.tolist() == [int(i) for s in samples for i in s.output_session]
+    assert all(len(set(s.output_session.tolist())) == 1 for s in samples)
     model.eval()
     with torch.no_grad():
         out = model(b)["velocity"]
@@ -91,9 +93,8 @@ def test_packing_lengths_and_model_outputs(setup):
 
 def test_batch_pack_equals_window_by_window(setup):
     """Tokenizer.pack (the data service's one-pass path) gives exactly the arrays of packing the
-    windows' Samples, with and without unit dropout, across sessions and edge windows."""
-    from pretrain.batch import pack_numpy
-
+    windows one by one and joining them, with and without unit dropout, across sessions and edge
+    windows."""
     c, model, tok = setup
     rng = np.random.default_rng(0)
     items = []
@@ -102,34 +103,12 @@ def test_batch_pack_equals_window_by_window(setup):
         t0 = 0.0 if k == 0 else float(rng.uniform(0, r.domain[-1][1] - 1.0))
         keep = None if k % 3 == 0 else np.sort(rng.choice(len(r.unit_ids), 1 + k, replace=False))
         items.append((r.read_window(t0, t0 + 1.0), r, keep))
-    got = tok.pack(items)
-    want = pack_numpy([tok(w, r, keep_units=keep) for w, r, keep in items])
+    got = tok.pack(items).to_dict()
+    want = concat([tok(w, r, keep_units=keep) for w, r, keep in items]).to_dict()
     assert got.keys() == want.keys()
     for key, v in want.items():
-        if isinstance(v, np.ndarray):
+        if key in ARRAYS:
             assert got[key].dtype == v.dtype and np.array_equal(got[key], v), key
         else:
             assert list(got[key]) == list(v), key
     assert (got["weight"] != 1.0).any()  # the interval weights were exercised
-
-
-def test_time_scaling_squeezes_times_and_scales_rates(setup):
-    """A window time-scaled by s holds s seconds of data in one: spike and behaviour times are
-    divided by s, velocities (cm/s) multiplied by s, positions (cm) unchanged."""
-    from data_service.service import AugmentConfig, ServiceSpec, rate_factor, read_window
-    from data_service.window_index import IndexConfig, WindowRef
-
-    c, model, _ = setup
-    r = c.session(c.session_ids[0])
-    tok = Tokenizer(TokenizerConfig(readouts={"velocity": ["hand_vel"], "position": ["hand_pos"]}),
-                    model.unit_emb, model.session_emb, {"velocity": 2, "position": 2})
-    spec = ServiceSpec(corpus=str(c.root), index=IndexConfig(), tokenizer=tok,
-                       augment=AugmentConfig(time_scaling=(1.5, 1.5)))
-    w = read_window(spec, r, WindowRef(position=7, epoch=0, session=r.session_id, t_start=10.0), 1.0)
-    raw = r.read_window(10.0, 11.5)
-    assert np.allclose(w.spike_times, raw.spike_times / 1.5) and w.spike_times.max() < 1.0
-    assert np.array_equal(w.spike_units, raw.spike_units)
-    assert np.allclose(w.behaviour["hand_vel"].values, raw.behaviour["hand_vel"].values * 1.5)
-    assert np.allclose(w.behaviour["hand_pos"].values, raw.behaviour["hand_pos"].values)
-    assert np.allclose(w.behaviour["hand_vel"].timestamps, raw.behaviour["hand_vel"].timestamps / 1.5)
-    assert rate_factor("cm/s", 2.0) == 2.0 and rate_factor("m/s^2", 2.0) == 4.0 and rate_factor("cm", 2.0) == 1.0

@@ -6,16 +6,28 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import packed as pack
+from conftest import window_batch
 from data_service.reader import open_corpus
 from data_service.synth import SynthConfig, synth_corpus
-from pretrain.batch import Sample, pack
+from data_service.window_index import IndexConfig, WindowIndex
+from pretrain.batch import PackedBatch
 from pretrain.config import ModelConfig
+from pretrain.loss import weighted_mse
 from pretrain.model import POYO
 from pretrain.optim import OptimConfig, build_optimizer
 from pretrain.tokenizer import Tokenizer, TokenizerConfig
-from training import batches, sgd_step, windows
 
 NO_DROPOUT = dict(ffn_dropout=0.0, lin_dropout=0.0, atn_dropout=0.0)
+
+
+def sgd_step(model, opt, b) -> float:
+    """One optimisation step on batch b (a bare loop: the real one is pretrain/loop.py's); the loss."""
+    loss, _ = weighted_mse(model(b), b, model.readout_names)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
 
 
 def test_overfits_one_synthetic_session_in_200_steps(tmp_path):
@@ -25,15 +37,16 @@ def test_overfits_one_synthetic_session_in_200_steps(tmp_path):
     (sid,) = c.session_ids
     cfg = ModelConfig(dim=64, depth=2, latents_per_step=8, **NO_DROPOUT)
     m = POYO(cfg, c.session(sid).unit_ids, [sid])
-    tok = Tokenizer(TokenizerConfig(latents_per_step=8, target_scale={"hand_vel": 20.0}), m.unit_emb, m.session_emb,
-                    cfg.readouts)
-    (b,) = batches(c, tok, windows(c, "train", 8, np.random.default_rng(0)), 8)
+    tok = Tokenizer(TokenizerConfig.build(cfg, target_scale={"hand_vel": 20.0}), m.unit_emb, m.session_emb)
+    r = c.session(sid)
+    b = tok.pack([(r.read_window(w.t_start, w.t_start + 1.0), r, None)
+                  for w in WindowIndex(c, IndexConfig(window_s=1.0)).windows(0, 8)]).to("cpu")
     opt = build_optimizer(m, OptimConfig(lr=2e-3))
     losses = [sgd_step(m, opt, b) for _ in range(200)]
     assert np.mean(losses[-10:]) <= 0.1 * np.mean(losses[:5]), (losses[:5], losses[-10:])
 
 
-def population_sample(rng, session: int, sizes, weights, offsets) -> Sample:
+def population_sample(rng, session: int, sizes, weights, offsets) -> PackedBatch:
     """A window of Poisson spikes from `sizes[session]` units; the target at time t is a fixed
     random linear readout of each unit's spikes in [t - 250 ms, t) (different per session)."""
     n_units = sizes[session]
@@ -46,14 +59,12 @@ def population_sample(rng, session: int, sizes, weights, offsets) -> Sample:
     y = np.array([weights[session][u[(t < x) & (t >= x - 0.25)]].sum() for x in out_t]) / np.sqrt(n_units)
     g = u + offsets[session]
     everyone = np.arange(n_units) + offsets[session]
-    return Sample(
+    return window_batch(
         unit_index=np.concatenate([g, everyone, everyone]),
-        input_time=np.concatenate([t, np.zeros(n_units), np.ones(n_units)]).astype(np.float32),
-        token_type=np.concatenate([np.zeros(len(u)), np.ones(n_units), 2 * np.ones(n_units)]).astype(np.int64),
-        latent_index=np.tile(np.arange(4), 8), latent_time=np.repeat((np.arange(8) + 0.5) / 8, 4).astype(np.float32),
-        output_time=out_t.astype(np.float32), output_readout=np.zeros(len(out_t), dtype=np.int64),
-        target=np.stack([y, -y], axis=1).astype(np.float32), weight=np.ones(len(out_t), dtype=np.float32),
-        session_index=session)
+        input_time=np.concatenate([t, np.zeros(n_units), np.ones(n_units)]),
+        token_type=np.concatenate([np.zeros(len(u)), np.ones(n_units), 2 * np.ones(n_units)]),
+        latent_index=np.tile(np.arange(4), 8), latent_time=np.repeat((np.arange(8) + 0.5) / 8, 4),
+        output_time=out_t, target=np.stack([y, -y], axis=1), weight=np.ones(len(out_t)), session_index=session)
 
 
 def test_learns_a_decodable_signal_from_packed_batches_of_different_session_sizes():

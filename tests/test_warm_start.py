@@ -10,9 +10,10 @@ from data_service.reader import open_corpus
 from data_service.synth import SynthConfig, synth_corpus
 from pretrain.config import preset
 from pretrain.model import POYO
+from pretrain.tokenizer import TokenizerConfig
 from pretrain.warm_start import WarmStartConfig, apply_warm_start, unit_directions
 
-READOUTS, DIMS, SCALE = {"velocity": ["hand_vel"]}, {"velocity": 2}, {"hand_vel": 20.0}
+TOKENS = TokenizerConfig.build(preset("poyo-1.3M"), behaviours={"velocity": ["hand_vel"]}, target_scale={"hand_vel": 20.0})
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def corpus(tmp_path_factory):
 
 
 def test_directions_match_the_units_preferred_directions(corpus):
-    table = unit_directions(corpus, corpus.session_ids, READOUTS, DIMS, SCALE, WarmStartConfig("ridge"))
+    table = unit_directions(corpus, corpus.session_ids, TOKENS, WarmStartConfig("ridge"))
     offset = 0
     for sid in corpus.session_ids:
         r = corpus.session(sid)
@@ -42,7 +43,7 @@ def test_only_the_train_split_is_used(corpus, monkeypatch):
     """Scrambling behaviour outside the train intervals changes nothing."""
     cfg = WarmStartConfig("ridge")
     sid = corpus.session_ids[0]
-    before = unit_directions(corpus, [sid], READOUTS, DIMS, SCALE, cfg)
+    before = unit_directions(corpus, [sid], TOKENS, cfg)
     r = corpus.session(sid)
     real = type(r).behaviour
 
@@ -56,7 +57,7 @@ def test_only_the_train_split_is_used(corpus, monkeypatch):
         return t, v
 
     monkeypatch.setattr(type(r), "behaviour", scrambled)
-    after = unit_directions(corpus, [sid], READOUTS, DIMS, SCALE, cfg)
+    after = unit_directions(corpus, [sid], TOKENS, cfg)
     assert np.allclose(before, after, atol=1e-6)
 
 
@@ -64,7 +65,7 @@ def test_apply_writes_the_first_coordinates_and_skips_undecodable_sessions(corpu
     ids = corpus.session_ids
     units = [u for s in ids for u in corpus.session(s).unit_ids]
     m = POYO(preset("poyo-1.3M"), units, ids)
-    table = unit_directions(corpus, ids, READOUTS, DIMS, SCALE, WarmStartConfig("ridge"))
+    table = unit_directions(corpus, ids, TOKENS, WarmStartConfig("ridge"))
     n0 = len(corpus.session(ids[0]).unit_ids)
     table[:n0] = np.nan  # as for a session without a decodable behaviour
     old = m.unit_emb.weight.detach().clone()

@@ -42,8 +42,10 @@ def load_metadata_file(path: str | Path) -> dict[str, dict]:
     """A YAML mapping of source file names (or glob-free basenames) to IngestOptions overrides."""
     try:
         doc = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise CorpusError(f"cannot read metadata file: {e}", file=str(path)) from None
+    except OSError as e:
+        raise CorpusError(f"cannot read metadata file: {e.strerror or e}", file=str(path)) from None
+    except yaml.YAMLError as e:
+        raise CorpusError(f"metadata file is not valid YAML: {' '.join(str(e).split())}", file=str(path)) from None
     if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
         raise CorpusError("metadata file must map file names to mappings of options", file=str(path))
     return doc

@@ -1,0 +1,54 @@
+"""Run configs: typed values from YAML and overrides, and every mistake named by its key or file."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO
+from data_service.errors import ConfigError
+from pretrain.run_config import RunConfig, from_dict, load_config
+
+
+def test_defaults_and_the_demo_config_round_trip():
+    for cfg in (RunConfig(), load_config(REPO / "configs" / "demo.yaml")):
+        assert from_dict(cfg.to_dict()) == cfg
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    assert demo.train.warm_start.method == "ridge" and demo.model_overrides["locality"] == 6.0
+
+
+def test_overrides_are_typed_yaml_values():
+    cfg = load_config(None, ["train.optim.lr=3e-3", "train.steps=12", "data.augment.time_scaling=[0.9, 1.1]",
+                             "data.sessions=[a, b]", "cluster.address=auto", "model_overrides.locality=6"])
+    assert cfg.train.optim.lr == 0.003 and isinstance(cfg.train.optim.lr, float)  # YAML reads 3e-3 as a string
+    assert cfg.train.steps == 12 and cfg.data.augment.time_scaling == (0.9, 1.1)
+    assert cfg.data.sessions == ["a", "b"] and cfg.cluster.address == "auto"
+    assert cfg.model_config().locality == 6
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["train.stepz=5"], r"override 'train.stepz=5': train.stepz: unknown key"),
+    (["trainsteps"], r"override 'trainsteps' must look like key.sub=value"),
+    (["train.steps=many"], r"override 'train.steps=many': train.steps: expected int"),
+    (["train.steps.x=1"], r"train.steps is a value, not a section"),
+    (["model=poyo-9M"], r"model: unknown model preset 'poyo-9M'"),
+    (["model_overrides.dimm=3"], r"model_overrides.dimm: not a model setting"),
+    (["train.warm_start.method=pca"], r"train.warm_start: warm_start.method must be none or ridge"),
+    (["data.readouts=velocity"], r"data.readouts: expected a mapping"),
+    (["data.sessions=s1"], r"data.sessions: expected a list"),
+    (["train.steps=[1"], r"override 'train.steps=\[1': the value is not valid YAML"),
+])
+def test_bad_overrides_name_the_override_and_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_bad_config_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot read config .*missing.yaml: No such file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 5\n")
+    with pytest.raises(ConfigError, match=r"config .*bad.yaml: train.stepz: unknown key"):
+        load_config(bad)
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"config .*bad.yaml is not valid YAML"):
+        load_config(bad)
