@@ -172,9 +172,9 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     if "data.corpus" in keys and not any(k == "data.synth" or k.startswith("data.synth.") for k in keys):
         cfg.data.synth = None  # a corpus named on the command line must exist: a typo never makes a new one
     r = pretrain(cfg, resume=a.resume, show_progress=not a.no_progress, notify=say)
-    console.print(f"run {r.name}: {r.steps} steps in {r.seconds / 60:.1f} min, validation R2 {r.valid_r2:.3f}")
+    say(f"run {r.name}: {r.steps} steps in {r.seconds / 60:.1f} min, validation R2 {r.valid_r2:.3f}")
     if r.model_uri:
-        console.print(f"registered {r.model_uri} (version {r.model_version}) in {r.tracking_uri}")
+        say(f"registered {r.model_uri} (version {r.model_version}) in {r.tracking_uri}")
     result(valid_r2=f"{r.valid_r2:.4f}", model_uri=r.model_uri or "none", model_version=r.model_version or "none",
            run=r.name, mlflow_run_id=r.mlflow_run_id, steps=r.steps, seconds=f"{r.seconds:.0f}")
     return 0

@@ -47,8 +47,9 @@ def restore_state(directory: str | Path, engine, plan: RunPlan) -> int:
     """Load a checkpoint into the engine; returns its step. A checkpoint taken on other data is refused."""
     state = read_state(directory)
     if state["index_fingerprint"] != plan.index_fingerprint:
-        raise DataChanged(f"checkpoint {directory} was taken on data with index fingerprint {state['index_fingerprint']}, "
-                          f"this run's is {plan.index_fingerprint}: corpus or data config changed, refusing to resume")
+        raise DataChanged(f"checkpoint {directory} was taken on data with index fingerprint "
+                          f"{state['index_fingerprint']}, this run's is {plan.index_fingerprint}: corpus or data "
+                          "config changed, refusing to resume")
     engine.load_checkpoint(str(directory), tag=state["tag"])
     return int(state["step"])
 

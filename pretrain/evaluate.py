@@ -49,10 +49,10 @@ def r2_score(y: np.ndarray, p: np.ndarray) -> float:
 def predict_session(model, tokenizer, reader: SessionReader, split: str = "valid", batch_size: int = 32,
                     device: torch.device | str = "cpu") -> SessionResult | None:
     """Stitched predictions of the session's first readout behaviour over its `split` intervals."""
-    plan = tokenizer.plan(reader)
-    if not plan.outputs:
+    layout = tokenizer.layout(reader)
+    if not layout.outputs:
         return None
-    readout, name, dims, scale = plan.outputs[0]
+    readout, name, dims, scale = layout.outputs[0]
     window = tokenizer.cfg.geometry.window_s
     rows = iv.normalize(reader.intervals[split])
     if not len(rows):
@@ -108,7 +108,8 @@ class Evaluator:
 
         from data_service.reader import open_corpus
 
-        results = evaluate(model, self.tokenizer, open_corpus(self.corpus), self.mine, self.split, device=self.dist.device)
+        corpus = open_corpus(self.corpus)
+        results = evaluate(model, self.tokenizer, corpus, self.mine, self.split, device=self.dist.device)
         per_session = {k: v for g in self.dist.gather({k: v.r2 for k, v in results.items()}) for k, v in g.items()}
         mean = float(np.mean(list(per_session.values()))) if per_session else float("nan")
         sink.log({f"{self.split}_r2": mean, **{f"{self.split}_r2.{k}": v for k, v in per_session.items()}}, step)

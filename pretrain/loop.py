@@ -111,7 +111,9 @@ class Meter:
         self.steps, self.t0 = 0, time.perf_counter()
 
     def add(self, s: StepStats) -> None:
-        self.loss, self.weight, self.tokens = self.loss + s.loss_x_weight, self.weight + s.weight, self.tokens + s.spike_tokens
+        self.loss += s.loss_x_weight
+        self.weight += s.weight
+        self.tokens += s.spike_tokens
         self.steps += 1
 
     def read(self, lr: float) -> dict[str, float]:

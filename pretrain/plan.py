@@ -63,7 +63,8 @@ class RunPlan:
 
     # ---- what the parts are built from --------------------------------------------------------------
     def make_tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.tokenizer, StaticVocab(self.unit_vocab, "unit"), StaticVocab(self.session_vocab, "session"))
+        return Tokenizer(self.tokenizer, StaticVocab(self.unit_vocab, "unit"),
+                         StaticVocab(self.session_vocab, "session"))
 
     def service_spec(self) -> ServiceSpec:
         d = self.run.data
@@ -131,8 +132,9 @@ def training_sessions(run: RunConfig, corpus: Corpus, tok: TokenizerConfig) -> l
     sessions = [s for s in corpus.session_ids if wanted & set(corpus.rows[s]["behaviours"])]
     if not sessions:
         have = sorted({b for s in corpus.session_ids for b in corpus.rows[s]["behaviours"]})
-        raise CorpusError(f"no session has a behaviour the readouts decode ({ {r.name: r.behaviours for r in tok.readouts} }); "
-                          f"the corpus has {have or 'none'} (set data.readouts)", file=str(corpus.root))
+        wanted_by = {r.name: r.behaviours for r in tok.readouts}
+        raise CorpusError(f"no session has a behaviour the readouts decode ({wanted_by}); the corpus has "
+                          f"{have or 'none'} (set data.readouts)", file=str(corpus.root))
     return sessions
 
 

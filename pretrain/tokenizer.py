@@ -103,7 +103,7 @@ class TokenizerConfig:
 
 
 @dataclass
-class SessionPlan:
+class SessionLayout:
     """What the tokenizer needs to know about a session, computed once per session."""
 
     session_index: int
@@ -121,10 +121,10 @@ class Tokenizer:
         self.latent_index = np.tile(np.arange(g.latents_per_step, dtype=np.int64), g.n_steps)
         centres = (np.arange(g.n_steps) + 0.5) * g.latent_step
         self.latent_time = np.repeat(centres, g.latents_per_step).astype(np.float32)
-        self._plans: dict[str, SessionPlan] = {}
+        self._layouts: dict[str, SessionLayout] = {}
 
-    def plan(self, reader: SessionReader) -> SessionPlan:
-        p = self._plans.get(reader.session_id)
+    def layout(self, reader: SessionReader) -> SessionLayout:
+        p = self._layouts.get(reader.session_id)
         if p is None:
             outputs = []
             for k, ro in enumerate(self.cfg.readouts):
@@ -136,14 +136,14 @@ class Tokenizer:
                     raise ValueError(f"session {reader.session_id}: behaviour {b} has {dims} columns, readout "
                                      f"{ro.name} predicts {ro.dims}")
                 outputs.append((k, b, dims, float(self.cfg.target_scale.get(b, 1.0))))
-            p = self._plans[reader.session_id] = SessionPlan(
+            p = self._layouts[reader.session_id] = SessionLayout(
                 session_index=int(self.session_vocab.lookup([reader.session_id])[0]),
                 unit_map=self.unit_vocab.lookup(reader.unit_ids), outputs=outputs)
         return p
 
     def needs(self, reader: SessionReader) -> tuple[list[str], list[str]]:
         """(behaviours, interval sets) a window of this session must carry to be tokenized."""
-        return [b for _, b, _, _ in self.plan(reader).outputs], list(self.cfg.interval_weights)
+        return [b for _, b, _, _ in self.layout(reader).outputs], list(self.cfg.interval_weights)
 
     def __call__(self, w: Window, reader: SessionReader, keep_units: np.ndarray | None = None) -> PackedBatch:
         """One window as a batch of one; `keep_units` (local indices) drops the other units' spikes and tokens."""
@@ -159,7 +159,7 @@ class Tokenizer:
         sessions, sids, t0s = [], [], []
         zeros = np.zeros(0, dtype=np.float64)
         for w, reader, keep in items:
-            p = self.plan(reader)
+            p = self.layout(reader)
             spikes, t = w.spike_units, w.spike_times
             if keep is None:
                 units = p.unit_map

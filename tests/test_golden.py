@@ -78,7 +78,8 @@ def golden_session(k: int, n_units: int, duration: float = 100.0) -> SessionData
         unit_ids=np.asarray([f"g{k % 2}/{sid}/u{i}" for i in range(n_units)]),
         unit_areas=np.asarray(["M1"] * n_units), domain=interval_array([0.0], [duration]),
         source=SourceInfo("memory", "synthetic", f"golden-{k}", 0),
-        behaviour={"hand_vel": TimeSeries(bt, vel.astype(np.float32), ["x", "y"], unit="cm/s", sampling_rate=100.0)},
+        behaviour={"hand_vel": TimeSeries(bt, vel.astype(np.float32), ["x", "y"], unit="cm/s",
+                                          sampling_rate=100.0)},
         intervals={"trials": interval_array(starts, starts + 4.0),
                    "reach": interval_array(starts + 1.0, starts + 2.5), "hold": interval_array(starts + 3.0, starts + 4.0)},
     )
@@ -223,7 +224,8 @@ def test_golden_run_in_process(env):
     rec = env / "rec-in-process"
     rec.mkdir()
     sink = MemorySink()
-    r = train_in_process(build_plan(golden_config(env)), env / "in-process", sink, FaultAndRecord(record_windows=str(rec)))
+    r = train_in_process(build_plan(golden_config(env)), env / "in-process", sink,
+                         FaultAndRecord(record_windows=str(rec)))
     steps = [json.loads(line) for line in (rec / "rank0.jsonl").read_text().splitlines()]
     check_against_golden({"steps": len(steps), "windows": windows_of(env, steps), "valid_r2": r.metrics["valid_r2"],
                           "train_loss": [v for _, v in sink.series("train_loss")],

@@ -36,7 +36,8 @@ def test_plan_resolves_the_run_on_its_corpus(corpus):
     assert (g.window_s, g.latent_step, g.latents_per_step, g.n_latents) == (2.0, 0.125, 16, 256)
     assert plan.index.window_s == 2.0 and plan.index.sessions == plan.sessions
     assert plan.index_fingerprint == WindowIndex(c, plan.index).fingerprint
-    assert [(r.name, r.dims, r.behaviours) for r in plan.tokenizer.readouts] == [("velocity", 2, ["hand_vel", "cursor_vel"])]
+    readouts = [(r.name, r.dims, r.behaviours) for r in plan.tokenizer.readouts]
+    assert readouts == [("velocity", 2, ["hand_vel", "cursor_vel"])]
     assert plan.tokenizer.target_scale["hand_vel"] == 20.0
     assert plan.warm_start.shape == (len(plan.unit_vocab), 2) and plan.warm_start.dtype == np.float32
 
