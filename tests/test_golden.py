@@ -12,8 +12,10 @@ it the window order, is the same on every machine. What is recorded (tests/golde
   resume test uses (rtol 1e-5, atol 1e-6): CPUs with other vector units round matmuls
   differently in the last bits.
 
-Re-record (only when a change of behaviour is intended, and say so in the commit):
-    POPSCALE_WRITE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden.py -k ray_loader
+The in-process check takes seconds (no Ray): `.venv/bin/python -m pytest tests/test_golden.py -k
+"corpus or in_process"`. Re-record (only when a change of behaviour is intended, and say so in
+the commit):
+    POPSCALE_WRITE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden.py -k "corpus or ray_loader"
 """
 
 from __future__ import annotations
@@ -139,14 +141,19 @@ def weights_hash(w: dict[str, torch.Tensor]) -> str:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("golden")
+    make_golden_corpus(root / "corpus")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_env(env):
     import ray
 
     from pretrain.launch import init_ray
 
-    root = tmp_path_factory.mktemp("golden")
-    make_golden_corpus(root / "corpus")
-    init_ray(golden_config(root))
-    yield root
+    init_ray(golden_config(env))
+    yield env
     ray.shutdown()
 
 
@@ -203,15 +210,15 @@ def test_golden_corpus_is_what_was_recorded(env):
     assert fingerprint == (GOLDEN / "corpus_fingerprint").read_text().strip()
 
 
-def test_golden_run_ray_loader(env):
-    got = run_pretrain(env, "golden-ray", "data.loader=ray")
+def test_golden_run_ray_loader(ray_env):
+    got = run_pretrain(ray_env, "golden-ray", "data.loader=ray")
     if WRITE:
         write_golden(got)
     check_against_golden(got)
 
 
-def test_golden_run_local_loader(env):
-    check_against_golden(run_pretrain(env, "golden-local", "data.loader=local"))
+def test_golden_run_local_loader(ray_env):
+    check_against_golden(run_pretrain(ray_env, "golden-local", "data.loader=local"))
 
 
 def test_golden_run_in_process(env):
