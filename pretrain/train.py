@@ -13,9 +13,9 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from data_service.service import LocalBatches, RayBatches
+from data_service.service import LocalBatches, RayBatches, ServiceSpec
 
 from .checkpoint import DirCheckpointer, RayCheckpointer
 from .engine import build_engine, placement
@@ -36,13 +36,23 @@ class WorkerArgs:
     hooks: LoopHooks = field(default_factory=LoopHooks)
 
 
-def _parts(plan: RunPlan, rank: int, world: int, local_rank: int = 0):
+class Parts(NamedTuple):
+    """What both runners build from the plan; they differ only in data source, checkpointer and sink."""
+
+    dist: Dist
+    engine: Any
+    step: TrainStep
+    spec: ServiceSpec
+    evaluator: Evaluator
+
+
+def _parts(plan: RunPlan, rank: int, world: int, local_rank: int = 0) -> Parts:
     where = placement(plan, rank, world, local_rank)
     dist = Dist(rank, world, where.device)
     engine, scheduler = build_engine(plan, where)
     spec = plan.service_spec()
-    return dist, engine, TrainStep(engine, scheduler, dist, plan.run.train.seed), spec, \
-        Evaluator(spec.tokenizer, plan.corpus, plan.valid_sessions, dist)
+    return Parts(dist, engine, TrainStep(engine, scheduler, dist, plan.run.train.seed), spec,
+                 Evaluator(spec.tokenizer, plan.corpus, plan.valid_sessions, dist))
 
 
 def ray_worker(config: dict) -> None:
@@ -51,8 +61,8 @@ def ray_worker(config: dict) -> None:
 
     args: WorkerArgs = config["args"]
     plan, ctx = args.plan, ray.train.get_context()
-    dist, engine, step, spec, evaluator = _parts(plan, ctx.get_world_rank(), ctx.get_world_size(),
-                                                 ctx.get_local_rank())
+    p = _parts(plan, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
+    dist = p.dist
     sink: MetricsSink = NullSink()
     if dist.rank == 0:
         from .tracking import MLflowSink
@@ -61,11 +71,11 @@ def ray_worker(config: dict) -> None:
                      ProgressSink(args.progress) if args.progress is not None else None)
     d = plan.run.data
     if d.loader == "ray":
-        batches = RayBatches(spec, dist.rank, dist.world, actors=d.data_actors, prefetch=d.prefetch,
+        batches = RayBatches(p.spec, dist.rank, dist.world, actors=d.data_actors, prefetch=d.prefetch,
                              buffer_mb=d.buffer_mb)
     else:
-        batches = LocalBatches(spec, dist.rank, dist.world)
-    run_loop(plan, step, batches, evaluator, RayCheckpointer(engine, plan, dist.rank, dist.world), sink, dist,
+        batches = LocalBatches(p.spec, dist.rank, dist.world)
+    run_loop(plan, p.step, batches, p.evaluator, RayCheckpointer(p.engine, plan, dist.rank, dist.world), sink, dist,
              args.hooks)
 
 
@@ -108,7 +118,8 @@ def train_in_process(plan: RunPlan, checkpoint_dir: str | Path, sink: MetricsSin
     """The loop in this process with the in-process data service: one worker, no Ray. Resumes
     from the newest checkpoint in `checkpoint_dir` if there is one."""
     with _single_process_group():
-        dist, engine, step, spec, evaluator = _parts(plan, 0, 1)
-        ckpt = DirCheckpointer(checkpoint_dir, engine, plan)
-        metrics = run_loop(plan, step, LocalBatches(spec, 0, 1), evaluator, ckpt, sink or MemorySink(), dist, hooks)
-        return InProcessResult(metrics, ckpt.checkpoints()[-1], engine.module)
+        p = _parts(plan, 0, 1)
+        ckpt = DirCheckpointer(checkpoint_dir, p.engine, plan)
+        metrics = run_loop(plan, p.step, LocalBatches(p.spec, 0, 1), p.evaluator, ckpt, sink or MemorySink(), p.dist,
+                           hooks)
+        return InProcessResult(metrics, ckpt.checkpoints()[-1], p.engine.module)
