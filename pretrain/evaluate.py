@@ -22,8 +22,8 @@ class SessionResult:
     r2: float
     behaviour: str
     times: np.ndarray  # absolute times of the scored samples
-    target: np.ndarray  # (n, d), in target units (scaled)
-    prediction: np.ndarray  # (n, d)
+    target: np.ndarray  # (n, d), in the session's units
+    prediction: np.ndarray  # (n, d), in the session's units
 
 
 def window_starts(rows: np.ndarray, window: float, domain: tuple[float, float]) -> np.ndarray:
@@ -52,7 +52,7 @@ def predict_session(model, tokenizer, reader: SessionReader, split: str = "valid
     layout = tokenizer.layout(reader)
     if not layout.outputs:
         return None
-    readout, name, dims, scale = layout.outputs[0]
+    readout, name, dims, shift, scale = layout.outputs[0]
     window = tokenizer.cfg.geometry.window_s
     rows = iv.normalize(reader.intervals[split])
     if not len(rows):
@@ -79,8 +79,8 @@ def predict_session(model, tokenizer, reader: SessionReader, split: str = "valid
         np.add.at(count, idx, 1)
     model.train(was_training)
     ok = scored & (count > 0)
-    pred = total[ok] / count[ok, None]
-    target = np.asarray(values[ok], dtype=np.float64) / scale
+    pred = total[ok] / count[ok, None] * scale[:dims] + shift[:dims]  # back to the session's units
+    target = np.asarray(values[ok], dtype=np.float64)
     return SessionResult(reader.session_id, r2_score(target, pred), name, times[ok], target, pred)
 
 

@@ -3,7 +3,8 @@ into the model and runs it at load time; nothing is pickled). Weights, config an
 come from the `model` artifact (see registry.py).
 
 predict() takes a packed batch as the tokenizer makes it (`pretrain.batch.PackedBatch`, or its
-`to_dict()`) and returns {readout: predictions (n, d)}.
+`to_dict()`) and returns {readout: predictions (n, d)} on the model's common scale (the tokenizer's
+`normaliser(session, behaviour, ...)` gives the shift and scale back to the session's units).
 """
 
 import mlflow

@@ -2,7 +2,8 @@
 
 A run config says what the user asked for; the plan is what that means on this corpus: which
 sessions are streamed, the unit and session vocabularies (in embedding-row order), which
-sessions are validated, the readouts with the behaviours they decode and their target scales,
+sessions are validated, the readouts with the behaviours they decode and every session's
+target statistics (targets.py),
 the window and latent geometry, the window index and its fingerprint, and the warm-start
 weights. Workers, the data service and the exporter read the plan; none of them re-derives any
 of it, and none needs a model object (the tokenizer is built on the plan's frozen vocabularies).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from data_service.window_index import IndexConfig, index_fingerprint
 
 from .config import ModelConfig
 from .run_config import RunConfig, from_dict
+from .targets import target_stats
 from .tokenizer import Tokenizer, TokenizerConfig
 from .vocab import StaticVocab
 
@@ -148,7 +150,15 @@ def build_plan(run: RunConfig, *, previous: RunPlan | None = None, progress: boo
         tok = TokenizerConfig.build(model, d.window_s, d.readouts, d.target_scale, d.interval_weights)
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
-    sessions = list(previous.sessions) if previous else training_sessions(run, corpus, tok)
+    if previous is not None:
+        if asdict(replace(previous.tokenizer, target_stats={})) != asdict(tok):
+            raise PlanMismatch("its tokens would change: readouts, target scales, loss weights or window geometry "
+                               f"differ from the run's plan ({asdict(replace(previous.tokenizer, target_stats={}))} "
+                               f"-> {asdict(tok)})")
+        sessions, tok = list(previous.sessions), previous.tokenizer  # its target statistics: never recomputed
+    else:
+        sessions = training_sessions(run, corpus, tok)
+        tok.target_stats = target_stats(corpus, sessions, tok.readouts, tok.target_scale)
     units = [u for s in sessions for u in corpus.session(s).unit_ids.tolist()]
     valid = [s for s in sessions if len(corpus.session(s).intervals.get("valid", []))]
     valid = valid[: run.train.eval_sessions] if run.train.eval_sessions else valid

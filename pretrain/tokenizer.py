@@ -4,9 +4,10 @@
   for every unit of the session (after unit dropout, if any) a START token at 0 and an END token
   at the window's end, so silent units are seen too;
 - latents: `latents_per_step` learned latents repeated every `latent_step`, at the step centres;
-- outputs: one query per behaviour sample of each readout's behaviour, with its target (divided
-  by a fixed per-behaviour scale) and a loss weight: the product of the weights of the interval
-  sets containing it (e.g. reach 5, hold 0.1).
+- outputs: one query per behaviour sample of each readout's behaviour, with its target on a
+  common scale (z-scored per column with the session's own train-split statistics, or divided
+  by a scale the config fixes for that behaviour; targets.py) and a loss weight: the product of
+  the weights of the interval sets containing it (e.g. reach 5, hold 0.1).
 
 The tokenizer maps unit and session ids into vocabularies through `VocabLookup`, a protocol that
 the model's embeddings and the plan's frozen id maps both satisfy, so the data service builds
@@ -26,6 +27,7 @@ from data_service.reader import SessionReader, Window
 
 from .batch import END, SPIKE, START, PackedBatch
 from .config import ModelConfig
+from .targets import TargetStats
 
 _NO_ROWS = np.zeros((0, 2))
 # readout -> the behaviours it decodes, the first one a session has wins
@@ -77,8 +79,11 @@ class Readout:
 class TokenizerConfig:
     geometry: Geometry = field(default_factory=Geometry)
     readouts: list[Readout] = field(default_factory=lambda: [Readout("velocity", 2, DEFAULT_BEHAVIOURS["velocity"])])
-    target_scale: dict[str, float] = field(default_factory=dict)  # behaviour -> divisor (fixed z-scaling)
+    target_scale: dict[str, float] = field(default_factory=dict)  # behaviour -> divisor fixed by the config
     interval_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_INTERVAL_WEIGHTS))
+    # session -> behaviour -> its train-split column statistics (every other behaviour); with none
+    # at all (a tokenizer made by hand) targets are left in the session's units
+    target_stats: dict[str, dict[str, TargetStats]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, model: ModelConfig, window_s: float = 1.0, behaviours: dict[str, list[str]] | None = None,
@@ -98,8 +103,22 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenizerConfig":
+        stats = {s: {b: TargetStats(**x) for b, x in per.items()} for s, per in d.get("target_stats", {}).items()}
         return cls(Geometry(**d["geometry"]), [Readout(**r) for r in d["readouts"]], dict(d["target_scale"]),
-                   dict(d["interval_weights"]))
+                   dict(d["interval_weights"]), stats)
+
+    def normaliser(self, session: str, behaviour: str, dims: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shift, scale), `width` columns each (unused ones 0 and 1): target = (value - shift) / scale."""
+        shift, scale = np.zeros(width), np.ones(width)
+        if behaviour in self.target_scale:
+            scale[:dims] = float(self.target_scale[behaviour])
+        elif self.target_stats:
+            st = self.target_stats.get(session, {}).get(behaviour)
+            if st is None:
+                raise KeyError(f"no target statistics for behaviour {behaviour} of session {session}: the model "
+                               "was not trained or adapted on it (popscale finetune adds a session)")
+            shift[:dims], scale[:dims] = st.mean, st.std
+        return shift, scale
 
 
 @dataclass
@@ -108,7 +127,8 @@ class SessionLayout:
 
     session_index: int
     unit_map: np.ndarray  # local unit index -> global vocabulary index
-    outputs: list[tuple[int, str, int, float]]  # (readout index, behaviour, dims, scale)
+    # (readout index, behaviour, dims, shift, scale): target = (value - shift) / scale, per column
+    outputs: list[tuple[int, str, int, np.ndarray, np.ndarray]]
 
 
 class Tokenizer:
@@ -135,7 +155,7 @@ class Tokenizer:
                 if dims != ro.dims:
                     raise ValueError(f"session {reader.session_id}: behaviour {b} has {dims} columns, readout "
                                      f"{ro.name} predicts {ro.dims}")
-                outputs.append((k, b, dims, float(self.cfg.target_scale.get(b, 1.0))))
+                outputs.append((k, b, dims, *self.cfg.normaliser(reader.session_id, b, dims, self.max_dim)))
             p = self._layouts[reader.session_id] = SessionLayout(
                 session_index=int(self.session_vocab.lookup([reader.session_id])[0]),
                 unit_map=self.unit_vocab.lookup(reader.unit_ids), outputs=outputs)
@@ -143,7 +163,7 @@ class Tokenizer:
 
     def needs(self, reader: SessionReader) -> tuple[list[str], list[str]]:
         """(behaviours, interval sets) a window of this session must carry to be tokenized."""
-        return [b for _, b, _, _ in self.layout(reader).outputs], list(self.cfg.interval_weights)
+        return [o[1] for o in self.layout(reader).outputs], list(self.cfg.interval_weights)
 
     def __call__(self, w: Window, reader: SessionReader, keep_units: np.ndarray | None = None) -> PackedBatch:
         """One window as a batch of one; `keep_units` (local indices) drops the other units' spikes and tokens."""
@@ -177,7 +197,7 @@ class Tokenizer:
             times += (t, zeros[:n_u], np.full(n_u, w.t_end - w.t_start))
             seg += (len(t), n_u, n_u)
             n_out = 0
-            for readout, b, dims, scale in p.outputs:
+            for readout, b, dims, shift, scale in p.outputs:
                 s = w.behaviour[b]
                 n = len(s.timestamps)
                 y = s.values
@@ -188,7 +208,7 @@ class Tokenizer:
                 out_y.append(y)
                 out_wins.append(w)
                 out_r.append((readout, n))
-                scales.append((scale, n))
+                scales.append((shift, scale, n))
                 n_out += n
             out_lens.append(n_out)
             sessions.append(p.session_index)
@@ -199,9 +219,11 @@ class Tokenizer:
         in_lens = seg.reshape(B, 3).sum(1)
         if out_t:
             rr, rn = np.asarray(out_r, dtype=np.int64).T
-            sc, sn = np.asarray([s for s, _ in scales], dtype=np.float64), np.asarray([n for _, n in scales])
-            # divided in float64 and rounded once: the same float32 as dividing each window on its own
-            target = (cat(out_y, dtype=np.float64) / np.repeat(sc, sn)[:, None]).astype(np.float32)
+            sn = np.asarray([n for _, _, n in scales])
+            shift = np.repeat(np.stack([s for s, _, _ in scales]), sn, axis=0)
+            scale = np.repeat(np.stack([s for _, s, _ in scales]), sn, axis=0)
+            # in float64 and rounded once: the same float32 as normalising each window on its own
+            target = ((cat(out_y, dtype=np.float64) - shift) / scale).astype(np.float32)
             output_time, readouts, weight = cat(out_t, dtype=np.float32), np.repeat(rr, rn), self._weights(out_wins, out_t)
         else:
             target, output_time = np.zeros((0, self.max_dim), np.float32), np.zeros(0, np.float32)

@@ -49,7 +49,8 @@ class WarmStartConfig:
             raise ValueError(f"warm_start.method must be none or ridge, got {self.method!r}")
 
 
-def _session_directions(r: SessionReader, columns: list[tuple[str, int, float]], cfg: WarmStartConfig) -> np.ndarray | None:
+def _session_directions(r: SessionReader, columns: list[tuple[str, int, np.ndarray, np.ndarray]],
+                        cfg: WarmStartConfig) -> np.ndarray | None:
     """(units, sum of dims) ridge weights for one session, or None if it has no training data."""
     train = r.intervals.get("train")
     if train is None or not len(train):
@@ -75,13 +76,14 @@ def _session_directions(r: SessionReader, columns: list[tuple[str, int, float]],
     if use.sum() < 10:
         return None
     targets = []
-    for name, dims, scale in columns:
+    for name, dims, shift, scale in columns:
         t, v = r.behaviour(name)
         inside = iv.contains(train, t)  # interpolate from train samples only: no label leaks in at edges
         t, v = t[inside], v[inside]
         if len(t) < 2:
             return None
-        targets.append(np.stack([np.interp(centres[use], t, v[:, d]) for d in range(dims)], axis=1) / scale)
+        y = np.stack([np.interp(centres[use], t, v[:, d]) for d in range(dims)], axis=1)
+        targets.append((y - shift[:dims]) / scale[:dims])  # the scale the model is trained on
     y = np.concatenate(targets, axis=1)
     x = feats[use]
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
@@ -110,7 +112,7 @@ def unit_directions(corpus: Corpus, sessions: Iterable[str], tokenizer: Tokenize
             b = next((x for x in ro.behaviours if x in r.behaviour_names), None)
             if b is None:
                 break
-            columns.append((b, ro.dims, float(tokenizer.target_scale.get(b, 1.0))))
+            columns.append((b, ro.dims, *tokenizer.normaliser(sid, b, ro.dims, ro.dims)))
         w = _session_directions(r, columns, cfg) if len(columns) == len(tokenizer.readouts) else None
         rows.append(np.full((len(r.unit_ids), width), np.nan) if w is None else w)
     return np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, width), np.float32)

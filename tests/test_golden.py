@@ -100,6 +100,7 @@ def golden_overrides(root: Path) -> list[str]:
     return [f"data.corpus={root / 'corpus'}", f"data.global_batch={BATCH}", f"train.grad_accum={ACCUM}",
             f"train.steps={STEPS}", "train.checkpoint_every=3", "train.eval_every=3", "train.log_every=1",
             "train.warmup_steps=2", "train.optim.lr=0.002", "train.warm_start.method=ridge",
+            "data.target_scale.hand_vel=20.0",  # the fixed scale the golden was recorded with
             f"cluster.storage_path={root / 'ray'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
             "cluster.cpus_per_worker=1", "train.max_failures=0"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from data_service import intervals as iv
 from data_service.errors import ConfigError, CorpusError
 from data_service.reader import open_corpus
 from data_service.service import build_batch
@@ -38,7 +39,13 @@ def test_plan_resolves_the_run_on_its_corpus(corpus):
     assert plan.index_fingerprint == WindowIndex(c, plan.index).fingerprint
     readouts = [(r.name, r.dims, r.behaviours) for r in plan.tokenizer.readouts]
     assert readouts == [("velocity", 2, ["hand_vel", "cursor_vel"])]
-    assert plan.tokenizer.target_scale["hand_vel"] == 20.0
+    assert plan.tokenizer.target_scale == {}  # nothing fixed: every session's own train-split statistics
+    for sid in plan.sessions:
+        r = c.session(sid)
+        t, v = r.behaviour("hand_vel")
+        inside = v[iv.contains(iv.normalize(r.intervals["train"]), t)].astype(np.float64)
+        st = plan.tokenizer.target_stats[sid]["hand_vel"]
+        assert np.allclose(st.mean, inside.mean(0)) and np.allclose(st.std, inside.std(0))
     assert plan.warm_start.shape == (len(plan.unit_vocab), 2) and plan.warm_start.dtype == np.float32
 
 
