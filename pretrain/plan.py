@@ -147,7 +147,7 @@ def build_plan(run: RunConfig, *, previous: RunPlan | None = None, progress: boo
     model = run.model_config()
     d = run.data
     try:
-        tok = TokenizerConfig.build(model, d.window_s, d.readouts, d.target_scale, d.interval_weights)
+        tok = TokenizerConfig.build(model, d.window_s, d.readouts, d.target_scale, d.interval_weights, d.target_rms)
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
     if previous is not None:

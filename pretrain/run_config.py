@@ -36,9 +36,10 @@ class DataConfig:
     seed: int = 0
     # readout -> behaviours it decodes (the first one a session has)
     readouts: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_BEHAVIOURS.items()})
-    # behaviour -> a fixed divisor for its targets; a behaviour not here is z-scored per session with its
-    # own train-split statistics (pretrain/targets.py)
+    # behaviour -> a fixed divisor for its targets; a behaviour not here is centred and scaled per session
+    # with its own train-split statistics to an RMS of target_rms (pretrain/targets.py)
     target_scale: dict[str, float] = field(default_factory=dict)
+    target_rms: float = 0.5
     interval_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_INTERVAL_WEIGHTS))
     session_weights: dict[str, float] = field(default_factory=dict)
     sessions: list[str] | None = None  # train on these (default: every session with a readout behaviour)

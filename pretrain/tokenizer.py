@@ -81,14 +81,15 @@ class TokenizerConfig:
     readouts: list[Readout] = field(default_factory=lambda: [Readout("velocity", 2, DEFAULT_BEHAVIOURS["velocity"])])
     target_scale: dict[str, float] = field(default_factory=dict)  # behaviour -> divisor fixed by the config
     interval_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_INTERVAL_WEIGHTS))
-    # session -> behaviour -> its train-split column statistics (every other behaviour); with none
-    # at all (a tokenizer made by hand) targets are left in the session's units
+    # session -> behaviour -> its train-split statistics (every other behaviour); with none at all
+    # (a tokenizer made by hand) targets are left in the session's units
     target_stats: dict[str, dict[str, TargetStats]] = field(default_factory=dict)
+    target_rms: float = 0.5  # the RMS a behaviour scaled by its statistics has (targets.py says why)
 
     @classmethod
     def build(cls, model: ModelConfig, window_s: float = 1.0, behaviours: dict[str, list[str]] | None = None,
-              target_scale: dict[str, float] | None = None,
-              interval_weights: dict[str, float] | None = None) -> "TokenizerConfig":
+              target_scale: dict[str, float] | None = None, interval_weights: dict[str, float] | None = None,
+              target_rms: float = 0.5) -> "TokenizerConfig":
         """The tokenizer for `model` (its readouts, in its order; its latent grid) over windows of
         `window_s` seconds; `behaviours`: readout -> accepted behaviour names."""
         behaviours = DEFAULT_BEHAVIOURS if behaviours is None else behaviours
@@ -97,15 +98,18 @@ class TokenizerConfig:
             raise ValueError(f"readouts {unknown} are not readouts of the model (it has {sorted(model.readouts)})")
         geometry = Geometry(window_s, model.latent_step, model.latents_per_step)
         geometry.check()
+        if not target_rms > 0:
+            raise ValueError(f"target_rms must be > 0, got {target_rms}")
         return cls(geometry, [Readout(n, d, list(behaviours.get(n, []))) for n, d in model.readouts.items()],
                    dict(target_scale or {}),
-                   dict(DEFAULT_INTERVAL_WEIGHTS if interval_weights is None else interval_weights))
+                   dict(DEFAULT_INTERVAL_WEIGHTS if interval_weights is None else interval_weights),
+                   target_rms=float(target_rms))
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenizerConfig":
         stats = {s: {b: TargetStats(**x) for b, x in per.items()} for s, per in d.get("target_stats", {}).items()}
         return cls(Geometry(**d["geometry"]), [Readout(**r) for r in d["readouts"]], dict(d["target_scale"]),
-                   dict(d["interval_weights"]), stats)
+                   dict(d["interval_weights"]), stats, float(d.get("target_rms", 0.5)))
 
     def normaliser(self, session: str, behaviour: str, dims: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """(shift, scale), `width` columns each (unused ones 0 and 1): target = (value - shift) / scale."""
@@ -117,7 +121,7 @@ class TokenizerConfig:
             if st is None:
                 raise KeyError(f"no target statistics for behaviour {behaviour} of session {session}: the model "
                                "was not trained or adapted on it (popscale finetune adds a session)")
-            shift[:dims], scale[:dims] = st.mean, st.std
+            shift[:dims], scale[:dims] = st.mean, st.std / self.target_rms
         return shift, scale
 
 

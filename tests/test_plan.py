@@ -45,7 +45,7 @@ def test_plan_resolves_the_run_on_its_corpus(corpus):
         t, v = r.behaviour("hand_vel")
         inside = v[iv.contains(iv.normalize(r.intervals["train"]), t)].astype(np.float64)
         st = plan.tokenizer.target_stats[sid]["hand_vel"]
-        assert np.allclose(st.mean, inside.mean(0)) and np.allclose(st.std, inside.std(0))
+        assert np.allclose(st.mean, inside.mean(0)) and np.isclose(st.std, np.sqrt((inside.std(0) ** 2).mean()))
     assert plan.warm_start.shape == (len(plan.unit_vocab), 2) and plan.warm_start.dtype == np.float32
 
 
@@ -82,6 +82,9 @@ def test_a_resumed_plan_keeps_its_sessions_and_warm_start_and_refuses_other_data
     assert again.sessions == plan.sessions and again.warm_start is plan.warm_start
     with pytest.raises(PlanMismatch, match="changed since it started"):
         build_plan(config(corpus, "data.seed=7"), previous=plan)
+    with pytest.raises(PlanMismatch, match="its tokens would change"):
+        build_plan(config(corpus, "data.target_scale.hand_vel=20"), previous=plan)
+    assert again.tokenizer.target_stats is plan.tokenizer.target_stats  # reused, not recomputed
 
 
 def test_the_data_service_refuses_a_corpus_changed_since_the_plan(corpus):
