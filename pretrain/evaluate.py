@@ -6,14 +6,14 @@ periods, ...), averaged uniformly over output dims; the headline is the mean ove
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from data_service import intervals as iv
-from data_service.reader import Corpus, SessionReader
-
+from data_service.reader import Corpus, SessionReader, open_corpus
 
 
 @dataclass
@@ -104,10 +104,6 @@ class Evaluator:
         self.mine = sessions[dist.rank::dist.world]
 
     def __call__(self, model, step: int, sink) -> dict[str, float]:
-        import tempfile
-
-        from data_service.reader import open_corpus
-
         corpus = open_corpus(self.corpus)
         results = evaluate(model, self.tokenizer, corpus, self.mine, self.split, device=self.dist.device)
         per_session = {k: v for g in self.dist.gather({k: v.r2 for k, v in results.items()}) for k, v in g.items()}

@@ -3,9 +3,8 @@
 A run config says what the user asked for; the plan is what that means on this corpus: which
 sessions are streamed, the unit and session vocabularies (in embedding-row order), which
 sessions are validated, the readouts with the behaviours they decode and every session's
-target statistics (targets.py),
-the window and latent geometry, the window index and its fingerprint, and the warm-start
-weights. Workers, the data service and the exporter read the plan; none of them re-derives any
+target statistics (targets.py), the window and latent geometry, the window index and its
+fingerprint, and the warm-start weights. Workers, the data service and the exporter read the plan; none of them re-derives any
 of it, and none needs a model object (the tokenizer is built on the plan's frozen vocabularies).
 
 The plan is a plain dataclass: it crosses Ray's serialisation as it is, and `save`/`load`
@@ -141,8 +140,9 @@ def training_sessions(run: RunConfig, corpus: Corpus, tok: TokenizerConfig) -> l
 
 
 def build_plan(run: RunConfig, *, previous: RunPlan | None = None, progress: bool = False) -> RunPlan:
-    """The plan of `run` on its corpus. `previous` (a resumed run's plan) fixes the sessions and
-    the warm start, and the data must still give the same window order, or `PlanMismatch`."""
+    """The plan of `run` on its corpus. `previous` (a resumed run's plan) fixes the sessions, the
+    target statistics and the warm start; the tokens and the window order must stay what they
+    were, or `PlanMismatch`."""
     corpus = open_corpus(run.data.corpus)
     model = run.model_config()
     d = run.data
@@ -151,10 +151,10 @@ def build_plan(run: RunConfig, *, previous: RunPlan | None = None, progress: boo
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
     if previous is not None:
-        if asdict(replace(previous.tokenizer, target_stats={})) != asdict(tok):
+        was = asdict(replace(previous.tokenizer, target_stats={}))
+        if was != asdict(tok):
             raise PlanMismatch("its tokens would change: readouts, target scales, loss weights or window geometry "
-                               f"differ from the run's plan ({asdict(replace(previous.tokenizer, target_stats={}))} "
-                               f"-> {asdict(tok)})")
+                               f"differ from the run's plan ({was} -> {asdict(tok)})")
         sessions, tok = list(previous.sessions), previous.tokenizer  # its target statistics: never recomputed
     else:
         sessions = training_sessions(run, corpus, tok)

@@ -5,8 +5,9 @@
   at the window's end, so silent units are seen too;
 - latents: `latents_per_step` learned latents repeated every `latent_step`, at the step centres;
 - outputs: one query per behaviour sample of each readout's behaviour, with its target on a
-  common scale (z-scored per column with the session's own train-split statistics, or divided
-  by a scale the config fixes for that behaviour; targets.py) and a loss weight: the product of
+  common scale (centred on the session's own train-split mean and divided by one scale per
+  behaviour, to an RMS of `target_rms`; or divided by a scale the config fixes for that behaviour;
+  targets.py) and a loss weight: the product of
   the weights of the interval sets containing it (e.g. reach 5, hold 0.1).
 
 The tokenizer maps unit and session ids into vocabularies through `VocabLookup`, a protocol that
