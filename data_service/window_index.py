@@ -36,6 +36,8 @@ class IndexConfig:
     seed: int = 0
     session_weights: dict[str, float] = field(default_factory=dict)  # session id -> weight (default 1)
     sessions: list[str] | None = None  # restrict to these sessions (default: every session)
+    # session -> [[start, end], ...] used instead of its `split` (a label budget's part of the train split)
+    intervals: dict[str, list[list[float]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,10 @@ class WindowRef:
 def index_fingerprint(corpus_fingerprint: str, cfg: IndexConfig) -> str:
     """What the window order is a function of: the corpus content and the index config. Cheap
     (no index is built), so a driver can check a resume or a plan without building one."""
-    return hashlib.sha256(json.dumps([corpus_fingerprint, asdict(cfg)], sort_keys=True, default=str).encode()
-                          ).hexdigest()[:16]
+    d = asdict(cfg)
+    if d["intervals"] is None:
+        del d["intervals"]  # so fingerprints of runs made before the field existed still match
+    return hashlib.sha256(json.dumps([corpus_fingerprint, d], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=64)
@@ -95,6 +99,8 @@ class WindowIndex:
         rows_s, rows_a, rows_b = [], [], []
         for k, sid in enumerate(ids):
             iv = corpus.session(sid).intervals.get(cfg.split)
+            if cfg.intervals is not None and sid in cfg.intervals:
+                iv = np.asarray(cfg.intervals[sid], dtype=np.float64).reshape(-1, 2)
             if iv is None:
                 raise CorpusError(f"session has no {cfg.split!r} split", file=str(corpus.root), session=sid,
                                   field=f"intervals/{cfg.split}")

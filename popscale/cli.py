@@ -171,12 +171,214 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     keys = {o.partition("=")[0].strip() for o in a.set or []}
     if "data.corpus" in keys and not any(k == "data.synth" or k.startswith("data.synth.") for k in keys):
         cfg.data.synth = None  # a corpus named on the command line must exist: a typo never makes a new one
-    r = pretrain(cfg, resume=a.resume, show_progress=not a.no_progress, notify=say)
+    r = pretrain(cfg, resume=a.resume, show_progress=not a.no_progress, notify=say, alias=a.alias)
     say(f"run {r.name}: {r.steps} steps in {r.seconds / 60:.1f} min, validation R2 {r.valid_r2:.3f}")
     if r.model_uri:
-        say(f"registered {r.model_uri} (version {r.model_version}) in {r.tracking_uri}")
+        alias = a.alias or cfg.tracking.alias
+        moved = f"; @{alias} now points at it" if alias else \
+            f" (no alias moved: `popscale promote {cfg.tracking.registered_model} {r.model_version} ALIAS`)"
+        say(f"registered {r.model_uri} in {r.tracking_uri}{moved}")
     result(valid_r2=f"{r.valid_r2:.4f}", model_uri=r.model_uri or "none", model_version=r.model_version or "none",
            run=r.name, mlflow_run_id=r.mlflow_run_id, steps=r.steps, seconds=f"{r.seconds:.0f}")
+    return 0
+
+
+# ---- the registry: models, promote, pull --------------------------------------------------------------------
+def _tracking(a: argparse.Namespace) -> str:
+    from pretrain.run_config import TrackingConfig
+    from pretrain.tracking import tracking_uri
+
+    return tracking_uri(TrackingConfig(uri=a.tracking_uri))
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from pretrain.registry import versions
+
+    uri = _tracking(a)
+    rows, aliases = versions(uri, a.name)
+    by_version: dict[str, list[str]] = {}
+    for al, v in aliases.items():
+        by_version.setdefault(v, []).append("@" + al)
+    t = Table(title=f"{a.name} in {uri}")
+    for col in ("version", "aliases", "kind", "valid/test R2", "source", "run"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["version"], " ".join(sorted(by_version.get(r["version"], []))), r.get("kind", ""),
+                  r.get("valid_r2", r.get("test_r2", "")), r.get("source_model", ""), r.get("ray_run", r["run_id"] or ""))
+    Console(width=160).print(t)
+    result(name=a.name, versions=len(rows), aliases=",".join(f"{k}:{v}" for k, v in sorted(aliases.items())) or "none")
+    return 0
+
+
+def cmd_promote(a: argparse.Namespace) -> int:
+    from pretrain.registry import promote
+
+    before = promote(_tracking(a), a.name, a.version, a.alias)
+    say(f"@{a.alias} of {a.name}: version {before or '(none)'} -> {a.version}")
+    result(model_uri=f"models:/{a.name}@{a.alias}", version=a.version, previous=before or "none")
+    return 0
+
+
+def cmd_pull(a: argparse.Namespace) -> int:
+    from pretrain.registry import pull
+
+    uri = a.model if a.model.startswith("models:/") else f"models:/{a.model}"
+    ref, path = pull(uri, _tracking(a), a.cache)
+    if a.out:
+        import shutil
+
+        shutil.copytree(path, a.out, dirs_exist_ok=True)
+        path = Path(a.out)
+    say(f"{uri} is {ref.uri}: weights, config, vocabularies and model card in {path}")
+    result(model_uri=ref.uri, path=path)
+    return 0
+
+
+# ---- finetune -----------------------------------------------------------------------------------------
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from pretrain.adapt import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(model=a.model, corpus=a.corpus, sessions=a.session or [], mode=a.mode, labels=a.labels,
+                         steps=a.steps, unfreeze_after=a.unfreeze_after, batch=a.batch, seed=a.seed,
+                         eval_every=a.eval_every, warm_start=a.warm_start, replace_session=a.replace_session,
+                         register=a.register, alias=a.alias, tracking_uri=a.tracking_uri, out=a.out, name=a.name,
+                         **({"lr_unit_id": a.lr} if a.lr and a.mode != "full" else {}),
+                         **({"lr_full": a.lr} if a.lr and a.mode == "full" else {}))
+    r = finetune(cfg, notify=say, show_progress=not a.no_progress)
+    for s, v in r.per_session.items():
+        say(f"  {s}: test R2 {v['test']:.3f}, valid R2 {v['valid']:.3f} ({r.labelled_s[s]:.0f} s of labels)")
+    say(f"finetune {r.name}: {r.mode} in {r.seconds:.0f} s, best validation at step {r.best_step}; model {r.model_uri}")
+    result(test_r2=f"{r.test_r2:.4f}", valid_r2=f"{r.valid_r2:.4f}", model_uri=r.model_uri, seconds=f"{r.seconds:.0f}",
+           mode=r.mode, labels=r.labels, source=r.source)
+    return 0
+
+
+# ---- evaluate, decode ---------------------------------------------------------------------------------
+def _load_model(a: argparse.Namespace):
+    from pretrain.registry import load
+
+    return load(a.model, _tracking(a) if a.model.startswith("models:/") else None, a.cache)
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from data_service.reader import open_corpus
+    from pretrain.evaluate import plot_session, predict_session
+
+    model, tok, path = _load_model(a)
+    corpus = open_corpus(a.corpus)
+    known = set(model.session_emb.ids)
+    sessions = a.session or [s for s in corpus.session_ids if s in known]
+    if not sessions:
+        raise CorpusError(f"no session of the corpus is in the model's vocabulary ({len(known)} sessions); "
+                          "name one with --session after adapting the model to it (popscale finetune)",
+                          file=a.corpus)
+    from pretrain.decode import UnknownRecording
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, results = [], {}
+    for sid in sessions:
+        if sid not in corpus.rows:
+            raise CorpusError("session not in the corpus", file=a.corpus, session=sid)
+        if sid not in known:
+            raise UnknownRecording(f"session {sid}: not in the model's vocabulary; adapt first: popscale finetune "
+                                   f"--model {a.model} --corpus {a.corpus} --session {sid}")
+        r = predict_session(model, tok, corpus.session(sid), a.split)
+        if r is None:
+            say(f"  {sid}: nothing to score in its {a.split} split (no behaviour the model decodes there)")
+            continue
+        results[sid] = r
+        rows += [(sid, b, v) for b, v in r.per_behaviour.items()]
+        plot_session(r, str(out / f"{sid}_{a.split}.png"), split=a.split)
+    t = Table(title=f"{a.model}: R2 on the {a.split} split")
+    for col in ("session", "behaviour", "R2"):
+        t.add_column(col)
+    for sid, b, v in rows:
+        t.add_row(sid, b, f"{v:.4f}")
+    mean = float(sum(r.r2 for r in results.values()) / len(results)) if results else float("nan")
+    t.add_row("mean", "", f"{mean:.4f}")
+    Console(width=120).print(t)
+    report = {"model": a.model, "path": str(path), "corpus": a.corpus, "split": a.split, "r2": mean,
+              "sessions": {s: {"r2": r.r2, "per_behaviour": r.per_behaviour, "samples": len(r.times)}
+                           for s, r in results.items()}}
+    (out / "evaluate.json").write_text(json.dumps(report, indent=1))
+    say(f"table in {out / 'evaluate.json'}, plots of decoded vs true in {out}")
+    result(r2=f"{mean:.4f}", split=a.split, sessions=len(results), json=out / "evaluate.json")
+    return 0
+
+
+def _input_session(a: argparse.Namespace, tmp: str):
+    """(corpus, session id) to decode: the named one, or the one ingested from --input."""
+    from data_service.reader import open_corpus
+
+    if a.input:
+        from data_service.ingest import ingest
+        from data_service.ingest.common import IngestOptions
+
+        report = ingest([a.input], Path(tmp) / "corpus", lambda _p: IngestOptions())
+        if not report.ok:
+            raise CorpusError(report.failures[0][1])
+        ids = [sid for _, sid, _ in report.results]
+        if a.session:
+            if a.session not in ids:
+                raise CorpusError(f"no session {a.session!r} in the file (it has {ids})", file=a.input)
+            ids = [a.session]
+        if len(ids) != 1:
+            raise ConfigError(f"{a.input} holds sessions {ids}: choose one with --session")
+        return open_corpus(Path(tmp) / "corpus"), ids[0]
+    if not (a.corpus and a.session):
+        raise ConfigError("decode needs --input FILE or both --corpus C and --session S")
+    return open_corpus(a.corpus), a.session
+
+
+def cmd_decode(a: argparse.Namespace) -> int:
+    import tempfile
+
+    from pretrain.decode import decode_session, plot_decoded, write_csv, write_nwb
+
+    out = Path(a.out)
+    if out.suffix not in (".csv", ".nwb"):
+        raise ConfigError(f"--out {a.out}: the predictions go to a .csv or an .nwb file")
+    model, tok, _ = _load_model(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus, sid = _input_session(a, tmp)
+        if sid not in corpus.rows:
+            raise CorpusError("session not in the corpus", file=str(corpus.root), session=sid)
+        reader = corpus.session(sid)
+        rows = None
+        if a.split:
+            rows = reader.intervals.get(a.split)
+            if rows is None or not len(rows):
+                raise CorpusError(f"the session has no {a.split} split", file=str(corpus.root), session=sid)
+        decoded = decode_session(model, tok, reader, rows, hz=a.hz, model_uri=a.model)
+        units = {b: meta.get("unit", "unknown") for b, meta in reader.attrs.get("behaviour", {}).items()}
+        if out.suffix == ".csv":
+            write_csv(decoded, out)
+        else:
+            write_nwb(decoded, out, source=a.input or f"{a.corpus}:{sid}", units=units)
+        plot = plot_decoded(decoded, out.with_suffix(".png"), reader)
+    n = sum(int((d.windows > 0).sum()) for d in decoded.values())
+    say(f"decoded {sid}: {n} timestamped predictions ({', '.join(f'{d.readout}: {d.behaviour}' for d in decoded.values())})"
+        f" in {out}; plot {plot}")
+    result(out=out, session=sid, predictions=n, plot=plot)
+    return 0
+
+
+# ---- baseline -----------------------------------------------------------------------------------------
+def cmd_baseline(a: argparse.Namespace) -> int:
+    from data_service.reader import open_corpus
+    from pretrain.baselines import run_baseline
+    from pretrain.labels import LabelBudget
+
+    budget = LabelBudget.parse(a.labels)
+    corpus = open_corpus(a.corpus)
+    if a.session not in corpus.rows:
+        raise CorpusError("session not in the corpus", file=a.corpus, session=a.session)
+    r = run_baseline(a.method, corpus.session(a.session), budget, a.seed, a.window, a.behaviour)
+    say(f"{r.method} on {r.session} ({r.behaviour}, {budget} labels = {r.labelled_s:.0f} s): test R2 {r.test_r2:.4f}, "
+        f"valid R2 {r.valid_r2:.4f}, chosen on valid: {r.params} ({r.seconds:.0f} s)")
+    result(test_r2=f"{r.test_r2:.4f}", valid_r2=f"{r.valid_r2:.4f}", method=r.method, session=r.session,
+           labels=budget, seconds=f"{r.seconds:.0f}")
     return 0
 
 
@@ -241,6 +443,85 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_pretrain)
 
+    s.add_argument("--alias", help="point this alias of the registered model at the new version (default: none moves)")
+
+    def tracking_flag(s):
+        s.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else runs/mlflow.db)")
+
+    s = sub.add_parser("models", help="a registered model's versions and which version each alias points at")
+    s.add_argument("name", nargs="?", default="popscale-poyo")
+    tracking_flag(s)
+    s.set_defaults(fn=cmd_models)
+
+    s = sub.add_parser("promote", help="point an alias of a registered model at a version")
+    s.add_argument("name")
+    s.add_argument("version")
+    s.add_argument("alias")
+    tracking_flag(s)
+    s.set_defaults(fn=cmd_promote)
+
+    s = sub.add_parser("pull", help="fetch a registered model's files (safetensors + JSON) into a local cache")
+    s.add_argument("model", help="NAME@ALIAS, NAME/VERSION or a models:/ URI")
+    s.add_argument("--out", help="also copy the files here")
+    s.add_argument("--cache", default="runs/models")
+    tracking_flag(s)
+    s.set_defaults(fn=cmd_pull)
+
+    s = sub.add_parser("finetune", help="adapt a model to unseen sessions (unit identification or fine-tuning)")
+    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported directory")
+    s.add_argument("--corpus", required=True)
+    s.add_argument("--session", action="append", help="a session to adapt to (repeat for several)")
+    s.add_argument("--mode", default="unit-id", help="unit-id | full | unit-id-then-full (default unit-id)")
+    s.add_argument("--labels", default="100%", help="label budget: 10%% of the train split, or a duration (2m, 90s)")
+    s.add_argument("--steps", type=int, default=100)
+    s.add_argument("--unfreeze-after", type=int, help="unit-id-then-full: unit-id steps first (default half)")
+    s.add_argument("--lr", type=float, help="learning rate (default 1e-2 unit-id, 1e-3 full)")
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0, help="seeds the label draw and the training")
+    s.add_argument("--eval-every", type=int, default=25)
+    s.add_argument("--warm-start", default="auto", help="auto (as the model was pretrained) | ridge | none")
+    s.add_argument("--replace-session", action="store_true", help="adapt afresh to a session the model knows")
+    s.add_argument("--register", metavar="NAME", help="register the adapted model under this name")
+    s.add_argument("--alias", help="with --register: point this alias at the new version")
+    s.add_argument("--name", help="run name (default: sessions, mode and time)")
+    s.add_argument("--out", default="runs/finetune")
+    s.add_argument("--no-progress", action="store_true")
+    tracking_flag(s)
+    s.set_defaults(fn=cmd_finetune)
+
+    s = sub.add_parser("evaluate", help="R2 of a model per session and behaviour (stitched windows), table + JSON + plots")
+    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported directory")
+    s.add_argument("--corpus", required=True)
+    s.add_argument("--session", action="append", help="default: every session of the corpus the model knows")
+    s.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    s.add_argument("--out", default="runs/evaluate")
+    s.add_argument("--cache", default="runs/models")
+    tracking_flag(s)
+    s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("decode", help="decode a whole recording into timestamped predictions (CSV or NWB) + a plot")
+    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported directory")
+    s.add_argument("--input", help="a recording file (NWB, MAT, temporaldata) of a session the model knows")
+    s.add_argument("--corpus")
+    s.add_argument("--session")
+    s.add_argument("--out", required=True, help="PRED.csv or PRED.nwb (a PNG is written beside it)")
+    s.add_argument("--hz", type=float, default=100.0, help="query rate where the recording has no behaviour samples")
+    s.add_argument("--split", choices=["train", "valid", "test"],
+                   help="decode only this split's intervals, with the windows `evaluate` uses (default: everything)")
+    s.add_argument("--cache", default="runs/models")
+    tracking_flag(s)
+    s.set_defaults(fn=cmd_decode)
+
+    s = sub.add_parser("baseline", help="a per-session baseline (Wiener filter, GRU) in the same harness")
+    s.add_argument("--method", required=True, choices=["ridge", "gru"])
+    s.add_argument("--corpus", required=True)
+    s.add_argument("--session", required=True)
+    s.add_argument("--labels", default="100%", help="label budget, as for finetune (10%%, 2m)")
+    s.add_argument("--behaviour", help="default: the first a readout decodes (hand_vel, ...)")
+    s.add_argument("--seed", type=int, default=0, help="seeds the label draw (and the GRU)")
+    s.add_argument("--window", type=float, default=1.0, help="labels come in stretches of at least this (s)")
+    s.set_defaults(fn=cmd_baseline)
+
     s = sub.add_parser("verify", help="re-check checksums and invariants")
     s.add_argument("corpus")
     s.add_argument("--session", action="append")
@@ -265,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{e.filename}: {e.strerror or e}"
         lines = [ln.strip() for ln in message.splitlines() if ln.strip()] or [type(e).__name__]
         message = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"  # e.g. a worker's traceback
-        if len(lines) > 1 or not isinstance(e, (ValueError, OSError, RuntimeError, CorpusError)):
+        if len(lines) > 1 or not isinstance(e, (ValueError, OSError, RuntimeError, CorpusError, LookupError)):
             message = f"{message} (popscale --debug {args.command} ... shows the whole error)"
         fail(message, type(e).__name__)
         return 2 if isinstance(e, ConfigError) else 1  # 2: asked wrongly (usage); 1: input or job failed

@@ -7,7 +7,7 @@ periods, ...), averaged uniformly over output dims; the headline is the mean ove
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,28 +15,18 @@ import torch
 from data_service import intervals as iv
 from data_service.reader import Corpus, SessionReader, open_corpus
 
+from .decode import decode_session
+
 
 @dataclass
 class SessionResult:
     session_id: str
-    r2: float
-    behaviour: str
+    r2: float  # averaged over the behaviours scored
+    behaviour: str  # the first readout's (what `times`, `target` and `prediction` hold)
     times: np.ndarray  # absolute times of the scored samples
     target: np.ndarray  # (n, d), in the session's units
     prediction: np.ndarray  # (n, d), in the session's units
-
-
-def window_starts(rows: np.ndarray, window: float, domain: tuple[float, float]) -> np.ndarray:
-    """Starts of windows, stride window/2, covering every interval (the last flush with its end);
-    an interval shorter than a window gets one window centred on it, kept inside the session."""
-    starts = []
-    for a, b in rows:
-        if b - a <= window:
-            starts.append(min(max(a - (window - (b - a)) / 2, domain[0]), domain[1] - window))
-        else:
-            s = np.arange(a, b - window, window / 2)
-            starts.extend(s.tolist() + [b - window])
-    return np.unique(np.round(np.asarray(starts, dtype=np.float64), 9))
+    per_behaviour: dict[str, float] = field(default_factory=dict)  # behaviour -> R2, every readout scored
 
 
 def r2_score(y: np.ndarray, p: np.ndarray) -> float:
@@ -45,43 +35,31 @@ def r2_score(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.mean(1 - ss_res / np.maximum(ss_tot, 1e-12)))
 
 
-@torch.no_grad()
 def predict_session(model, tokenizer, reader: SessionReader, split: str = "valid", batch_size: int = 32,
                     device: torch.device | str = "cpu") -> SessionResult | None:
-    """Stitched predictions of the session's first readout behaviour over its `split` intervals."""
-    layout = tokenizer.layout(reader)
-    if not layout.outputs:
+    """Stitched predictions (decode.py) over the session's `split` intervals, scored on the samples
+    inside both the split and the session's `eval` intervals, per behaviour; None when nothing scores."""
+    if not tokenizer.layout(reader).outputs:
         return None
-    readout, name, dims, shift, scale = layout.outputs[0]
-    window = tokenizer.cfg.geometry.window_s
-    rows = iv.normalize(reader.intervals[split])
+    rows = iv.normalize(reader.intervals.get(split, iv.EMPTY))
     if not len(rows):
         return None
-    times, values = reader.behaviour(name)
-    scored = iv.contains(iv.intersect(rows, reader.intervals.get("eval", rows)), times)
-    if not scored.any():
+    decoded = decode_session(model, tokenizer, reader, rows, batch_size=batch_size, device=device)
+    scored_in = iv.intersect(rows, reader.intervals.get("eval", rows))
+    parts = []
+    for d in decoded.values():
+        if d.behaviour not in reader.behaviour_names:
+            continue
+        ok = iv.contains(scored_in, d.times) & (d.windows > 0)
+        if not ok.any():
+            continue
+        target = np.asarray(reader.behaviour(d.behaviour)[1][ok], dtype=np.float64)
+        parts.append((d.behaviour, d.times[ok], target, d.values[ok]))
+    if not parts:
         return None
-    total = np.zeros((len(times), dims))
-    count = np.zeros(len(times))
-    starts = window_starts(rows, window, (float(reader.domain[0, 0]), float(reader.domain[-1, 1])))
-    was_training = model.training
-    model.eval()
-    for i in range(0, len(starts), batch_size):
-        host = tokenizer.pack([(reader.read_window(t0, t0 + window), reader, None) for t0 in starts[i:i + batch_size]])
-        pred = model(host.to(device))[model.readout_names[readout]].float().cpu().numpy()
-        mine = host.output_readout == readout
-        sel = mine if len(model.readout_names) > 1 else slice(None)
-        out_t = host.output_time[sel].astype(np.float64)
-        per_window = np.bincount(np.repeat(np.arange(host.size), host.output_lens)[mine], minlength=host.size)
-        first = np.repeat(host.t_starts, per_window)
-        idx = np.clip(np.searchsorted(times, first + out_t - 1e-6), 0, len(times) - 1)
-        np.add.at(total, idx, pred)
-        np.add.at(count, idx, 1)
-    model.train(was_training)
-    ok = scored & (count > 0)
-    pred = total[ok] / count[ok, None] * scale[:dims] + shift[:dims]  # back to the session's units
-    target = np.asarray(values[ok], dtype=np.float64)
-    return SessionResult(reader.session_id, r2_score(target, pred), name, times[ok], target, pred)
+    per = {b: r2_score(y, p) for b, _, y, p in parts}
+    b, t, y, p = parts[0]
+    return SessionResult(reader.session_id, float(np.mean(list(per.values()))), b, t, y, p, per)
 
 
 def evaluate(model, tokenizer, corpus: Corpus, sessions: list[str], split: str = "valid",
@@ -116,7 +94,7 @@ class Evaluator:
         return {f"{self.split}_r2": mean}
 
 
-def plot_session(res: SessionResult, path: str, seconds: float = 20.0) -> str:
+def plot_session(res: SessionResult, path: str, seconds: float = 20.0, split: str = "validation") -> str:
     """Decoded vs true behaviour over the first `seconds` of scored samples (PNG)."""
     import matplotlib
 
@@ -131,7 +109,7 @@ def plot_session(res: SessionResult, path: str, seconds: float = 20.0) -> str:
         ax.plot(res.times[keep], res.target[keep, k], ".", ms=2, color="0.3", label="true")
         ax.plot(res.times[keep], res.prediction[keep, k], ".", ms=2, color="tab:red", label="decoded")
         ax.set_ylabel(f"{res.behaviour}[{k}]")
-    axes[0].set_title(f"{res.session_id}: decoded vs true (validation, R2 = {res.r2:.3f})")
+    axes[0].set_title(f"{res.session_id}: decoded vs true ({split}, R2 = {res.r2:.3f})")
     axes[0].legend(loc="upper right", fontsize=7)
     axes[-1].set_xlabel("time (s)")
     fig.tight_layout()

@@ -130,16 +130,19 @@ def _fit_with_progress(trainer, progress, total: int, show: bool):
 
 
 def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool = True,
-             hooks: LoopHooks | None = None, notify: Callable[[str], None] = print) -> PretrainResult:
-    """Plan the run, train it on Ray Train workers, export and register the final weights.
+             hooks: LoopHooks | None = None, notify: Callable[[str], None] = print,
+             alias: str | None = None) -> PretrainResult:
+    """Plan the run, train it on Ray Train workers, export and register the final weights as a new
+    version; `alias` (default: the config's `tracking.alias`, none) is moved to it only when given.
     `hooks` default to the test hooks of the environment (hooks.FaultAndRecord.from_env)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .registry import export_checkpoint, register
+    from .registry import export_checkpoint, model_card, provenance, register
     from .tracking import start_run, tracking_uri
 
     t0 = time.time()
+    alias = alias or run.tracking.alias
     # Workers run in their own directories: every path they see must be absolute.
     run.data.corpus = str(Path(run.data.corpus).resolve())
     run.tracking.uri = tracking_uri(run.tracking)
@@ -199,10 +202,17 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
     stopped_early = run.train.stop_at is not None and run.train.stop_at < run.train.steps
     with result.checkpoint.as_directory() as d:
         if not stopped_early:
-            export = export_checkpoint(d, run_dir / "export", {"mlflow_run_id": meta["mlflow_run_id"], "ray_run": name,
-                                                               "corpus_fingerprint": plan.corpus_fingerprint})
+            prov = provenance({"mlflow_run_id": meta["mlflow_run_id"], "ray_run": name,
+                               "corpus_fingerprint": plan.corpus_fingerprint, "corpus": run.data.corpus})
+            export = export_checkpoint(d, run_dir / "export", prov)
+            valid_r2 = float(metrics.get("valid_r2", float("nan")))
+            model_card(export, title=f"{run.tracking.registered_model}: pretrained {plan.run.model}",
+                       data=f"Pretrained ({metrics.get('step', '?')} steps) on {len(plan.sessions)} sessions of "
+                            f"{run.data.corpus}.", metrics={"valid_r2": valid_r2})
             version, model_uri = register(uri, meta["mlflow_run_id"], export, run.tracking.registered_model,
-                                          run.tracking.alias)
+                                          alias, tags={"kind": "pretrained", "git_commit": prov["git_commit"],
+                                                       "corpus_fingerprint": plan.corpus_fingerprint,
+                                                       "valid_r2": f"{valid_r2:.4f}", "ray_run": name})
     return PretrainResult(name=name, valid_r2=float(metrics.get("valid_r2", float("nan"))),
                           steps=int(metrics.get("step", 0)), model_uri=model_uri, model_version=version,
                           mlflow_run_id=meta["mlflow_run_id"], tracking_uri=uri, seconds=time.time() - t0,

@@ -95,12 +95,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if id(p) in lazy or not p.requires_grad:
             continue
         (decay if p.ndim >= 2 else no_decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay, "name": "weights"},
         {"params": no_decay, "weight_decay": 0.0, "name": "biases_norms"},
         {"params": [p for p in model.embedding_parameters() if p.requires_grad], "weight_decay": 0.0, "lazy": True,
          "name": "embeddings"},
     ]
+    return [g for g in groups if g["params"]]  # a frozen model part leaves a group empty (adaptation)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> LazyAdamW:

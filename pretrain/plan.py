@@ -44,6 +44,21 @@ class PlanMismatch(ValueError):
     """A resumed run whose data would not continue where it stopped."""
 
 
+@dataclass
+class Adaptation:
+    """A plan that starts from a trained model (adapt.py): its weights, the vocabulary rows it
+    adds, and what trains."""
+
+    source: str  # exported model directory (registry.export_model) the weights start from
+    units: list[str]  # unit ids of the plan's sessions: the rows that are new (or start afresh)
+    trainable: str = "all"  # all | new: only the embedding rows of `units` and of the plan's sessions
+    reinit: bool = False  # the plan's sessions are in the source model: their rows start afresh
+
+    def __post_init__(self) -> None:
+        if self.trainable not in ("all", "new"):
+            raise ValueError(f"trainable must be all or new, got {self.trainable!r}")
+
+
 @dataclass(eq=False)
 class RunPlan:
     run: RunConfig  # what was asked for (paths absolute)
@@ -57,6 +72,7 @@ class RunPlan:
     index: IndexConfig
     index_fingerprint: str
     warm_start: np.ndarray | None = None  # (units, sum of readout dims) float32; NaN rows: left random
+    adapt: Adaptation | None = None  # None: trained from scratch
 
     @property
     def corpus(self) -> str:
@@ -78,9 +94,42 @@ class RunPlan:
         from .model import POYO
         from .warm_start import apply_warm_start
 
-        model = POYO(self.model, self.unit_vocab, self.session_vocab, device=device)
+        if self.adapt is None:
+            model = POYO(self.model, self.unit_vocab, self.session_vocab, device=device)
+        else:
+            model = self._adapted_model(device)
         if self.warm_start is not None:
             apply_warm_start(model, self.warm_start)
+        return model
+
+    def _adapted_model(self, device):
+        """The source model with the plan's sessions added (new rows ~ N(0, init scale), old rows
+        untouched); with `trainable=new`, everything else frozen and only those rows take gradients."""
+        import torch
+
+        from .registry import load_exported
+
+        a = self.adapt
+        model, _ = load_exported(a.source, device=device)
+        model.train()
+        if a.reinit:
+            with torch.no_grad():
+                for emb, ids in ((model.unit_emb, a.units), (model.session_emb, self.sessions)):
+                    known = [i for i in ids if i in emb.index]
+                    rows = torch.as_tensor(emb.lookup(known), device=emb.weight.device)
+                    emb.weight[rows] = torch.randn(len(known), emb.dim, device=emb.weight.device) * emb.init_scale
+        model.unit_emb.extend(self.unit_vocab)
+        model.session_emb.extend(self.session_vocab)
+        if model.unit_emb.ids != self.unit_vocab or model.session_emb.ids != self.session_vocab:
+            raise PlanMismatch(f"the model at {a.source} does not have the plan's vocabularies in the plan's order")
+        if a.trainable == "new":
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for emb, ids in ((model.unit_emb, a.units), (model.session_emb, self.sessions)):
+                mask = torch.zeros(len(emb), 1, device=emb.weight.device)
+                mask[torch.as_tensor(emb.lookup(ids), device=mask.device)] = 1.0
+                emb.weight.requires_grad_(True)
+                emb.weight.register_hook(lambda g, m=mask: g * m)  # other rows: exactly zero gradient
         return model
 
     # ---- serialisation --------------------------------------------------------------------------------
@@ -93,7 +142,8 @@ class RunPlan:
                 "unit_vocab": list(self.unit_vocab), "session_vocab": list(self.session_vocab),
                 "valid_sessions": list(self.valid_sessions), "index": asdict(self.index),
                 "index_fingerprint": self.index_fingerprint,
-                "warm_start": None if ws is None else {"shape": list(ws.shape), "values": ws.reshape(-1).tolist()}}
+                "warm_start": None if ws is None else {"shape": list(ws.shape), "values": ws.reshape(-1).tolist()},
+                "adapt": None if self.adapt is None else asdict(self.adapt)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunPlan":
@@ -106,7 +156,8 @@ class RunPlan:
                    sessions=list(d["sessions"]), unit_vocab=list(d["unit_vocab"]),
                    session_vocab=list(d["session_vocab"]), valid_sessions=list(d["valid_sessions"]),
                    index=IndexConfig(**d["index"]), index_fingerprint=d["index_fingerprint"],
-                   warm_start=None if ws is None else np.asarray(ws["values"], dtype=np.float32).reshape(ws["shape"]))
+                   warm_start=None if ws is None else np.asarray(ws["values"], dtype=np.float32).reshape(ws["shape"]),
+                   adapt=Adaptation(**d["adapt"]) if d.get("adapt") else None)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RunPlan) and json.dumps(self.to_dict()) == json.dumps(other.to_dict())

@@ -5,16 +5,23 @@ An exported model is a directory of plain files, nothing pickled:
     config.json         model config, tokenizer config (geometry, readouts, target scales, loss
                         weights), provenance (corpus fingerprint, run, step)
     vocab.json          unit and session ids, in the order of the embedding rows
+    plan.json           the run plan it was trained with (when it came from a run)
+    MODEL_CARD.md       data, metrics, lineage, intended use
 It is registered as an MLflow pyfunc model *from code* (pretrain/mlflow_pyfunc.py is copied in,
-not pickled) with those files as artifacts, and an alias points at the version.
+not pickled) with those files as artifacts, for serving. popscale itself never goes through the
+pyfunc: `pull` downloads the files and `load_exported` reads weights and JSON, so loading a
+model runs no code stored with it. Every run registers a new version; an alias moves only when
+asked (`register(..., alias=)`, `promote`).
 
-    model, tokenizer = load_model("models:/popscale-poyo@pretrained")
+    ref, path = pull("models:/popscale-poyo@pretrained", tracking_uri)   # runs/models/NAME/VERSION
+    model, tokenizer = load_exported(path)
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields
+import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -69,7 +76,9 @@ def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, provenance: d
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return export_model(model, plan.tokenizer, out, {**provenance, "step": state["step"]})
+    out = export_model(model, plan.tokenizer, out, {**provenance, "step": state["step"]})
+    plan.save(out)
+    return out
 
 
 def load_exported(path: str | Path, device: str = "cpu") -> tuple[POYO, Tokenizer]:
@@ -77,7 +86,7 @@ def load_exported(path: str | Path, device: str = "cpu") -> tuple[POYO, Tokenize
     mcfg, tcfg = _configs(json.loads((path / "config.json").read_text()))
     vocab = json.loads((path / "vocab.json").read_text())
     model = POYO(mcfg, vocab["units"], vocab["sessions"], device=device)
-    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors"), device=device), strict=False)
+    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)), strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise RuntimeError(f"exported model at {path} does not match its config: missing {missing[:5]}, "
@@ -86,8 +95,159 @@ def load_exported(path: str | Path, device: str = "cpu") -> tuple[POYO, Tokenize
     return model, Tokenizer(tcfg, model.unit_emb.frozen(), model.session_emb.frozen())
 
 
-def register(tracking_uri: str, run_id: str, export_dir: str | Path, name: str, alias: str) -> tuple[str, str]:
-    """Log the exported model to the run and register it; returns (version, models:/ uri)."""
+# ---- provenance -------------------------------------------------------------------------------------------
+PACKAGES = ("torch", "deepspeed", "ray", "mlflow", "zarr", "numpy", "safetensors", "popscale")
+
+
+def provenance(extra: dict | None = None) -> dict:
+    """What a registered version was made with: the git commit of this checkout (with `+dirty`
+    when it has uncommitted changes), package versions and the host's Python."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    repo = Path(__file__).resolve().parents[1]
+    commit = "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit += "+dirty" if dirty and commit != "unknown" else ""
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return {"git_commit": commit, "packages": versions, "python": platform.python_version(), **(extra or {})}
+
+
+def model_card(path: str | Path, *, title: str, data: str, metrics: dict[str, float], lineage: str = "",
+               intended_use: str | None = None) -> Path:
+    """A short MODEL_CARD.md beside the weights: what it was trained on, how well, what it is for."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    prov = cfg.get("provenance", {})
+    vocab = json.loads((Path(path) / "vocab.json").read_text())
+    use = intended_use or ("Decoding behaviour from spikes of the sessions in its vocabulary, and adapting to new "
+                           "sessions with `popscale finetune`. A research model: not validated for clinical use.")
+    lines = [f"# {title}", "", "## Data", data, f"- {len(vocab['sessions'])} sessions and {len(vocab['units'])} units "
+             f"in its vocabulary; corpus fingerprint {prov.get('corpus_fingerprint', 'unknown')}", "",
+             "## Metrics", *[f"- {k}: {v:.4f}" for k, v in metrics.items()], "",
+             "## Model", f"- {cfg['model']['dim']}-dim, depth {cfg['model']['depth']}, readouts "
+             f"{', '.join(f'{k} ({v})' for k, v in cfg['model']['readouts'].items())}",
+             f"- git commit {prov.get('git_commit', 'unknown')}", *([f"- lineage: {lineage}"] if lineage else []), "",
+             "## Intended use", use, ""]
+    out = Path(path) / "MODEL_CARD.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+# ---- the registry ---------------------------------------------------------------------------------------
+class ModelNotFound(LookupError):
+    """A models:/ URI (or a path) that names no model."""
+
+
+@dataclass
+class ModelRef:
+    name: str
+    version: str
+    uri: str  # models:/name/version
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """(name, version, alias) of `models:/NAME/VERSION`, `models:/NAME@ALIAS`, `NAME@ALIAS` or `NAME/VERSION`."""
+    body = uri[len("models:/"):] if uri.startswith("models:/") else uri
+    if "@" in body:
+        name, alias = body.rsplit("@", 1)
+        if name and alias:
+            return name, None, alias
+    elif "/" in body:
+        name, version = body.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, version, None
+    raise ModelNotFound(f"{uri!r} is not a model URI: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+def resolve(uri: str, tracking_uri: str) -> ModelRef:
+    """The registered version a URI names (an alias is read now: it may move later)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name, version, alias = parse_model_uri(uri)
+    client = MlflowClient(tracking_uri)
+    try:
+        v = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException:
+        known = [m.name for m in client.search_registered_models(max_results=50)]
+        what = f"alias @{alias}" if alias else f"version {version}"
+        raise ModelNotFound(f"no registered model {name!r} with {what} in {tracking_uri} (registered models: "
+                            f"{', '.join(known) or 'none'}; `popscale models NAME` lists versions and aliases)"
+                            ) from None
+    return ModelRef(name, str(v.version), f"models:/{name}/{v.version}")
+
+
+def _export_root(downloaded: Path) -> Path:
+    """The exported-model directory inside a downloaded MLflow model (pyfunc layout or plain)."""
+    for cand in (downloaded / "artifacts" / "model", downloaded):
+        if (cand / "config.json").exists() and (cand / "model.safetensors").exists():
+            return cand
+    found = [p.parent for p in downloaded.rglob("model.safetensors") if (p.parent / "config.json").exists()]
+    if found:
+        return found[0]
+    raise ModelNotFound(f"the registered model at {downloaded} holds no popscale weights (model.safetensors + "
+                        "config.json); it was not registered by popscale")
+
+
+def pull(uri: str, tracking_uri: str, cache: str | Path = "runs/models") -> tuple[ModelRef, Path]:
+    """Fetch a registered version's files (weights, config, vocabularies, plan, model card) into
+    `cache/NAME/VERSION` (once: a version never changes) and return that directory. Only files are
+    copied: nothing of the MLflow pyfunc wrapper is imported or run."""
+    import shutil
+    import tempfile
+
+    import mlflow
+
+    ref = resolve(uri, tracking_uri)
+    out = Path(cache) / ref.name / ref.version
+    if (out / "config.json").exists():
+        return ref, out
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=tmp))
+        staged = Path(tmp) / "export"
+        shutil.copytree(_export_root(got), staged)
+        os.replace(staged, out)
+    return ref, out
+
+
+def load(uri_or_dir: str | Path, tracking_uri: str | None = None, cache: str | Path = "runs/models",
+         device: str = "cpu") -> tuple[POYO, Tokenizer, Path]:
+    """(model, tokenizer, local directory) of a models:/ URI (pulled first) or an exported directory."""
+    p = Path(str(uri_or_dir))
+    if not str(uri_or_dir).startswith("models:/") and (p / "config.json").exists():
+        model, tok = load_exported(p, device)
+        return model, tok, p
+    if not str(uri_or_dir).startswith("models:/") and "@" not in str(uri_or_dir):
+        raise ModelNotFound(f"{uri_or_dir}: neither a models:/ URI nor a directory with an exported model")
+    if tracking_uri is None:
+        raise ValueError("a tracking URI is needed to load a registered model")
+    _, path = pull(str(uri_or_dir), tracking_uri, cache)
+    model, tok = load_exported(path, device)
+    return model, tok, path
+
+
+def register(tracking_uri: str, run_id: str, export_dir: str | Path, name: str, alias: str | None = None,
+             tags: dict[str, str] | None = None, description: str | None = None) -> tuple[str, str]:
+    """Log the exported model to the run and register a new version of `name`; `alias` is moved to
+    it only when given. Returns (version, models:/name/version)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -95,16 +255,54 @@ def register(tracking_uri: str, run_id: str, export_dir: str | Path, name: str, 
         info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC), artifacts={"model": str(export_dir)},
                                        registered_model_name=name, pip_requirements=["popscale"])
     version = str(info.registered_model_version)
-    mlflow.MlflowClient(tracking_uri).set_registered_model_alias(name, alias, version)
-    return version, f"models:/{name}@{alias}"
+    client = mlflow.MlflowClient(tracking_uri)
+    for k, v in (tags or {}).items():
+        client.set_model_version_tag(name, version, k, str(v)[:5000])
+    card = Path(export_dir) / "MODEL_CARD.md"
+    if description or card.exists():
+        client.update_model_version(name, version, description=description or card.read_text()[:5000])
+    if alias:
+        promote(tracking_uri, name, version, alias)
+    return version, f"models:/{name}/{version}"
+
+
+def promote(tracking_uri: str, name: str, version: str, alias: str) -> str | None:
+    """Point `alias` at `version` of `name`; returns the version it pointed at before (or None)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException:
+        raise ModelNotFound(f"no version {version} of registered model {name!r} in {tracking_uri}") from None
+    try:
+        before = str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        before = None
+    client.set_registered_model_alias(name, alias, str(version))
+    return before
+
+
+def versions(tracking_uri: str, name: str) -> tuple[list[dict], dict[str, str]]:
+    """([{version, run_id, created, source tags}], {alias: version}) of a registered model."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        raise ModelNotFound(f"no registered model {name!r} in {tracking_uri}") from None
+    rows = [{"version": str(v.version), "run_id": v.run_id, "created": v.creation_timestamp, **dict(v.tags)}
+            for v in client.search_model_versions(f"name='{name}'")]
+    return sorted(rows, key=lambda r: int(r["version"])), {a: str(v) for a, v in (model.aliases or {}).items()}
 
 
 def load_model(uri: str, tracking_uri: str | None = None) -> tuple[POYO, Tokenizer]:
-    """The model and tokenizer of a registered version (models:/name@alias or models:/name/version)."""
+    """The model and tokenizer of a registered version (models:/name@alias or models:/name/version),
+    from its files only (see `pull`)."""
     import mlflow
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    pyfunc = mlflow.pyfunc.load_model(uri)
-    impl = pyfunc.unwrap_python_model()
-    return impl.model, impl.tokenizer
+    model, tok, _ = load(uri, tracking_uri or mlflow.get_tracking_uri())
+    return model, tok

@@ -86,7 +86,8 @@ class TrackingConfig:
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a local sqlite store under runs/
     experiment: str = "popscale-pretrain"
     registered_model: str = "popscale-poyo"
-    alias: str = "pretrained"  # ("latest" is reserved by MLflow)
+    # moved to each new version only when set (`popscale pretrain --alias` does too); "latest" is MLflow's
+    alias: str | None = None
 
 
 @dataclass

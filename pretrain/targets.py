@@ -54,9 +54,11 @@ def behaviour_stats(times: np.ndarray, values: np.ndarray, within: np.ndarray, *
 
 
 def target_stats(corpus: Corpus, sessions: list[str], readouts, fixed: dict[str, float],
-                 split: str = "train") -> dict[str, dict[str, TargetStats]]:
-    """session -> behaviour -> stats over the `split` intervals, for the behaviour each readout
-    decodes in each session (`readouts`: tokenizer `Readout`s), except those with a fixed scale."""
+                 split: str = "train", within: dict[str, np.ndarray] | None = None
+                 ) -> dict[str, dict[str, TargetStats]]:
+    """session -> behaviour -> stats over the `split` intervals (or the session's `within`
+    intervals: the labelled part, when adapting), for the behaviour each readout decodes in each
+    session (`readouts`: tokenizer `Readout`s), except those with a fixed scale."""
     out: dict[str, dict[str, TargetStats]] = {}
     for sid in sessions:
         r = corpus.session(sid)
@@ -65,6 +67,6 @@ def target_stats(corpus: Corpus, sessions: list[str], readouts, fixed: dict[str,
             if b is None or b in fixed:
                 continue
             t, v = r.behaviour(b)
-            out.setdefault(sid, {})[b] = behaviour_stats(t, v, r.intervals.get(split, iv.EMPTY), session=sid,
-                                                         behaviour=b, file=str(corpus.root))
+            rows = within[sid] if within and sid in within else r.intervals.get(split, iv.EMPTY)
+            out.setdefault(sid, {})[b] = behaviour_stats(t, v, rows, session=sid, behaviour=b, file=str(corpus.root))
     return out

@@ -166,6 +166,27 @@ class Tokenizer:
                 unit_map=self.unit_vocab.lookup(reader.unit_ids), outputs=outputs)
         return p
 
+    def decoding_layout(self, reader: SessionReader) -> SessionLayout:
+        """The layout for decoding: every readout the model can express in this session's units, by
+        the behaviour the session has or, for a session recorded without it, the behaviour the model
+        learned it by (its target statistics or a fixed scale), so a recording without labels is
+        decoded in its units too. Cached as the session's layout (use a tokenizer of its own)."""
+        base = self.layout(reader)
+        have = {o[0] for o in base.outputs}
+        outputs = list(base.outputs)
+        stats = self.cfg.target_stats.get(reader.session_id, {})
+        for k, ro in enumerate(self.cfg.readouts):
+            if k in have:
+                continue
+            b = next((x for x in ro.behaviours if x in stats), None) or next(
+                (x for x in ro.behaviours if x in self.cfg.target_scale), None)
+            if b is not None or not self.cfg.target_stats:
+                b = b or (ro.behaviours[0] if ro.behaviours else ro.name)
+                outputs.append((k, b, ro.dims, *self.cfg.normaliser(reader.session_id, b, ro.dims, self.max_dim)))
+        p = self._layouts[reader.session_id] = SessionLayout(base.session_index, base.unit_map,
+                                                            sorted(outputs, key=lambda o: o[0]))
+        return p
+
     def needs(self, reader: SessionReader) -> tuple[list[str], list[str]]:
         """(behaviours, interval sets) a window of this session must carry to be tokenized."""
         return [o[1] for o in self.layout(reader).outputs], list(self.cfg.interval_weights)

@@ -13,7 +13,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from data_service.service import LocalBatches, RayBatches, ServiceSpec
 
@@ -114,12 +114,14 @@ def _single_process_group():
 
 
 def train_in_process(plan: RunPlan, checkpoint_dir: str | Path, sink: MetricsSink | None = None,
-                     hooks: LoopHooks | None = None) -> InProcessResult:
+                     hooks: LoopHooks | None = None, wrap_evaluator: Callable | None = None) -> InProcessResult:
     """The loop in this process with the in-process data service: one worker, no Ray. Resumes
-    from the newest checkpoint in `checkpoint_dir` if there is one."""
+    from the newest checkpoint in `checkpoint_dir` if there is one. `wrap_evaluator(evaluator)`
+    may stand in front of the validation (adaptation's model selection does)."""
     with _single_process_group():
         p = _parts(plan, 0, 1)
         ckpt = DirCheckpointer(checkpoint_dir, p.engine, plan)
-        metrics = run_loop(plan, p.step, LocalBatches(p.spec, 0, 1), p.evaluator, ckpt, sink or MemorySink(), p.dist,
+        evaluator = wrap_evaluator(p.evaluator) if wrap_evaluator else p.evaluator
+        metrics = run_loop(plan, p.step, LocalBatches(p.spec, 0, 1), evaluator, ckpt, sink or MemorySink(), p.dist,
                            hooks)
         return InProcessResult(metrics, ckpt.checkpoints()[-1], p.engine.module)

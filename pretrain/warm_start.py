@@ -50,9 +50,10 @@ class WarmStartConfig:
 
 
 def _session_directions(r: SessionReader, columns: list[tuple[str, int, np.ndarray, np.ndarray]],
-                        cfg: WarmStartConfig) -> np.ndarray | None:
-    """(units, sum of dims) ridge weights for one session, or None if it has no training data."""
-    train = r.intervals.get("train")
+                        cfg: WarmStartConfig, train: np.ndarray | None = None) -> np.ndarray | None:
+    """(units, sum of dims) ridge weights for one session fitted on `train` (default: its train
+    split), or None if it has no training data."""
+    train = r.intervals.get("train") if train is None else train
     if train is None or not len(train):
         return None
     train = iv.normalize(train)
@@ -93,10 +94,11 @@ def _session_directions(r: SessionReader, columns: list[tuple[str, int, np.ndarr
 
 
 def unit_directions(corpus: Corpus, sessions: Iterable[str], tokenizer: TokenizerConfig, cfg: WarmStartConfig,
-                    progress: bool = False) -> np.ndarray:
+                    progress: bool = False, within: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """(units of `sessions` in vocabulary order, sum of readout dims) float32; NaN rows: left random.
     The readouts' behaviours and target scales are the tokenizer's, so the directions are in the
-    units the model is trained in."""
+    units the model is trained in; `within` (session -> intervals) replaces a session's train split
+    (the labelled part, when adapting)."""
     sessions = list(sessions)
     it = sessions
     if progress:
@@ -113,7 +115,8 @@ def unit_directions(corpus: Corpus, sessions: Iterable[str], tokenizer: Tokenize
             if b is None:
                 break
             columns.append((b, ro.dims, *tokenizer.normaliser(sid, b, ro.dims, ro.dims)))
-        w = _session_directions(r, columns, cfg) if len(columns) == len(tokenizer.readouts) else None
+        train = within.get(sid) if within else None
+        w = _session_directions(r, columns, cfg, train) if len(columns) == len(tokenizer.readouts) else None
         rows.append(np.full((len(r.unit_ids), width), np.nan) if w is None else w)
     return np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, width), np.float32)
 

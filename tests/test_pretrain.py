@@ -78,7 +78,8 @@ def weights(result) -> dict[str, torch.Tensor]:
 def reference(env):
     rec = env / "rec_ref"
     rec.mkdir()
-    r = pretrain(config(env, "name=ref"), show_progress=False, hooks=FaultAndRecord(record_windows=str(rec)))
+    r = pretrain(config(env, "name=ref"), show_progress=False, hooks=FaultAndRecord(record_windows=str(rec)),
+                 alias="pretrained")
     return r, rec
 
 
@@ -142,9 +143,8 @@ def test_registered_model_reloads_with_the_same_predictions(env, reference):
     from pretrain.registry import load_model
 
     ref, _ = reference
-    assert ref.model_uri == "models:/popscale-poyo@pretrained"
-    # later tests' runs moved the alias on: load this run's own version
-    model, tok = load_model(f"models:/popscale-poyo/{ref.model_version}", ref.tracking_uri)
+    assert ref.model_uri == f"models:/popscale-poyo/{ref.model_version}"
+    model, tok = load_model("models:/popscale-poyo@pretrained", ref.tracking_uri)  # later runs left the alias alone
     corpus = open_corpus(env / "corpus")
     sessions = [s for s in corpus.session_ids if len(corpus.session(s).intervals.get("valid", []))]
     res = evaluate(model, tok, corpus, sessions)
@@ -162,8 +162,9 @@ def test_registered_model_reloads_with_the_same_predictions(env, reference):
     assert plots and all(p.endswith(".png") for p in plots)
     versions = client.search_model_versions(f"run_id='{ref.mlflow_run_id}'")
     assert len(versions) == 1
-    newest = max(int(v.version) for v in client.search_model_versions("name='popscale-poyo'"))
-    assert int(client.get_model_version_by_alias("popscale-poyo", "pretrained").version) == newest
+    assert str(client.get_model_version_by_alias("popscale-poyo", "pretrained").version) == ref.model_version
+    tags = client.get_model_version("popscale-poyo", ref.model_version).tags
+    assert tags["kind"] == "pretrained" and tags["corpus_fingerprint"] and tags["git_commit"]
 
 
 def test_ray_and_local_batches_are_identical(env):

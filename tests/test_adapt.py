@@ -1,0 +1,264 @@
+"""Adapting a trained model to a session it has never seen (pretrain/adapt.py): what trains, what
+must stay bit-identical, which labels are used, the bad inputs refused before anything is
+written, and the registry path around it (register without moving aliases, promote, pull,
+decode from files only)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("mlflow")
+
+from conftest import REPO, simple_session  # noqa: E402
+from data_service import intervals as iv  # noqa: E402
+from data_service.errors import ConfigError, CorpusError  # noqa: E402
+from data_service.reader import open_corpus  # noqa: E402
+from data_service.splits import make_splits  # noqa: E402
+from data_service.store import CorpusStore  # noqa: E402
+from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
+from pretrain.adapt import FinetuneConfig, finetune, plan_adaptation  # noqa: E402
+from pretrain.labels import LabelBudget, labelled_intervals  # noqa: E402
+from pretrain.registry import ModelNotFound, export_checkpoint, register  # noqa: E402
+from pretrain.run_config import load_config  # noqa: E402
+from pretrain.train import train_in_process  # noqa: E402
+
+TINY = {"dim": 32, "depth": 1, "dim_head": 16, "cross_heads": 1, "self_heads": 2, "latents_per_step": 4}
+HELD_OUT = "held"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny model pretrained (3 steps) on two synthetic sessions, exported and registered; a
+    third session of the same corpus is held out for adaptation."""
+    from pretrain.plan import build_plan
+
+    root = tmp_path_factory.mktemp("adapt")
+    synth_corpus(SynthConfig(sessions=3, subjects=1, minutes=1.5, min_units=20, max_units=30, seed=4), root / "corpus")
+    corpus = open_corpus(root / "corpus")
+    ids = corpus.session_ids
+    cfg = load_config(None, [f"data.corpus={root / 'corpus'}", "data.global_batch=4", "data.loader=local",
+                             "train.steps=3", "train.eval_every=3", "train.checkpoint_every=3", "train.warmup_steps=1",
+                             "cluster.cpus_per_worker=1", "train.warm_start.method=ridge",
+                             f"data.sessions={json.dumps(ids[:2])}"])
+    cfg.model_overrides = dict(TINY)
+    res = train_in_process(build_plan(cfg), root / "pre")
+    export = export_checkpoint(res.checkpoint, root / "export", {"corpus_fingerprint": corpus.fingerprint})
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    import mlflow
+
+    run_id = mlflow.MlflowClient(tracking).create_run(
+        mlflow.MlflowClient(tracking).create_experiment("t", artifact_location=(root / "art").as_uri())).info.run_id
+    version, uri = register(tracking, run_id, export, "tiny", alias="pretrained")
+    return {"root": root, "corpus": root / "corpus", "held": ids[2], "trained": ids[:2], "export": export,
+            "tracking": tracking, "version": version, "uri": uri}
+
+
+def ft(env, **kw) -> FinetuneConfig:
+    base = dict(model=str(env["export"]), corpus=str(env["corpus"]), sessions=[env["held"]], steps=4, batch=4,
+                eval_every=2, tracking_uri=env["tracking"], out=str(env["root"] / "ft"),
+                cache=str(env["root"] / "cache"))
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def changed_rows(a: torch.Tensor, b: torch.Tensor) -> set[int]:
+    return set(torch.nonzero((a != b).any(1)).flatten().tolist())
+
+
+# ---- label budgets ---------------------------------------------------------------------------------------
+def test_label_budgets_parse_and_refuse_ambiguity():
+    assert LabelBudget.parse("10%").fraction == pytest.approx(0.1)
+    assert LabelBudget.parse("2m").seconds == 120 and LabelBudget.parse("90s").seconds == 90
+    for bad, why in (("10", "ambiguous"), ("0%", "more than 0"), ("150%", "more than 100%"), ("ten", "expected")):
+        with pytest.raises(ConfigError, match=why):
+            LabelBudget.parse(bad)
+
+
+def test_labels_are_whole_trials_inside_train_seeded_and_nested(tmp_path):
+    s = simple_session("s1", duration=300.0, n_units=10)
+    make_splits(s)
+    with CorpusStore(tmp_path / "c") as st:
+        st.add(s)
+    r = open_corpus(tmp_path / "c").session("s1")
+    train, trials = iv.normalize(r.intervals["train"]), r.intervals["trials"]
+    inside = trials[iv.inside_mask(trials, train)]
+    small = labelled_intervals(r, LabelBudget.parse("20%"), seed=0, window_s=1.0)
+    assert iv.total(iv.subtract(small, train)) == 0  # never outside the train split
+    for a, b in small:  # unions of whole trials
+        assert any(abs(a - t0) < 1e-9 for t0 in inside[:, 0]) and any(abs(b - t1) < 1e-9 for t1 in inside[:, 1])
+    assert iv.total(small) >= 0.2 * iv.total(train) - 1e-6
+    assert np.array_equal(small, labelled_intervals(r, LabelBudget.parse("20%"), seed=0, window_s=1.0))
+    other = labelled_intervals(r, LabelBudget.parse("20%"), seed=1, window_s=1.0)
+    assert not np.array_equal(small, other)
+    big = labelled_intervals(r, LabelBudget.parse("50%"), seed=0, window_s=1.0)
+    assert iv.total(iv.subtract(small, big)) == pytest.approx(0)  # a larger budget holds the smaller
+    assert np.array_equal(labelled_intervals(r, LabelBudget.parse("100%"), 0, 1.0), train)
+    with pytest.raises(CorpusError, match="more than the session's train split"):
+        labelled_intervals(r, LabelBudget.parse("1h"), seed=0, window_s=1.0)
+    s2 = simple_session("s2", duration=300.0, n_units=10)
+    s2.intervals.pop("trials")
+    make_splits(s2)
+    with CorpusStore(tmp_path / "c") as st:
+        st.add(s2)
+    blocks = labelled_intervals(open_corpus(tmp_path / "c").session("s2"), LabelBudget.parse("30s"), 0, 1.0)
+    assert 30 <= iv.total(blocks) <= 40  # blocks of 10 windows
+
+
+# ---- what trains -------------------------------------------------------------------------------------------
+def test_unit_id_changes_only_the_new_rows(env):
+    r = finetune(ft(env, mode="unit-id", name="uid"), show_progress=False)
+    src, out = tensors(env["export"]), tensors(r.export)
+    vsrc = json.loads((env["export"] / "vocab.json").read_text())
+    vout = json.loads((r.export / "vocab.json").read_text())
+    n_old = len(vsrc["units"])
+    assert vout["units"][:n_old] == vsrc["units"] and vout["sessions"][:2] == vsrc["sessions"]  # old rows kept
+    new_units = open_corpus(env["corpus"]).session(env["held"]).unit_ids.tolist()
+    assert vout["units"][n_old:] == new_units and vout["sessions"][2:] == [env["held"]]
+    assert set(src) == set(out)
+    for k in src:
+        if k == "unit_emb.weight":
+            assert torch.equal(out[k][:n_old], src[k])
+            assert changed_rows(out[k][:n_old], src[k]) == set()
+        elif k == "session_emb.weight":
+            assert torch.equal(out[k][:2], src[k])
+        else:
+            assert torch.equal(out[k], src[k]), f"{k} changed under unit-id"
+    assert np.isfinite(r.test_r2) and r.model_uri == str(r.export)
+    plan = json.loads((r.export / "plan.json").read_text())
+    assert plan["adapt"]["trainable"] == "new" and plan["sessions"] == [env["held"]]
+
+
+def test_unit_id_then_full_unfreezes_the_shared_layers(env):
+    r = finetune(ft(env, mode="unit-id-then-full", steps=4, unfreeze_after=2, name="uidf"), show_progress=False)
+    src, out = tensors(env["export"]), tensors(r.export)
+    n_old = src["unit_emb.weight"].shape[0]
+    assert torch.equal(out["unit_emb.weight"][:n_old], src["unit_emb.weight"])  # other sessions' rows: untouched
+    shared = [k for k in src if not k.startswith(("unit_emb", "session_emb"))]
+    if r.best_step > 2:  # the model kept was from the full phase
+        assert any(not torch.equal(out[k], src[k]) for k in shared)
+    assert (env["root"] / "ft" / "uidf" / "phase1").is_dir()
+
+
+def test_targets_are_normalised_by_the_labelled_part_and_round_trip_units(env, tmp_path):
+    """The same session stored in m/s and in cm/s: targets equal, predictions equal up to 100x."""
+    from pretrain.decode import decode_session
+    from pretrain.registry import load_exported
+
+    s = simple_session("x", duration=200.0, n_units=12)
+    make_splits(s)
+    cm = s.behaviour["hand_vel"]
+    roots = {}
+    for name, factor in (("cm", 1.0), ("m", 0.01)):
+        s.behaviour["hand_vel"] = type(cm)(cm.timestamps, cm.values * factor, cm.columns, unit="cm/s",
+                                            sampling_rate=cm.sampling_rate)
+        with CorpusStore(tmp_path / name) as st:
+            st.add(s)
+        roots[name] = tmp_path / name
+    plans = {k: plan_adaptation(ft(env, corpus=str(v), sessions=["x"], labels="50%"), env["export"],
+                                open_corpus(v))[0] for k, v in roots.items()}
+    st_cm, st_m = (plans[k].tokenizer.target_stats["x"]["hand_vel"] for k in ("cm", "m"))
+    assert np.allclose(np.asarray(st_m.mean) * 100, st_cm.mean) and st_m.std * 100 == pytest.approx(st_cm.std)
+    labelled = plans["cm"].index.intervals["x"]
+    assert iv.total(labelled) < iv.total(open_corpus(roots["cm"]).session("x").intervals["train"])  # the labelled part
+    model, _ = load_exported(env["export"])
+    model.unit_emb.extend(s.unit_ids.tolist())
+    model.session_emb.extend(["x"])
+    out = {k: decode_session(model, plans[k].make_tokenizer(), open_corpus(roots[k]).session("x"))["velocity"]
+           for k in roots}
+    assert np.allclose(out["m"].values * 100, out["cm"].values, rtol=1e-4, atol=1e-4)
+
+
+# ---- bad input: refused before anything is written ---------------------------------------------------------
+def test_bad_inputs_are_refused_and_nothing_is_registered(env, tmp_path):
+    import mlflow
+
+    client = mlflow.MlflowClient(env["tracking"])
+    before = len(client.search_model_versions("name='tiny'"))
+    cases = [
+        (dict(sessions=[env["trained"][0]]), ConfigError, "already in the model's vocabulary"),
+        (dict(sessions=["nope"]), CorpusError, "not in the corpus"),
+        (dict(labels="10"), ConfigError, "ambiguous"),
+        (dict(labels="0%"), ConfigError, "more than 0"),
+        (dict(labels="3h"), CorpusError, "more than the session's train split"),
+        (dict(model="models:/tiny@nope"), ModelNotFound, "no registered model 'tiny' with alias @nope"),
+        (dict(model="models:/missing/3"), ModelNotFound, "no registered model 'missing'"),
+    ]
+    for kw, err, match in cases:
+        with pytest.raises(err, match=match):
+            finetune(ft(env, register="tiny", **kw), show_progress=False)
+    with pytest.raises(ConfigError, match="unit-id-then-full only"):
+        ft(env, unfreeze_after=2)
+    s = simple_session("nobeh", duration=60.0, n_units=8)
+    s.behaviour = {}
+    make_splits(s)
+    with CorpusStore(tmp_path / "c") as st:
+        st.add(s)
+    with pytest.raises(CorpusError, match="no behaviour the model decodes"):
+        finetune(ft(env, corpus=str(tmp_path / "c"), sessions=["nobeh"], register="tiny"), show_progress=False)
+    assert len(client.search_model_versions("name='tiny'")) == before
+
+
+# ---- registry: versions, aliases, pull, decode ------------------------------------------------------------
+def test_register_moves_no_alias_unless_asked_and_promote_does(env):
+    import mlflow
+
+    from pretrain.registry import promote, versions
+
+    r = finetune(ft(env, register="tiny", name="reg"), show_progress=False)
+    client = mlflow.MlflowClient(env["tracking"])
+    new = r.model_uri.rsplit("/", 1)[1]
+    assert new != env["version"]
+    assert str(client.get_model_version_by_alias("tiny", "pretrained").version) == env["version"]  # not moved
+    tags = client.get_model_version("tiny", new).tags
+    assert tags["kind"] == "finetuned" and tags["source_model"] == str(env["export"].resolve())
+    assert promote(env["tracking"], "tiny", new, "pretrained") == env["version"]
+    rows, aliases = versions(env["tracking"], "tiny")
+    assert aliases["pretrained"] == new and [x["version"] for x in rows][-1] == new
+    promote(env["tracking"], "tiny", env["version"], "pretrained")  # back, for the other tests
+    with pytest.raises(ModelNotFound):
+        promote(env["tracking"], "tiny", "99", "pretrained")
+
+
+def test_pull_and_decode_reproduce_evaluate_without_the_pyfunc(env, tmp_path):
+    """A finetuned model registered, then pulled and decoded in a fresh process that must not
+    import the MLflow pyfunc module; its predictions equal evaluate's on the scored samples."""
+    from pretrain.evaluate import predict_session
+    from pretrain.registry import load_exported
+
+    r = finetune(ft(env, register="tiny", name="pull"), show_progress=False)
+    model, tok = load_exported(r.export)
+    reader = open_corpus(env["corpus"]).session(env["held"])
+    ev = predict_session(model, tok, reader, "test")
+    out = tmp_path / "pred.csv"
+    code = (
+        "import sys; from popscale.cli import main; "
+        f"rc = main(['decode', '--model', '{r.model_uri}', '--corpus', '{env['corpus']}', '--session', "
+        f"'{env['held']}', '--split', 'test', '--out', '{out}', '--tracking-uri', '{env['tracking']}', '--cache', '{tmp_path / 'c'}']); "
+        "assert 'pretrain.mlflow_pyfunc' not in sys.modules, 'the pyfunc module was imported'; sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "pred.png").exists() and (tmp_path / "c" / "tiny").is_dir()
+    rows = np.loadtxt(out, delimiter=",", skiprows=1, usecols=(2, 3, 4))
+    at = {round(t, 6): v for t, *v in rows}
+    got = np.array([at[round(t, 6)] for t in ev.times])
+    np.testing.assert_allclose(got, ev.prediction, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_refuses_a_recording_the_model_does_not_know(env, tmp_path):
+    from popscale.cli import main
+
+    rc = main(["decode", "--model", str(env["export"]), "--corpus", str(env["corpus"]), "--session", env["held"],
+               "--out", str(tmp_path / "p.csv")])
+    assert rc == 1 and not (tmp_path / "p.csv").exists()
