@@ -34,9 +34,15 @@ def session_seed(seed: int, session_id: str) -> int:
 def label_support(s: SessionData, max_gap_factor: float = 10.0) -> np.ndarray:
     """Where behaviour was sampled: each behaviour's samples, split where a gap exceeds
     `max_gap_factor` median sample intervals; the whole domain when there is no behaviour."""
+    return sampled_support([ts.timestamps for ts in s.behaviour.values()], s.domain, max_gap_factor)
+
+
+def sampled_support(timestamps, domain, max_gap_factor: float = 10.0) -> np.ndarray:
+    """The union, within `domain`, of where each timestamp series was sampled (split where a gap
+    exceeds `max_gap_factor` median sample intervals); the whole domain when there are none."""
     parts = []
-    for ts in s.behaviour.values():
-        t = np.asarray(ts.timestamps)
+    for t in timestamps:
+        t = np.asarray(t)
         if len(t) < 2:
             continue
         dt = np.diff(t)
@@ -45,8 +51,8 @@ def label_support(s: SessionData, max_gap_factor: float = 10.0) -> np.ndarray:
         starts = np.concatenate([[t[0]], t[breaks + 1]])
         ends = np.concatenate([t[breaks] + step, [t[-1] + step]])
         parts.append(np.stack([starts, ends], axis=1))
-    support = iv.union(*parts) if parts else iv.as_intervals(s.domain)
-    return iv.intersect(support, s.domain)
+    support = iv.union(*parts) if parts else iv.as_intervals(domain)
+    return iv.intersect(support, domain)
 
 
 def _counts(n: int, fractions) -> tuple[int, int]:

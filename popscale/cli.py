@@ -108,7 +108,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             return 1
         console.print(f"plot of {sid}: {plot_session(a.corpus, sid, a.plot, t0=a.t0, seconds=a.seconds)}")
     if a.json:
-        print(json.dumps(inv, indent=1))
+        print(json.dumps({**inv, "readouts": readout_report(inv["session_rows"], a.config)}, indent=1))
     else:
         out = Console(width=None if sys.stdout.isatty() else 160)
         out.print(f"[bold]{inv['corpus']}[/bold]  fingerprint {inv['fingerprint']}")
@@ -132,9 +132,42 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         out.print(t)
         if len(rows) > len(shown):
             out.print(f"... {len(rows) - len(shown)} more sessions (--all to list them)")
+        for line in _readout_lines(readout_report(rows, a.config)):
+            out.print(escape(line))
     result(corpus=a.corpus, sessions=inv["sessions"], subjects=inv["subjects"], units=inv["units"],
            spikes=inv["spikes"], hours=f"{inv['hours']:.3f}", fingerprint=inv["fingerprint"])
     return 0
+
+
+def readout_report(rows: list[dict], config: str | None) -> dict:
+    """Which sessions feed which readout (the first accepted behaviour a session has), and the
+    sessions no readout decodes (they would not be trained on)."""
+    from pretrain.run_config import load_config
+
+    readouts = load_config(config).data.readouts
+    fed: dict[str, dict[str, list[str]]] = {r: {} for r in readouts}
+    orphans = {}
+    for r in rows:
+        hit = False
+        for name, accepted in readouts.items():
+            b = next((x for x in accepted if x in r["behaviours"]), None)
+            if b is not None:
+                fed[name].setdefault(b, []).append(r["session_id"])
+                hit = True
+        if not hit:
+            orphans[r["session_id"]] = list(r["behaviours"])
+    return {"config": config or "defaults", "readouts": fed, "no_readout": orphans}
+
+
+def _readout_lines(rep: dict) -> list[str]:
+    src = rep["config"] if rep["config"] != "defaults" else "the default data.readouts"
+    lines = [f"readout {name} (from {src}): " + (", ".join(f"{b} in {len(v)} sessions" for b, v in fed.items())
+                                                or "no session") for name, fed in rep["readouts"].items()]
+    orphans = [f"{s} (has {', '.join(b) or 'no behaviour'})" for s, b in rep["no_readout"].items()]
+    if orphans:
+        lines.append(f"no readout decodes {len(orphans)} session(s), they would not be trained on: "
+                     + "; ".join(orphans[:10]) + (" ..." if len(orphans) > 10 else ""))
+    return lines
 
 
 # ---- verify -------------------------------------------------------------------------------------------
@@ -242,6 +275,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                          steps=a.steps, unfreeze_after=a.unfreeze_after, batch=a.batch, seed=a.seed,
                          eval_every=a.eval_every, warm_start=a.warm_start, replace_session=a.replace_session,
                          register=a.register, alias=a.alias, tracking_uri=a.tracking_uri, out=a.out, name=a.name,
+                         readouts=a.readout or [],
                          **({"lr_unit_id": a.lr} if a.lr and a.mode != "full" else {}),
                          **({"lr_full": a.lr} if a.lr and a.mode == "full" else {}))
     r = finetune(cfg, notify=say, show_progress=not a.no_progress)
@@ -374,7 +408,7 @@ def cmd_baseline(a: argparse.Namespace) -> int:
     corpus = open_corpus(a.corpus)
     if a.session not in corpus.rows:
         raise CorpusError("session not in the corpus", file=a.corpus, session=a.session)
-    r = run_baseline(a.method, corpus.session(a.session), budget, a.seed, a.window, a.behaviour)
+    r = run_baseline(a.method, corpus.session(a.session), budget, a.seed, a.window, a.behaviour, a.kind)
     say(f"{r.method} on {r.session} ({r.behaviour}, {budget} labels = {r.labelled_s:.0f} s): test R2 {r.test_r2:.4f}, "
         f"valid R2 {r.valid_r2:.4f}, chosen on valid: {r.params} ({r.seconds:.0f} s)")
     result(test_r2=f"{r.test_r2:.4f}", valid_r2=f"{r.valid_r2:.4f}", method=r.method, session=r.session,
@@ -434,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--session")
     s.add_argument("--t0", type=float)
     s.add_argument("--seconds", type=float, default=10.0)
+    s.add_argument("--config", help="a run config whose data.readouts to match sessions against (default: the defaults)")
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("pretrain", help="pretrain a model (Ray + DeepSpeed, tracked in MLflow)")
@@ -481,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-every", type=int, default=25)
     s.add_argument("--warm-start", default="auto", help="auto (as the model was pretrained) | ridge | none")
     s.add_argument("--replace-session", action="store_true", help="adapt afresh to a session the model knows")
+    s.add_argument("--readout", action="append", metavar="NAME:KIND:DIMS=BEHAVIOUR",
+                   help="add a readout for a behaviour the model was not pretrained on (kind: continuous, angular, "
+                        "categorical), e.g. head_direction:angular:2=compass_direction")
     s.add_argument("--register", metavar="NAME", help="register the adapted model under this name")
     s.add_argument("--alias", help="with --register: point this alias at the new version")
     s.add_argument("--name", help="run name (default: sessions, mode and time)")
@@ -517,7 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--corpus", required=True)
     s.add_argument("--session", required=True)
     s.add_argument("--labels", default="100%", help="label budget, as for finetune (10%%, 2m)")
-    s.add_argument("--behaviour", help="default: the first a readout decodes (hand_vel, ...)")
+    s.add_argument("--behaviour", help="default: the first a readout decodes (hand_vel, ...); NAME[COLUMN] takes one column")
+    s.add_argument("--kind", default="continuous", choices=["continuous", "angular"],
+                   help="angular: an angle in radians, scored as R2 on (cos, sin) like the model's angular readout")
     s.add_argument("--seed", type=int, default=0, help="seeds the label draw (and the GRU)")
     s.add_argument("--window", type=float, default=1.0, help="labels come in stretches of at least this (s)")
     s.set_defaults(fn=cmd_baseline)

@@ -39,7 +39,7 @@ from .labels import LabelBudget, labelled_intervals
 from .plan import Adaptation, RunPlan
 from .run_config import RunConfig, from_dict
 from .targets import target_stats
-from .tokenizer import TokenizerConfig
+from .tokenizer import Readout, TokenizerConfig
 from .warm_start import WarmStartConfig
 
 MODES = ("unit-id", "full", "unit-id-then-full")
@@ -68,8 +68,12 @@ class FinetuneConfig:
     out: str = "runs/finetune"
     name: str | None = None
     cache: str = "runs/models"
+    # readouts to add, for behaviours the model was not pretrained on: NAME:KIND:DIMS=BEHAVIOUR[,BEHAVIOUR...]
+    readouts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for spec in self.readouts:
+            parse_readout(spec)
         if self.mode not in MODES:
             raise ConfigError(f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
         if self.steps < 1 or self.batch < 1 or self.eval_every < 1:
@@ -100,6 +104,24 @@ class FinetuneResult:
     seconds: float
     best_step: int
     labelled_s: dict[str, float] = field(default_factory=dict)
+
+
+def parse_readout(spec: str) -> Readout:
+    """`head_direction:angular:2=compass_direction` -> Readout (kinds: tokenizer.KINDS)."""
+    head, eq, behaviours = spec.partition("=")
+    parts = head.split(":")
+    if not eq or len(parts) != 3 or not behaviours or not parts[2].strip().isdigit():
+        raise ConfigError(f"--readout {spec!r}: expected NAME:KIND:DIMS=BEHAVIOUR[,BEHAVIOUR...], e.g. "
+                          "head_direction:angular:2=compass_direction[ry] or target:categorical:8=target_id")
+    names, column = [], None
+    for b in (x.strip() for x in behaviours.split(",") if x.strip()):
+        if b.endswith("]") and "[" in b:  # compass_direction[ry]: one column of a multi-column behaviour
+            b, column = b[:-1].split("[", 1)
+        names.append(b)
+    try:
+        return Readout(parts[0].strip(), int(parts[2]), names, parts[1].strip(), column)
+    except ValueError as e:
+        raise ConfigError(f"--readout {spec!r}: {e}") from None
 
 
 class BestValid:
@@ -150,7 +172,8 @@ def _check_sessions(corpus: Corpus, cfg: FinetuneConfig, tok: TokenizerConfig, k
         have = corpus.session(sid).behaviour_names
         if not any(b in have for bs in wanted.values() for b in bs):
             raise CorpusError(f"the session has no behaviour the model decodes (readouts {wanted}; the session "
-                              f"has {have or 'none'})", file=str(corpus.root), session=sid, field="behaviour")
+                              f"has {have or 'none'}); add a readout for one: --readout NAME:KIND:DIMS=BEHAVIOUR",
+                              file=str(corpus.root), session=sid, field="behaviour")
 
 
 def _base_run(src: Path) -> RunConfig:
@@ -170,6 +193,9 @@ def _phase_run(base: RunConfig, cfg: FinetuneConfig, tok: TokenizerConfig, corpu
     d.corpus, d.synth, d.sessions, d.loader = corpus, None, list(cfg.sessions), "local"
     d.window_s, d.global_batch, d.seed = tok.geometry.window_s, cfg.batch, cfg.seed + seed_offset
     d.readouts = {r.name: list(r.behaviours) for r in tok.readouts}
+    d.readout_kinds = {r.name: r.kind for r in tok.readouts if r.kind != "continuous"}
+    d.readout_columns = {r.name: r.column for r in tok.readouts if r.column is not None}
+    run.model_overrides = {**run.model_overrides, "readouts": {r.name: r.dims for r in tok.readouts}}
     d.target_scale, d.target_rms, d.interval_weights = dict(tok.target_scale), tok.target_rms, dict(tok.interval_weights)
     d.session_weights = {}
     t.steps, t.stop_at, t.grad_accum, t.seed = steps, None, 1, cfg.seed
@@ -190,11 +216,18 @@ def plan_adaptation(cfg: FinetuneConfig, src: Path, corpus: Corpus, progress: bo
 
     model, source_tok = load_exported(src)
     tok = copy.deepcopy(source_tok.cfg)
+    added = [parse_readout(x) for x in cfg.readouts]
+    clash = [r.name for r in added if r.name in model.readouts]
+    if clash:
+        raise ConfigError(f"--readout: the model already has readout(s) {clash}")
+    tok.readouts += added
+    model_cfg = replace(model.cfg, readouts={**model.cfg.readouts, **{r.name: r.dims for r in added}})
     _check_sessions(corpus, cfg, tok, set(model.session_emb.ids))
     budget = LabelBudget.parse(cfg.labels)
     window = tok.geometry.window_s
-    labelled = {s: labelled_intervals(corpus.session(s), budget, cfg.seed, window, file=str(corpus.root))
-                for s in cfg.sessions}
+    decoded = [b for r in tok.readouts for b in r.behaviours]
+    labelled = {s: labelled_intervals(corpus.session(s), budget, cfg.seed, window, file=str(corpus.root),
+                                      behaviours=decoded) for s in cfg.sessions}
     tok.target_stats.update(target_stats(corpus, cfg.sessions, tok.readouts, tok.target_scale, within=labelled))
     base = _base_run(src)
     warm = cfg.warm_start if cfg.warm_start != "auto" else base.train.warm_start.method
@@ -220,11 +253,11 @@ def plan_adaptation(cfg: FinetuneConfig, src: Path, corpus: Corpus, progress: bo
         pos = {u: k for k, u in enumerate(units)}
         table[[pos[u] for u in new_units]] = rows
     valid = [s for s in cfg.sessions if len(corpus.session(s).intervals.get("valid", []))]
-    plan = RunPlan(run=run, model=model.cfg, tokenizer=tok, corpus_fingerprint=corpus.fingerprint,
+    plan = RunPlan(run=run, model=model_cfg, tokenizer=tok, corpus_fingerprint=corpus.fingerprint,
                    sessions=list(cfg.sessions), unit_vocab=units, session_vocab=sessions, valid_sessions=valid,
                    index=index, index_fingerprint=index_fingerprint(corpus.fingerprint, index), warm_start=table,
                    adapt=Adaptation(source=str(src), units=new_units, trainable=first_mode,
-                                    reinit=cfg.replace_session))
+                                    reinit=cfg.replace_session, new_readouts=[r.name for r in added]))
     return plan, labelled
 
 
@@ -297,7 +330,7 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
                     model.load_state_dict(selector.state)
                     start = export_model(model, p.tokenizer, out / f"phase{i}-start")
                     p = replace(p, warm_start=None, index=replace(p.index, seed=p.run.data.seed),
-                                adapt=Adaptation(str(start), p.adapt.units, "all", False))
+                                adapt=Adaptation(str(start), p.adapt.units, "all", False, p.adapt.new_readouts))
                     p.index_fingerprint = index_fingerprint(p.corpus_fingerprint, p.index)
                 sink = Sinks(memory, MLflowSink(tracking, run_id), _Bar(bar, task))
                 previous, holder = selector, {}

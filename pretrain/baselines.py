@@ -60,6 +60,7 @@ class _Data:
 def pick_behaviour(reader: SessionReader, behaviour: str | None = None) -> str:
     names = reader.behaviour_names
     if behaviour:
+        behaviour = behaviour.split("[", 1)[0]
         if behaviour not in names:
             raise CorpusError(f"no behaviour {behaviour!r} (the session has {names})", session=reader.session_id,
                               field=f"behaviour/{behaviour}")
@@ -71,12 +72,21 @@ def pick_behaviour(reader: SessionReader, behaviour: str | None = None) -> str:
                       "name one with --behaviour", session=reader.session_id, field="behaviour")
 
 
-def _data(reader: SessionReader, behaviour: str, budget: LabelBudget, seed: int, window_s: float) -> _Data:
+def _data(reader: SessionReader, behaviour: str, budget: LabelBudget, seed: int, window_s: float,
+          column: str | None = None, kind: str = "continuous") -> _Data:
     t, v = reader.behaviour(behaviour)
     t = np.asarray(t, dtype=np.float64)
     y = np.asarray(v, dtype=np.float64).reshape(len(t), -1)
+    if column is not None:
+        names = list(reader.attrs["behaviour"][behaviour]["columns"])
+        if column not in names:
+            raise CorpusError(f"no column {column!r} (it has {names})", session=reader.session_id,
+                              field=f"behaviour/{behaviour}")
+        y = y[:, names.index(column):names.index(column) + 1]
+    if kind == "angular":  # scored as the model's angular readout is: R2 on (cos, sin)
+        y = np.concatenate([np.cos(y[:, :1]), np.sin(y[:, :1])], axis=1)
     finite = np.isfinite(y).all(1)
-    labelled = labelled_intervals(reader, budget, seed, window_s)
+    labelled = labelled_intervals(reader, budget, seed, window_s, behaviours=[behaviour])
     ev = reader.intervals.get("eval")
 
     def scored(split: str) -> np.ndarray:
@@ -103,12 +113,16 @@ def lagged_counts(spikes: list[np.ndarray], times: np.ndarray, bin_s: float, his
     return out.reshape(len(times), -1)
 
 
+def _column(behaviour: str | None) -> str | None:
+    return behaviour.split("[", 1)[1].rstrip("]") if behaviour and "[" in behaviour else None
+
+
 def ridge(reader: SessionReader, budget: LabelBudget, seed: int = 0, window_s: float = 1.0,
-          behaviour: str | None = None, histories_s=(0.1, 0.25, 0.5), alphas=tuple(10.0 ** np.arange(0, 7))
-          ) -> BaselineResult:
+          behaviour: str | None = None, kind: str = "continuous", histories_s=(0.1, 0.25, 0.5),
+          alphas=tuple(10.0 ** np.arange(0, 7))) -> BaselineResult:
     t0 = time.time()
     b = pick_behaviour(reader, behaviour)
-    d = _data(reader, b, budget, seed, window_s)
+    d = _data(reader, b, budget, seed, window_s, _column(behaviour), kind)
     best = (-np.inf, None, None, None)
     for h_s in histories_s:
         h = max(1, int(round(h_s / d.bin_s)))
@@ -146,13 +160,14 @@ def _binned(d: _Data, rows: np.ndarray, burn_in_s: float):
 
 
 def gru(reader: SessionReader, budget: LabelBudget, seed: int = 0, window_s: float = 1.0,
-        behaviour: str | None = None, hiddens=(64, 128), steps: int = 600, chunk_s: float = 5.0) -> BaselineResult:
+        behaviour: str | None = None, kind: str = "continuous", hiddens=(64, 128), steps: int = 600,
+        chunk_s: float = 5.0) -> BaselineResult:
     import torch
 
     t0 = time.time()
     b = pick_behaviour(reader, behaviour)
-    d = _data(reader, b, budget, seed, window_s)
-    labelled = labelled_intervals(reader, budget, seed, window_s)
+    d = _data(reader, b, budget, seed, window_s, _column(behaviour), kind)
+    labelled = labelled_intervals(reader, budget, seed, window_s, behaviours=[b])
     ym, ys = d.y[d.train].mean(0), d.y[d.train].std(0) + 1e-9
     train = [(x, k, m) for x, k, m in _binned(d, labelled, 1.0) if m.any()]
     split_rows = {s: iv.normalize(reader.intervals.get(s, iv.EMPTY)) for s in ("valid", "test")}
@@ -213,11 +228,16 @@ def gru(reader: SessionReader, budget: LabelBudget, seed: int = 0, window_s: flo
 
 
 def run_baseline(method: str, reader: SessionReader, budget: LabelBudget, seed: int = 0, window_s: float = 1.0,
-                 behaviour: str | None = None) -> BaselineResult:
+                 behaviour: str | None = None, kind: str = "continuous") -> BaselineResult:
+    """`behaviour` may name one column (`compass_direction[ry]`); `kind` continuous | angular."""
+    if kind not in ("continuous", "angular"):
+        from data_service.errors import ConfigError
+
+        raise ConfigError(f"--kind {kind!r}: the baselines decode continuous or angular behaviours")
     if method == "ridge":
-        return ridge(reader, budget, seed, window_s, behaviour)
+        return ridge(reader, budget, seed, window_s, behaviour, kind)
     if method == "gru":
-        return gru(reader, budget, seed, window_s, behaviour)
+        return gru(reader, budget, seed, window_s, behaviour, kind)
     from data_service.errors import ConfigError
 
     raise ConfigError(f"--method {method!r}: expected one of {', '.join(METHODS)}")

@@ -37,8 +37,13 @@ class Decoded:
     readout: str
     behaviour: str  # what the readout decodes in this session (its units)
     times: np.ndarray  # (n,) absolute seconds
-    values: np.ndarray  # (n, d) in the session's units; NaN where no window held the time
+    # (n, d) in the session's units (continuous), (n, 1) angle in radians (angular), (n, 1) class id
+    # (categorical); NaN where no window held the time
+    values: np.ndarray
     windows: np.ndarray  # (n,) windows averaged at each time
+    kind: str = "continuous"
+    raw: np.ndarray | None = None  # the averaged model outputs: (cos, sin) or class logits
+    column: int | None = None  # angular/categorical: the behaviour's column decoded
 
 
 def window_starts(rows: np.ndarray, window: float, domain: tuple[float, float]) -> np.ndarray:
@@ -84,7 +89,8 @@ def decode_session(model, tokenizer: Tokenizer, reader: SessionReader, rows: np.
     window = tok.cfg.geometry.window_s
     names = [r.name for r in tok.cfg.readouts]
     queries = {k: (b, _query_times(reader, b, rows, hz), dims, shift, scale) for k, b, dims, shift, scale in layout.outputs}
-    total = {k: np.zeros((len(q[1]), q[2])) for k, q in queries.items()}
+    width = {k: tok.cfg.readouts[k].dims for k in queries}  # what the model outputs (logits: the classes)
+    total = {k: np.zeros((len(q[1]), width[k])) for k, q in queries.items()}
     count = {k: np.zeros(len(q[1])) for k, q in queries.items()}
     starts = window_starts(rows, window, domain) if len(rows) else np.zeros(0)
     was_training = model.training
@@ -116,9 +122,17 @@ def decode_session(model, tokenizer: Tokenizer, reader: SessionReader, rows: np.
         model.train(was_training)
     result = {}
     for k, (b, times, dims, shift, scale) in queries.items():
+        kind = tok.cfg.readouts[k].kind
         with np.errstate(invalid="ignore", divide="ignore"):
-            values = total[k] / count[k][:, None] * scale[:dims] + shift[:dims]
-        result[names[k]] = Decoded(reader.session_id, names[k], b, times, values, count[k])
+            raw = total[k] / count[k][:, None]
+        if kind == "angular":
+            values = np.arctan2(raw[:, 1], raw[:, 0])[:, None]
+        elif kind == "categorical":
+            values = np.where(count[k] > 0, np.nan_to_num(raw).argmax(1), np.nan).astype(np.float64)[:, None]
+        else:
+            values = raw * scale[:dims] + shift[:dims]
+        result[names[k]] = Decoded(reader.session_id, names[k], b, times, values, count[k], kind,
+                                   None if kind == "continuous" else raw, tok.column(reader.session_id, k))
     return result
 
 

@@ -2,6 +2,8 @@
 predictions of a behaviour sample averaged over the windows that contain it (stitching), and R2
 per session over the samples inside both the split and the session's `eval` intervals (reach
 periods, ...), averaged uniformly over output dims; the headline is the mean over sessions.
+An angular readout is scored by R2 on (cos, sin), a categorical one by accuracy; a session's
+figure is the mean over its readouts.
 """
 
 from __future__ import annotations
@@ -53,13 +55,25 @@ def predict_session(model, tokenizer, reader: SessionReader, split: str = "valid
         ok = iv.contains(scored_in, d.times) & (d.windows > 0)
         if not ok.any():
             continue
-        target = np.asarray(reader.behaviour(d.behaviour)[1][ok], dtype=np.float64)
-        parts.append((d.behaviour, d.times[ok], target, d.values[ok]))
+        target = np.asarray(reader.behaviour(d.behaviour)[1][ok], dtype=np.float64).reshape(int(ok.sum()), -1)
+        if d.column is not None:
+            target = target[:, d.column:d.column + 1]
+        parts.append((d.behaviour, d.times[ok], target, d.values[ok], score(d, ok, target)))
     if not parts:
         return None
-    per = {b: r2_score(y, p) for b, _, y, p in parts}
-    b, t, y, p = parts[0]
+    per = {b: sc for b, _, _, _, sc in parts}
+    b, t, y, p, _ = parts[0]
     return SessionResult(reader.session_id, float(np.mean(list(per.values()))), b, t, y, p, per)
+
+
+def score(d, ok: np.ndarray, target: np.ndarray) -> float:
+    """R2 for a continuous readout; R2 on (cos, sin) for an angle; accuracy for classes."""
+    if d.kind == "angular":
+        a = target[:, 0]
+        return r2_score(np.stack([np.cos(a), np.sin(a)], axis=1), d.raw[ok])
+    if d.kind == "categorical":
+        return float(np.mean(d.values[ok, 0] == np.round(target[:, 0])))
+    return r2_score(target, d.values[ok])
 
 
 def evaluate(model, tokenizer, corpus: Corpus, sessions: list[str], split: str = "valid",

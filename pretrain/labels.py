@@ -20,7 +20,7 @@ import numpy as np
 from data_service import intervals as iv
 from data_service.errors import ConfigError, CorpusError
 from data_service.reader import SessionReader
-from data_service.splits import session_seed
+from data_service.splits import sampled_support, session_seed
 
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(%|s|sec|m|min|h)\s*$", re.IGNORECASE)
 _UNIT_S = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
@@ -54,11 +54,23 @@ class LabelBudget:
         return f"{self.fraction * 100:g}%" if self.fraction is not None else f"{self.seconds:g}s"
 
 
-def label_units(reader: SessionReader, window_s: float, block_s: float | None = None) -> tuple[np.ndarray, str]:
-    """The pieces a budget is drawn in: the session's trials that lie wholly inside its train split
-    (when there are at least 3 and they are typically as long as a window), else the train split
-    cut into blocks of `block_s` (default: 10 windows)."""
+def labelled_train(reader: SessionReader, behaviours: list[str] | None = None) -> np.ndarray:
+    """The session's train split where `behaviours` (those it has; default: all) were sampled: the
+    labelled train time a budget is a fraction of (a recording with sleep and no behaviour during
+    it has less labelled time than train time)."""
     train = iv.normalize(reader.intervals.get("train", iv.EMPTY))
+    names = [b for b in (reader.behaviour_names if behaviours is None else behaviours) if b in reader.behaviour_names]
+    if not names:
+        return train
+    return iv.intersect(train, sampled_support([reader.behaviour(b)[0] for b in names], reader.domain))
+
+
+def label_units(reader: SessionReader, window_s: float, block_s: float | None = None,
+                train: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+    """The pieces a budget is drawn in: the session's trials that lie wholly inside its (labelled)
+    train split (when there are at least 3 and they are typically as long as a window), else that
+    split cut into blocks of `block_s` (default: 10 windows)."""
+    train = iv.normalize(reader.intervals.get("train", iv.EMPTY)) if train is None else train
     trials = iv.as_intervals(reader.intervals.get("trials", iv.EMPTY))
     if len(trials):
         trials = trials[iv.inside_mask(trials, train)]
@@ -74,16 +86,17 @@ def label_units(reader: SessionReader, window_s: float, block_s: float | None = 
 
 
 def labelled_intervals(reader: SessionReader, budget: LabelBudget, seed: int, window_s: float,
-                       file: str | None = None) -> np.ndarray:
-    """The labelled part of the session's train split under `budget` (normalised intervals)."""
+                       file: str | None = None, behaviours: list[str] | None = None) -> np.ndarray:
+    """The labelled part of the session's train split under `budget` (normalised intervals), within
+    where `behaviours` (default: every behaviour of the session) were sampled."""
     sid = reader.session_id
-    train = iv.normalize(reader.intervals.get("train", iv.EMPTY))
+    train = labelled_train(reader, behaviours)
     where = dict(file=file, session=sid, field="intervals/train")
     if not len(train):
-        raise CorpusError("the session has no train split to draw labels from", **where)
+        raise CorpusError("the session has no labelled train split to draw labels from", **where)
     if budget.everything:
         return train
-    units, kind = label_units(reader, window_s)
+    units, kind = label_units(reader, window_s, train=train)
     total = iv.total(train)
     want = budget.fraction * total if budget.fraction is not None else budget.seconds
     if want > total + 1e-9:

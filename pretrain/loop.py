@@ -69,8 +69,9 @@ class TrainStep:
     Dropout masks are a function of (seed, step, rank), so a resumed run draws what an
     uninterrupted one would have (DeepSpeed checkpoints do not hold RNG state)."""
 
-    def __init__(self, engine, scheduler, dist: Dist, seed: int) -> None:
+    def __init__(self, engine, scheduler, dist: Dist, seed: int, kinds: list[str] | None = None) -> None:
         self.engine, self.scheduler, self.dist, self.seed = engine, scheduler, dist, seed
+        self.kinds = kinds  # per readout (tokenizer.Readout.kind); None: all continuous
 
     @property
     def model(self) -> torch.nn.Module:
@@ -88,7 +89,7 @@ class TrainStep:
         for b in batches:
             b = b.to(d.device)
             (wsum,) = d.all_sum(float(b.weight.sum()))
-            loss, _ = weighted_mse(self.engine(b), b, self.model.readout_names)
+            loss, _ = weighted_mse(self.engine(b), b, self.model.readout_names, self.kinds)
             local_w = float(b.weight.sum())
             self.engine.backward(loss * (local_w / max(wsum, 1e-12)) * d.world)
             self.engine.step()

@@ -13,6 +13,8 @@ PackedBatch and never sees Zarr, Ray or MLflow.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -128,7 +130,7 @@ class POYO(nn.Module):
                 lat = self._layer(atn, ffn, lat, rot_lat, b.latent_lens)
 
         if b.output_time.numel() == 0:
-            return {name: lat.new_zeros(0, ro.out_features) for name, ro in self.readouts.items()}
+            return {name: ro(lat[:0]) for name, ro in self.readouts.items()}  # empty, but in the graph
         q = self.session_emb(b.output_session)
         if self.readout_emb is not None:
             q = q + self.readout_emb(b.output_readout)
@@ -147,6 +149,25 @@ class POYO(nn.Module):
     def embedding_parameters(self) -> list[nn.Parameter]:
         """The unit and session embeddings: updated only where a batch touches them (see optim.py)."""
         return [self.unit_emb.weight, self.session_emb.weight]
+
+    def add_readout(self, name: str, dims: int) -> None:
+        """A new output head (adapting to a behaviour the model was not pretrained on). Readouts are
+        told apart by a readout embedding added to the queries; when the model had one readout it
+        gains that embedding with a zero row for the old readout, so the old one predicts exactly
+        what it did. Rebuild the optimizer after."""
+        if name in self.readouts:
+            raise ValueError(f"the model already has a readout {name!r}")
+        d, device = self.cfg.dim, self.latent_emb.weight.device
+        self.readouts[name] = nn.Linear(d, dims).to(device)
+        self.readout_names.append(name)
+        self.cfg = replace(self.cfg, readouts={**self.cfg.readouts, name: dims})
+        old = self.readout_emb.weight.detach() if self.readout_emb is not None else torch.zeros(1, d, device=device)
+        emb = nn.Embedding(len(self.readout_names), d).to(device)
+        with torch.no_grad():
+            emb.weight[: len(old)] = old
+            emb.weight[len(old):] = torch.randn(len(self.readout_names) - len(old), d, device=device) * \
+                self.cfg.emb_init_scale
+        self.readout_emb = emb
 
     def add_session(self, session_id: str, unit_ids) -> None:
         """Grow the vocabularies for a new session (its rows start random; rebuild the optimizer)."""

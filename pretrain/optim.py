@@ -88,8 +88,13 @@ def _trust(w: torch.Tensor, upd: torch.Tensor, clip: float) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Three groups: decayed weights; biases and norms (no decay); embeddings (lazy, no decay)."""
-    lazy = {id(p) for p in model.embedding_parameters()}
+    """Three groups: decayed weights; biases and norms (no decay); embeddings (lazy, no decay):
+    the unit and session vocabularies and the readout embedding (a readout absent from a batch
+    must not drift either)."""
+    emb = list(model.embedding_parameters())
+    if getattr(model, "readout_emb", None) is not None:
+        emb.append(model.readout_emb.weight)
+    lazy = {id(p) for p in emb}
     decay, no_decay = [], []
     for p in model.parameters():
         if id(p) in lazy or not p.requires_grad:
@@ -98,7 +103,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     groups = [
         {"params": decay, "weight_decay": weight_decay, "name": "weights"},
         {"params": no_decay, "weight_decay": 0.0, "name": "biases_norms"},
-        {"params": [p for p in model.embedding_parameters() if p.requires_grad], "weight_decay": 0.0, "lazy": True,
+        {"params": [p for p in emb if p.requires_grad], "weight_decay": 0.0, "lazy": True,
          "name": "embeddings"},
     ]
     return [g for g in groups if g["params"]]  # a frozen model part leaves a group empty (adaptation)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,7 @@ class Adaptation:
     units: list[str]  # unit ids of the plan's sessions: the rows that are new (or start afresh)
     trainable: str = "all"  # all | new: only the embedding rows of `units` and of the plan's sessions
     reinit: bool = False  # the plan's sessions are in the source model: their rows start afresh
+    new_readouts: list[str] = field(default_factory=list)  # readouts the source model lacks (trainable when new)
 
     def __post_init__(self) -> None:
         if self.trainable not in ("all", "new"):
@@ -118,6 +119,12 @@ class RunPlan:
                     known = [i for i in ids if i in emb.index]
                     rows = torch.as_tensor(emb.lookup(known), device=emb.weight.device)
                     emb.weight[rows] = torch.randn(len(known), emb.dim, device=emb.weight.device) * emb.init_scale
+        for name in a.new_readouts:
+            if name not in model.readouts:
+                model.add_readout(name, self.model.readouts[name])
+        if model.readout_names != list(self.model.readouts):
+            raise PlanMismatch(f"the model at {a.source} has readouts {model.readout_names}, the plan "
+                               f"{list(self.model.readouts)}")
         model.unit_emb.extend(self.unit_vocab)
         model.session_emb.extend(self.session_vocab)
         if model.unit_emb.ids != self.unit_vocab or model.session_emb.ids != self.session_vocab:
@@ -130,6 +137,14 @@ class RunPlan:
                 mask[torch.as_tensor(emb.lookup(ids), device=mask.device)] = 1.0
                 emb.weight.requires_grad_(True)
                 emb.weight.register_hook(lambda g, m=mask: g * m)  # other rows: exactly zero gradient
+            for name in a.new_readouts:
+                model.readouts[name].requires_grad_(True)
+            if a.new_readouts:
+                emb = model.readout_emb
+                mask = torch.zeros(emb.weight.shape[0], 1, device=emb.weight.device)
+                mask[[model.readout_names.index(n) for n in a.new_readouts]] = 1.0
+                emb.weight.requires_grad_(True)
+                emb.weight.register_hook(lambda g, m=mask: g * m)
         return model
 
     # ---- serialisation --------------------------------------------------------------------------------
@@ -190,6 +205,18 @@ def training_sessions(run: RunConfig, corpus: Corpus, tok: TokenizerConfig) -> l
     return sessions
 
 
+def labelled_parts(run: RunConfig, corpus: Corpus, sessions: list[str]) -> dict[str, np.ndarray] | None:
+    """Each session's labelled part under `data.labels` (None: the whole train split)."""
+    from .labels import LabelBudget, labelled_intervals
+
+    budget = LabelBudget.parse(run.data.labels)
+    if budget.everything:
+        return None
+    decoded = [b for bs in run.data.readouts.values() for b in bs]
+    return {s: labelled_intervals(corpus.session(s), budget, run.data.seed, run.data.window_s, file=str(corpus.root),
+                                  behaviours=decoded) for s in sessions}
+
+
 def build_plan(run: RunConfig, *, previous: RunPlan | None = None, progress: bool = False) -> RunPlan:
     """The plan of `run` on its corpus. `previous` (a resumed run's plan) fixes the sessions, the
     target statistics and the warm start; the tokens and the window order must stay what they
@@ -198,7 +225,8 @@ def build_plan(run: RunConfig, *, previous: RunPlan | None = None, progress: boo
     model = run.model_config()
     d = run.data
     try:
-        tok = TokenizerConfig.build(model, d.window_s, d.readouts, d.target_scale, d.interval_weights, d.target_rms)
+        tok = TokenizerConfig.build(model, d.window_s, d.readouts, d.target_scale, d.interval_weights, d.target_rms,
+                                    d.readout_kinds, d.readout_columns)
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
     if previous is not None:
@@ -209,12 +237,14 @@ def build_plan(run: RunConfig, *, previous: RunPlan | None = None, progress: boo
         sessions, tok = list(previous.sessions), previous.tokenizer  # its target statistics: never recomputed
     else:
         sessions = training_sessions(run, corpus, tok)
-        tok.target_stats = target_stats(corpus, sessions, tok.readouts, tok.target_scale)
+    within = labelled_parts(run, corpus, sessions)
+    if previous is None:
+        tok.target_stats = target_stats(corpus, sessions, tok.readouts, tok.target_scale, within=within)
     units = [u for s in sessions for u in corpus.session(s).unit_ids.tolist()]
     valid = [s for s in sessions if len(corpus.session(s).intervals.get("valid", []))]
     valid = valid[: run.train.eval_sessions] if run.train.eval_sessions else valid
     index = IndexConfig(window_s=d.window_s, split="train", seed=d.seed, session_weights=d.session_weights,
-                        sessions=sessions)
+                        sessions=sessions, intervals=None if within is None else {s: r.tolist() for s, r in within.items()})
     fingerprint = index_fingerprint(corpus.fingerprint, index)
     if previous is not None and previous.index_fingerprint != fingerprint:
         raise PlanMismatch(f"its data (corpus {d.corpus} or the data config) changed since it started (window-index "
@@ -225,7 +255,7 @@ def build_plan(run: RunConfig, *, previous: RunPlan | None = None, progress: boo
     elif run.train.warm_start.method == "ridge":
         from .warm_start import unit_directions
 
-        warm = unit_directions(corpus, sessions, tok, run.train.warm_start, progress=progress)
+        warm = unit_directions(corpus, sessions, tok, run.train.warm_start, progress=progress, within=within)
     else:
         warm = None
     return RunPlan(run=run, model=model, tokenizer=tok, corpus_fingerprint=corpus.fingerprint, sessions=sessions,

@@ -13,7 +13,7 @@ pyfunc: `pull` downloads the files and `load_exported` reads weights and JSON, s
 model runs no code stored with it. Every run registers a new version; an alias moves only when
 asked (`register(..., alias=)`, `promote`).
 
-    ref, path = pull("models:/popscale-poyo@pretrained", tracking_uri)   # runs/models/NAME/VERSION
+    ref, path = pull("models:/popscale-poyo@pretrained", tracking_uri)   # runs/models/<store>/NAME/VERSION
     model, tokenizer = load_exported(path)
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -206,17 +207,25 @@ def _export_root(downloaded: Path) -> Path:
 
 def pull(uri: str, tracking_uri: str, cache: str | Path = "runs/models") -> tuple[ModelRef, Path]:
     """Fetch a registered version's files (weights, config, vocabularies, plan, model card) into
-    `cache/NAME/VERSION` (once: a version never changes) and return that directory. Only files are
-    copied: nothing of the MLflow pyfunc wrapper is imported or run."""
+    `cache/<store>/NAME/VERSION` (once: a version never changes; `<store>` tells tracking stores
+    apart) and return that directory. Only files are copied: nothing of the MLflow pyfunc wrapper
+    is imported or run."""
     import shutil
     import tempfile
 
     import mlflow
 
+    import hashlib
+
     ref = resolve(uri, tracking_uri)
-    out = Path(cache) / ref.name / ref.version
-    if (out / "config.json").exists():
+    run_id = _run_id(ref, tracking_uri)
+    store = hashlib.sha256(tracking_uri.encode()).hexdigest()[:10]  # the same name/version in two stores differs
+    out = Path(cache) / store / ref.name / ref.version
+    marker = out / "registered.json"
+    if marker.exists() and json.loads(marker.read_text()).get("run_id") == run_id:
         return ref, out
+    if out.exists():
+        shutil.rmtree(out)  # a store recreated with the same name: that copy is another model
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,8 +233,16 @@ def pull(uri: str, tracking_uri: str, cache: str | Path = "runs/models") -> tupl
         got = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=tmp))
         staged = Path(tmp) / "export"
         shutil.copytree(_export_root(got), staged)
+        (staged / "registered.json").write_text(json.dumps({"tracking_uri": tracking_uri, "name": ref.name,
+                                                            "version": ref.version, "run_id": run_id}))
         os.replace(staged, out)
     return ref, out
+
+
+def _run_id(ref: ModelRef, tracking_uri: str) -> str:
+    from mlflow import MlflowClient
+
+    return str(MlflowClient(tracking_uri).get_model_version(ref.name, ref.version).run_id)
 
 
 def load(uri_or_dir: str | Path, tracking_uri: str | None = None, cache: str | Path = "runs/models",
@@ -299,10 +316,10 @@ def versions(tracking_uri: str, name: str) -> tuple[list[dict], dict[str, str]]:
     return sorted(rows, key=lambda r: int(r["version"])), {a: str(v) for a, v in (model.aliases or {}).items()}
 
 
-def load_model(uri: str, tracking_uri: str | None = None) -> tuple[POYO, Tokenizer]:
+def load_model(uri: str, tracking_uri: str | None = None, cache: str | Path = "runs/models") -> tuple[POYO, Tokenizer]:
     """The model and tokenizer of a registered version (models:/name@alias or models:/name/version),
     from its files only (see `pull`)."""
     import mlflow
 
-    model, tok, _ = load(uri, tracking_uri or mlflow.get_tracking_uri())
+    model, tok, _ = load(uri, tracking_uri or mlflow.get_tracking_uri(), cache)
     return model, tok

@@ -36,6 +36,9 @@ class DataConfig:
     seed: int = 0
     # readout -> behaviours it decodes (the first one a session has)
     readouts: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_BEHAVIOURS.items()})
+    # readout -> continuous (default) | angular | categorical (tokenizer.Readout); its width is model_overrides.readouts
+    readout_kinds: dict[str, str] = field(default_factory=dict)
+    readout_columns: dict[str, str] = field(default_factory=dict)  # angular/categorical: the column to read
     # behaviour -> a fixed divisor for its targets; a behaviour not here is centred and scaled per session
     # with its own train-split statistics to an RMS of target_rms (pretrain/targets.py)
     target_scale: dict[str, float] = field(default_factory=dict)
@@ -43,6 +46,8 @@ class DataConfig:
     interval_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_INTERVAL_WEIGHTS))
     session_weights: dict[str, float] = field(default_factory=dict)
     sessions: list[str] | None = None  # train on these (default: every session with a readout behaviour)
+    # the label budget of every training session (labels.py: 10%, 2m): a from-scratch reference for adaptation
+    labels: str = "100%"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loader: str = "ray"  # ray | local
     data_actors: int = 1  # Ray Data actors per training worker

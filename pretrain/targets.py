@@ -53,6 +53,18 @@ def behaviour_stats(times: np.ndarray, values: np.ndarray, within: np.ndarray, *
     return TargetStats(mean.tolist(), float(np.sqrt((std**2).mean())))
 
 
+def check_classes(values: np.ndarray, n_classes: int, *, session: str, behaviour: str, file: str | None = None
+                  ) -> None:
+    """A categorical behaviour must hold whole class ids in [0, n_classes) (NaN: unlabelled)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
+    bad = v[(v != np.round(v)) | (v < 0) | (v >= n_classes)]
+    if len(bad):
+        raise CorpusError(f"{len(bad)} value(s) are not class ids in [0, {n_classes}) (e.g. {bad[:3].tolist()}): "
+                          "a categorical readout needs whole class ids (set its dims to the number of classes)",
+                          file=file, session=session, field=f"behaviour/{behaviour}")
+
+
 def target_stats(corpus: Corpus, sessions: list[str], readouts, fixed: dict[str, float],
                  split: str = "train", within: dict[str, np.ndarray] | None = None
                  ) -> dict[str, dict[str, TargetStats]]:
@@ -67,6 +79,11 @@ def target_stats(corpus: Corpus, sessions: list[str], readouts, fixed: dict[str,
             if b is None or b in fixed:
                 continue
             t, v = r.behaviour(b)
+            kind = getattr(ro, "kind", "continuous")
+            if kind == "categorical":
+                check_classes(v, ro.dims, session=sid, behaviour=b, file=str(corpus.root))
+            if kind != "continuous":
+                continue  # angles and class ids are learned as they are
             rows = within[sid] if within and sid in within else r.intervals.get(split, iv.EMPTY)
             out.setdefault(sid, {})[b] = behaviour_stats(t, v, rows, session=sid, behaviour=b, file=str(corpus.root))
     return out

@@ -32,7 +32,8 @@ from .targets import TargetStats
 
 _NO_ROWS = np.zeros((0, 2))
 # readout -> the behaviours it decodes, the first one a session has wins
-DEFAULT_BEHAVIOURS: dict[str, list[str]] = {"velocity": ["hand_vel", "cursor_vel"]}
+DEFAULT_BEHAVIOURS: dict[str, list[str]] = {"velocity": ["hand_vel", "hand_velocity", "cursor_vel", "cursor_velocity",
+                                                       "finger_vel", "finger_velocity", "vel", "velocity"]}
 DEFAULT_INTERVAL_WEIGHTS: dict[str, float] = {"reach": 5.0, "hold": 0.1}
 
 
@@ -67,13 +68,36 @@ class Geometry:
                              f"({self.latent_step} s)")
 
 
+KINDS = ("continuous", "angular", "categorical")
+
+
 @dataclass
 class Readout:
-    """One of the model's outputs: its width and the behaviours (by name) it decodes."""
+    """One of the model's outputs: its width, the behaviours (by name) it decodes, and its kind:
+    - continuous: the behaviour's columns, on the common scale (targets.py), MSE;
+    - angular: a one-column angle in radians (head direction), learned and scored as (cos, sin)
+      (dims 2), MSE; decoded back to an angle;
+    - categorical: a one-column class id in [0, dims) (e.g. target_id), cross-entropy on dims
+      logits, scored by accuracy; decoded to the most likely class."""
 
     name: str
     dims: int
     behaviours: list[str] = field(default_factory=list)
+    kind: str = "continuous"
+    column: str | None = None  # angular/categorical: the behaviour's column to use (default: its only one)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"readout {self.name}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind == "angular" and self.dims != 2:
+            raise ValueError(f"readout {self.name}: an angular readout predicts (cos, sin): dims must be 2, "
+                             f"got {self.dims}")
+        if self.kind == "categorical" and self.dims < 2:
+            raise ValueError(f"readout {self.name}: a categorical readout needs dims = number of classes >= 2")
+
+    def behaviour_columns(self) -> int | None:
+        """How many columns an accepted behaviour has (None: as many as the readout predicts)."""
+        return None if self.kind == "continuous" else 1
 
 
 @dataclass
@@ -90,7 +114,8 @@ class TokenizerConfig:
     @classmethod
     def build(cls, model: ModelConfig, window_s: float = 1.0, behaviours: dict[str, list[str]] | None = None,
               target_scale: dict[str, float] | None = None, interval_weights: dict[str, float] | None = None,
-              target_rms: float = 0.5) -> "TokenizerConfig":
+              target_rms: float = 0.5, kinds: dict[str, str] | None = None,
+              columns: dict[str, str] | None = None) -> "TokenizerConfig":
         """The tokenizer for `model` (its readouts, in its order; its latent grid) over windows of
         `window_s` seconds; `behaviours`: readout -> accepted behaviour names."""
         behaviours = DEFAULT_BEHAVIOURS if behaviours is None else behaviours
@@ -101,7 +126,11 @@ class TokenizerConfig:
         geometry.check()
         if not target_rms > 0:
             raise ValueError(f"target_rms must be > 0, got {target_rms}")
-        return cls(geometry, [Readout(n, d, list(behaviours.get(n, []))) for n, d in model.readouts.items()],
+        unknown = sorted(set(kinds or {}) - set(model.readouts))
+        if unknown:
+            raise ValueError(f"readout kinds for {unknown}, which are not readouts of the model")
+        return cls(geometry, [Readout(n, d, list(behaviours.get(n, [])), (kinds or {}).get(n, "continuous"),
+                                      (columns or {}).get(n)) for n, d in model.readouts.items()],
                    dict(target_scale or {}),
                    dict(DEFAULT_INTERVAL_WEIGHTS if interval_weights is None else interval_weights),
                    target_rms=float(target_rms))
@@ -112,9 +141,13 @@ class TokenizerConfig:
         return cls(Geometry(**d["geometry"]), [Readout(**r) for r in d["readouts"]], dict(d["target_scale"]),
                    dict(d["interval_weights"]), stats, float(d.get("target_rms", 0.5)))
 
-    def normaliser(self, session: str, behaviour: str, dims: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """(shift, scale), `width` columns each (unused ones 0 and 1): target = (value - shift) / scale."""
+    def normaliser(self, session: str, behaviour: str, dims: int, width: int, kind: str = "continuous"
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(shift, scale), `width` columns each (unused ones 0 and 1): target = (value - shift) / scale.
+        Angles and class ids are used as they are."""
         shift, scale = np.zeros(width), np.ones(width)
+        if kind != "continuous":
+            return shift, scale
         if behaviour in self.target_scale:
             scale[:dims] = float(self.target_scale[behaviour])
         elif self.target_stats:
@@ -142,6 +175,8 @@ class Tokenizer:
         self.unit_vocab, self.session_vocab = unit_vocab, session_vocab
         self.readout_names = [r.name for r in cfg.readouts]
         self.max_dim = max(r.dims for r in cfg.readouts)
+        self._angular = {k for k, r in enumerate(cfg.readouts) if r.kind == "angular"}
+        self._column: dict[tuple[str, int], int] = {}  # (session, readout) -> the behaviour column it reads
         g = cfg.geometry
         self.latent_index = np.tile(np.arange(g.latents_per_step, dtype=np.int64), g.n_steps)
         centres = (np.arange(g.n_steps) + 0.5) * g.latent_step
@@ -156,15 +191,29 @@ class Tokenizer:
                 b = next((x for x in ro.behaviours if x in reader.behaviour_names), None)
                 if b is None:
                     continue
-                dims = len(reader.attrs["behaviour"][b]["columns"])
-                if dims != ro.dims:
-                    raise ValueError(f"session {reader.session_id}: behaviour {b} has {dims} columns, readout "
-                                     f"{ro.name} predicts {ro.dims}")
-                outputs.append((k, b, dims, *self.cfg.normaliser(reader.session_id, b, dims, self.max_dim)))
+                names = list(reader.attrs["behaviour"][b]["columns"])
+                cols = len(names)
+                if ro.kind != "continuous":
+                    if ro.column is not None and ro.column not in names:
+                        raise ValueError(f"session {reader.session_id}: behaviour {b} has no column {ro.column!r} "
+                                         f"(it has {names}) for readout {ro.name}")
+                    idx = names.index(ro.column) if ro.column is not None else 0
+                    self._column[(reader.session_id, k)] = idx
+                    cols = 1 if ro.column is not None else cols
+                want = ro.behaviour_columns() or ro.dims
+                if cols != want:
+                    raise ValueError(f"session {reader.session_id}: behaviour {b} has {cols} columns, the "
+                                     f"{ro.kind} readout {ro.name} takes {want}")
+                dims = ro.dims if ro.kind == "angular" else cols
+                outputs.append((k, b, dims, *self.cfg.normaliser(reader.session_id, b, dims, self.max_dim, ro.kind)))
             p = self._layouts[reader.session_id] = SessionLayout(
                 session_index=int(self.session_vocab.lookup([reader.session_id])[0]),
                 unit_map=self.unit_vocab.lookup(reader.unit_ids), outputs=outputs)
         return p
+
+    def column(self, session: str, readout: int) -> int | None:
+        """The behaviour column an angular/categorical readout reads in this session (after `layout`)."""
+        return self._column.get((session, readout))
 
     def decoding_layout(self, reader: SessionReader) -> SessionLayout:
         """The layout for decoding: every readout the model can express in this session's units, by
@@ -182,7 +231,8 @@ class Tokenizer:
                 (x for x in ro.behaviours if x in self.cfg.target_scale), None)
             if b is not None or not self.cfg.target_stats:
                 b = b or (ro.behaviours[0] if ro.behaviours else ro.name)
-                outputs.append((k, b, ro.dims, *self.cfg.normaliser(reader.session_id, b, ro.dims, self.max_dim)))
+                dims = 1 if ro.kind == "categorical" else ro.dims
+                outputs.append((k, b, dims, *self.cfg.normaliser(reader.session_id, b, dims, self.max_dim, ro.kind)))
         p = self._layouts[reader.session_id] = SessionLayout(base.session_index, base.unit_map,
                                                             sorted(outputs, key=lambda o: o[0]))
         return p
@@ -227,9 +277,16 @@ class Tokenizer:
                 s = w.behaviour[b]
                 n = len(s.timestamps)
                 y = s.values
+                col = self._column.get((reader.session_id, readout))
+                if col is not None:
+                    y = np.asarray(y)[:, col:col + 1]
+                if readout in self._angular:  # an angle is learned as (cos, sin)
+                    a = np.asarray(y, dtype=np.float64)[:, 0]
+                    y = np.stack([np.cos(a), np.sin(a)], axis=1)
                 if dims != self.max_dim:
-                    y = np.zeros((n, self.max_dim), dtype=np.float64)
-                    y[:, :dims] = s.values
+                    y2 = np.zeros((n, self.max_dim), dtype=np.float64)
+                    y2[:, :dims] = y
+                    y = y2
                 out_t.append(s.timestamps)
                 out_y.append(y)
                 out_wins.append(w)

@@ -51,7 +51,8 @@ def _parts(plan: RunPlan, rank: int, world: int, local_rank: int = 0) -> Parts:
     dist = Dist(rank, world, where.device)
     engine, scheduler = build_engine(plan, where)
     spec = plan.service_spec()
-    return Parts(dist, engine, TrainStep(engine, scheduler, dist, plan.run.train.seed), spec,
+    kinds = [r.kind for r in plan.tokenizer.readouts]
+    return Parts(dist, engine, TrainStep(engine, scheduler, dist, plan.run.train.seed, kinds), spec,
                  Evaluator(spec.tokenizer, plan.corpus, plan.valid_sessions, dist))
 
 

@@ -77,12 +77,17 @@ def _session_directions(r: SessionReader, columns: list[tuple[str, int, np.ndarr
     if use.sum() < 10:
         return None
     targets = []
-    for name, dims, shift, scale in columns:
+    for name, dims, shift, scale, kind, col in columns:
+        if name is None or kind == "categorical":  # no direction to write for it: zeros
+            targets.append(np.zeros((int(use.sum()), dims)))
+            continue
         t, v = r.behaviour(name)
         inside = iv.contains(train, t)  # interpolate from train samples only: no label leaks in at edges
-        t, v = t[inside], v[inside]
+        t, v = t[inside], np.asarray(v[inside], dtype=np.float64).reshape(int(inside.sum()), -1)
         if len(t) < 2:
             return None
+        if kind == "angular":
+            v = np.stack([np.cos(v[:, col]), np.sin(v[:, col])], axis=1)
         y = np.stack([np.interp(centres[use], t, v[:, d]) for d in range(dims)], axis=1)
         targets.append((y - shift[:dims]) / scale[:dims])  # the scale the model is trained on
     y = np.concatenate(targets, axis=1)
@@ -113,10 +118,14 @@ def unit_directions(corpus: Corpus, sessions: Iterable[str], tokenizer: Tokenize
         for ro in tokenizer.readouts:
             b = next((x for x in ro.behaviours if x in r.behaviour_names), None)
             if b is None:
-                break
-            columns.append((b, ro.dims, *tokenizer.normaliser(sid, b, ro.dims, ro.dims)))
+                columns.append((None, ro.dims, None, None, ro.kind, 0))
+                continue
+            names = list(r.attrs["behaviour"][b]["columns"])
+            col = names.index(ro.column) if ro.column in names else 0
+            columns.append((b, ro.dims, *tokenizer.normaliser(sid, b, ro.dims, ro.dims, ro.kind), ro.kind, col))
         train = within.get(sid) if within else None
-        w = _session_directions(r, columns, cfg, train) if len(columns) == len(tokenizer.readouts) else None
+        usable = any(c[0] is not None and c[4] != "categorical" for c in columns)
+        w = _session_directions(r, columns, cfg, train) if usable else None
         rows.append(np.full((len(r.unit_ids), width), np.nan) if w is None else w)
     return np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, width), np.float32)
 

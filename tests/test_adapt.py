@@ -249,7 +249,7 @@ def test_pull_and_decode_reproduce_evaluate_without_the_pyfunc(env, tmp_path):
         "assert 'pretrain.mlflow_pyfunc' not in sys.modules, 'the pyfunc module was imported'; sys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 0, p.stderr
-    assert (tmp_path / "pred.png").exists() and (tmp_path / "c" / "tiny").is_dir()
+    assert (tmp_path / "pred.png").exists() and len(list((tmp_path / "c").glob("*/tiny/*/registered.json"))) == 1
     rows = np.loadtxt(out, delimiter=",", skiprows=1, usecols=(2, 3, 4))
     at = {round(t, 6): v for t, *v in rows}
     got = np.array([at[round(t, 6)] for t in ev.times])
@@ -262,3 +262,76 @@ def test_decode_refuses_a_recording_the_model_does_not_know(env, tmp_path):
     rc = main(["decode", "--model", str(env["export"]), "--corpus", str(env["corpus"]), "--session", env["held"],
                "--out", str(tmp_path / "p.csv")])
     assert rc == 1 and not (tmp_path / "p.csv").exists()
+
+
+# ---- readout kinds ------------------------------------------------------------------------------------------
+def _kinds_session(tmp_path):
+    """A session with a continuous, an angular (one column of three, radians) and a categorical behaviour."""
+    from data_service.session import TimeSeries
+
+    s = simple_session("k", duration=120.0, n_units=12)
+    t = s.behaviour["hand_vel"].timestamps
+    angle = np.mod(t * 0.7, 2 * np.pi)
+    s.behaviour["compass"] = TimeSeries(t, np.stack([np.zeros_like(t), angle, np.ones_like(t)], 1), ["rx", "ry", "rz"],
+                                        unit="radian", sampling_rate=100.0)
+    s.behaviour["target_id"] = TimeSeries(t, (np.floor(t / 6.0) % 4)[:, None], ["id"], unit="class",
+                                          sampling_rate=100.0)
+    make_splits(s)
+    with CorpusStore(tmp_path / "k") as st:
+        st.add(s)
+    return tmp_path / "k", angle
+
+
+def test_angular_and_categorical_readouts_train_and_score(tmp_path):
+    from pretrain.evaluate import predict_session
+    from pretrain.loss import weighted_mse
+    from pretrain.plan import build_plan
+
+    root, _ = _kinds_session(tmp_path)
+    cfg = load_config(None, [f"data.corpus={root}", "data.global_batch=4", "data.loader=local", "train.steps=3",
+                             "train.eval_every=3", "train.checkpoint_every=3", "train.warmup_steps=1",
+                             "cluster.cpus_per_worker=1", "train.warm_start.method=ridge",
+                             "data.readouts={velocity: [hand_vel], heading: [compass], target: [target_id]}",
+                             "data.readout_kinds={heading: angular, target: categorical}",
+                             "data.readout_columns={heading: ry}"])
+    cfg.model_overrides = {**TINY, "readouts": {"velocity": 2, "heading": 2, "target": 4}}
+    plan = build_plan(cfg)
+    assert set(plan.tokenizer.target_stats["k"]) == {"hand_vel"}  # angles and classes are not rescaled
+    tok = plan.make_tokenizer()
+    r = open_corpus(root).session("k")
+    w = r.read_window(10.0, 11.0)
+    b = tok.pack([(w, r, None)])
+    ang = b.target[b.output_readout == 1][:, :2]
+    want = w.behaviour["compass"].values[:, 1]
+    assert np.allclose(ang, np.stack([np.cos(want), np.sin(want)], 1), atol=1e-6)  # (cos, sin) of column ry
+    assert np.array_equal(b.target[b.output_readout == 2][:, 0], w.behaviour["target_id"].values[:, 0])
+    model = plan.make_model()
+    loss, per = weighted_mse(model(b.to("cpu")), b.to("cpu"), model.readout_names, [x.kind for x in tok.cfg.readouts])
+    assert per["target"] > 1.0  # cross-entropy of 4 classes near chance (~log 4), not an MSE on ids
+    res = train_in_process(plan, tmp_path / "ckpt")
+    assert np.isfinite(res.metrics["valid_r2"])
+    scored = predict_session(res.model, tok, r, "valid")
+    assert set(scored.per_behaviour) == {"hand_vel", "compass", "target_id"}
+    assert 0.0 <= scored.per_behaviour["target_id"] <= 1.0  # an accuracy
+    bad = load_config(None, [f"data.corpus={root}", "data.readouts={target: [hand_vel]}",
+                             "data.readout_kinds={target: categorical}"])
+    bad.model_overrides = {**TINY, "readouts": {"target": 4}}
+    with pytest.raises(CorpusError, match="not class ids"):
+        build_plan(bad)
+
+
+def test_unit_id_with_a_new_readout_changes_only_new_rows_and_the_new_head(env):
+    r = finetune(ft(env, mode="unit-id", name="newhead", readouts=["position:continuous:2=hand_pos"]),
+                 show_progress=False)
+    src, out = tensors(env["export"]), tensors(r.export)
+    n_old = src["unit_emb.weight"].shape[0]
+    assert set(out) - set(src) == {"readouts.position.weight", "readouts.position.bias", "readout_emb.weight"}
+    for k in src:
+        ref = out[k][: src[k].shape[0]] if k in ("unit_emb.weight", "session_emb.weight") else out[k]
+        assert torch.equal(ref, src[k]), f"{k} changed"
+    assert torch.equal(out["readout_emb.weight"][0], torch.zeros_like(out["readout_emb.weight"][0]))  # old readout as it was
+    assert changed_rows(out["unit_emb.weight"][n_old:], torch.zeros_like(out["unit_emb.weight"][n_old:]))
+    cfg = json.loads((r.export / "config.json").read_text())
+    assert cfg["model"]["readouts"] == {"velocity": 2, "position": 2}
+    with pytest.raises(ConfigError, match="NAME:KIND:DIMS"):
+        ft(env, readouts=["position=hand_pos"])

@@ -144,7 +144,8 @@ def test_registered_model_reloads_with_the_same_predictions(env, reference):
 
     ref, _ = reference
     assert ref.model_uri == f"models:/popscale-poyo/{ref.model_version}"
-    model, tok = load_model("models:/popscale-poyo@pretrained", ref.tracking_uri)  # later runs left the alias alone
+    # later runs left the alias alone
+    model, tok = load_model("models:/popscale-poyo@pretrained", ref.tracking_uri, cache=env / "models")
     corpus = open_corpus(env / "corpus")
     sessions = [s for s in corpus.session_ids if len(corpus.session(s).intervals.get("valid", []))]
     res = evaluate(model, tok, corpus, sessions)

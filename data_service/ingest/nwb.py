@@ -4,7 +4,8 @@
   `location` column, else their electrodes' or electrode group's location, else --area.
 - Behaviour: SpatialSeries and TimeSeries inside behaviour containers (Position, CompassDirection,
   BehavioralTimeSeries, PupilTracking, EyeTracking) in acquisition or a `behavior` processing
-  module. A container's 1-D series that share timestamps are stacked into one behaviour named
+  module, and plain TimeSeries directly in that module (the Neural Latents Benchmark's layout),
+  each named by its own name, with its NWB `unit`. A container's 1-D series that share timestamps are stacked into one behaviour named
   after the container (columns = series names); anything else is one behaviour per series.
 - Intervals: `trials`, `epochs` (plus one set per epoch tag, `epoch_<tag>`) and every other
   TimeIntervals table, under its own name.
@@ -34,17 +35,19 @@ def _series_times(ts) -> np.ndarray:
 
 
 def _behaviour_series(nwb):
-    """(container name, {series name: series}) for every behaviour container in the file."""
-    sources = list(nwb.acquisition.values())
+    """(container name, {series name: series}) for every behaviour container in the file, and for
+    every plain TimeSeries placed directly in the `behavior` module (how the Neural Latents
+    Benchmark's files keep hand_vel, hand_pos, cursor_pos, eye_pos), named by itself."""
+    sources = [(obj, False) for obj in nwb.acquisition.values()]
     for name, mod in nwb.processing.items():
         if name.lower() in ("behavior", "behaviour"):
-            sources += list(mod.data_interfaces.values())
-    for obj in sources:
+            sources += [(obj, True) for obj in mod.data_interfaces.values()]
+    for obj, in_behaviour_module in sources:
         kind = type(obj).__name__
         if kind in BEHAVIOUR_CONTAINERS:
             series = getattr(obj, "spatial_series", None) or getattr(obj, "time_series", None) or {}
             yield obj.name, dict(series)
-        elif kind == "SpatialSeries":
+        elif kind == "SpatialSeries" or (kind == "TimeSeries" and in_behaviour_module):
             yield obj.name, {obj.name: obj}
 
 
