@@ -210,7 +210,6 @@ def pull(uri: str, tracking_uri: str, cache: str | Path = "runs/models") -> tupl
     `cache/<store>/NAME/VERSION` (once: a version never changes; `<store>` tells tracking stores
     apart) and return that directory. Only files are copied: nothing of the MLflow pyfunc wrapper
     is imported or run."""
-    import shutil
     import tempfile
 
     import mlflow

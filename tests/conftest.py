@@ -95,3 +95,25 @@ def random_samples(n: int, rng, n_units: int = 30, sessions: int = 3, lps: int =
             output_time=np.sort(rng.random(no)), target=rng.normal(size=(no, dims)), weight=rng.uniform(0.1, 5, no),
             session_index=int(rng.integers(sessions))))
     return out
+
+
+def nlb_style_nwb(path, with_units: bool = True):
+    """An NWB laid out as the Neural Latents Benchmark's files on DANDI: units, and plain
+    TimeSeries (hand_vel, cursor_pos) directly in the `behavior` processing module."""
+    from datetime import datetime, timezone
+
+    from pynwb import NWBHDF5IO, NWBFile, TimeSeries
+
+    nwb = NWBFile(session_description="nlb-like", identifier="nlb1", session_start_time=datetime(2020, 1, 1,
+                                                                                                   tzinfo=timezone.utc))
+    rng = np.random.default_rng(0)
+    if with_units:
+        for _ in range(5):
+            nwb.add_unit(spike_times=np.sort(rng.uniform(0, 60, 600)))
+    t = np.arange(0, 60, 0.01)
+    mod = nwb.create_processing_module("behavior", "behaviour")
+    mod.add(TimeSeries(name="hand_vel", data=np.stack([np.sin(t), np.cos(t)], 1) * 100, timestamps=t, unit="mm/s"))
+    mod.add(TimeSeries(name="cursor_pos", data=np.stack([t, -t], 1), timestamps=t, unit="mm"))
+    with NWBHDF5IO(str(path), "w") as io:
+        io.write(nwb)
+    return path

@@ -335,3 +335,28 @@ def test_unit_id_with_a_new_readout_changes_only_new_rows_and_the_new_head(env):
     assert cfg["model"]["readouts"] == {"velocity": 2, "position": 2}
     with pytest.raises(ConfigError, match="NAME:KIND:DIMS"):
         ft(env, readouts=["position=hand_pos"])
+
+
+def test_the_commands_finetune_then_decode_an_nwb_file(env, tmp_path, capsys):
+    """The user path on a file: ingest an NWB, `popscale finetune` it (RESULT line), then `popscale
+    decode --input` the same file; a file without units is refused, nothing written."""
+    from conftest import nlb_style_nwb, result_line
+    from data_service.ingest import ingest
+    from data_service.ingest.common import IngestOptions
+    from popscale.cli import main
+
+    nwb = nlb_style_nwb(tmp_path / "rec.nwb")
+    assert ingest([nwb], tmp_path / "mine", lambda p: IngestOptions()).ok
+    sid = open_corpus(tmp_path / "mine").session_ids[0]
+    capsys.readouterr()
+    rc = main(["finetune", "--model", str(env["export"]), "--corpus", str(tmp_path / "mine"), "--session", sid,
+               "--labels", "50%", "--steps", "2", "--eval-every", "1", "--tracking-uri", env["tracking"],
+               "--out", str(tmp_path / "ft"), "--no-progress"])
+    res = result_line(capsys.readouterr().out)
+    assert rc == 0 and {"test_r2", "valid_r2", "model_uri", "seconds"} <= set(res)
+    assert main(["decode", "--model", res["model_uri"], "--input", str(nwb), "--out", str(tmp_path / "p.csv")]) == 0
+    rows = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1, usecols=(2, 3, 4))
+    assert len(rows) > 1000 and np.isfinite(rows).all()
+    bad = nlb_style_nwb(tmp_path / "nounits.nwb", with_units=False)
+    assert main(["decode", "--model", res["model_uri"], "--input", str(bad), "--out", str(tmp_path / "q.csv")]) == 1
+    assert "no units table" in capsys.readouterr().err and not (tmp_path / "q.csv").exists()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from conftest import REPO
+from conftest import REPO, nlb_style_nwb
 from data_service import intervals as iv
 from data_service.ingest import detect_format, ingest, read_sessions
 from data_service.ingest.common import IngestOptions, load_metadata_file, options_for
@@ -204,34 +204,12 @@ def test_matlab_v73_files_are_read_through_hdf5(tmp_path):
     assert len(s.spike_times) == int(counts.sum()) and s.n_units == 5
 
 
-def _nlb_style_nwb(path, with_units: bool = True):
-    """An NWB laid out as the Neural Latents Benchmark's files on DANDI: units, and plain
-    TimeSeries (hand_vel, cursor_pos) directly in the `behavior` processing module."""
-    from datetime import datetime, timezone
-
-    from pynwb import NWBHDF5IO, NWBFile, TimeSeries
-
-    nwb = NWBFile(session_description="nlb-like", identifier="nlb1", session_start_time=datetime(2020, 1, 1,
-                                                                                                   tzinfo=timezone.utc))
-    rng = np.random.default_rng(0)
-    if with_units:
-        for _ in range(5):
-            nwb.add_unit(spike_times=np.sort(rng.uniform(0, 60, 600)))
-    t = np.arange(0, 60, 0.01)
-    mod = nwb.create_processing_module("behavior", "behaviour")
-    mod.add(TimeSeries(name="hand_vel", data=np.stack([np.sin(t), np.cos(t)], 1) * 100, timestamps=t, unit="mm/s"))
-    mod.add(TimeSeries(name="cursor_pos", data=np.stack([t, -t], 1), timestamps=t, unit="mm"))
-    with NWBHDF5IO(str(path), "w") as io:
-        io.write(nwb)
-    return path
-
-
 def test_nwb_plain_timeseries_in_the_behavior_module_are_ingested(tmp_path):
     from data_service.ingest import ingest
     from data_service.ingest.common import IngestOptions
     from data_service.reader import open_corpus
 
-    src = _nlb_style_nwb(tmp_path / "nlb.nwb")
+    src = nlb_style_nwb(tmp_path / "nlb.nwb")
     report = ingest([src], tmp_path / "c", lambda p: IngestOptions(subject="m", session_id="nlb"))
     assert report.ok, report.failures
     r = open_corpus(tmp_path / "c").session("nlb")
@@ -245,6 +223,6 @@ def test_nwb_without_units_is_refused_by_name(tmp_path):
     from data_service.ingest import ingest
     from data_service.ingest.common import IngestOptions
 
-    src = _nlb_style_nwb(tmp_path / "nounits.nwb", with_units=False)
+    src = nlb_style_nwb(tmp_path / "nounits.nwb", with_units=False)
     report = ingest([src], tmp_path / "c", lambda p: IngestOptions(subject="m"))
     assert not report.ok and "no units table" in report.failures[0][1] and "nounits.nwb" in report.failures[0][1]
