@@ -483,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     def tracking_flag(s):
         s.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else runs/mlflow.db)")
 
+    def model_flag(s):
+        s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported directory")
+
     s = sub.add_parser("models", help="a registered model's versions and which version each alias points at")
     s.add_argument("name", nargs="?", default="popscale-poyo")
     tracking_flag(s)
@@ -503,10 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_pull)
 
     s = sub.add_parser("finetune", help="adapt a model to unseen sessions (unit identification or fine-tuning)")
-    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported directory")
+    model_flag(s)
     s.add_argument("--corpus", required=True)
     s.add_argument("--session", action="append", help="a session to adapt to (repeat for several)")
-    s.add_argument("--mode", default="unit-id", help="unit-id | full | unit-id-then-full (default unit-id)")
+    s.add_argument("--mode", default="unit-id", choices=["unit-id", "full", "unit-id-then-full"])
     s.add_argument("--labels", default="100%", help="label budget: 10%% of the train split, or a duration (2m, 90s)")
     s.add_argument("--steps", type=int, default=100)
     s.add_argument("--unfreeze-after", type=int, help="unit-id-then-full: unit-id steps first (default half)")
@@ -518,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replace-session", action="store_true", help="adapt afresh to a session the model knows")
     s.add_argument("--readout", action="append", metavar="NAME:KIND:DIMS=BEHAVIOUR",
                    help="add a readout for a behaviour the model was not pretrained on (kind: continuous, angular, "
-                        "categorical), e.g. head_direction:angular:2=compass_direction")
+                        "categorical), e.g. head_direction:angular:2=compass_direction[ry]")
     s.add_argument("--register", metavar="NAME", help="register the adapted model under this name")
     s.add_argument("--alias", help="with --register: point this alias at the new version")
     s.add_argument("--name", help="run name (default: sessions, mode and time)")
@@ -528,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_finetune)
 
     s = sub.add_parser("evaluate", help="R2 of a model per session and behaviour (stitched windows), table + JSON + plots")
-    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported directory")
+    model_flag(s)
     s.add_argument("--corpus", required=True)
     s.add_argument("--session", action="append", help="default: every session of the corpus the model knows")
     s.add_argument("--split", default="test", choices=["train", "valid", "test"])
@@ -538,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("decode", help="decode a whole recording into timestamped predictions (CSV or NWB) + a plot")
-    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported directory")
+    model_flag(s)
     s.add_argument("--input", help="a recording file (NWB, MAT, temporaldata) of a session the model knows")
     s.add_argument("--corpus")
     s.add_argument("--session")

@@ -178,28 +178,21 @@ def write_nwb(decoded: dict[str, Decoded], path: str | Path, source: str = "", u
     return path
 
 
-def plot_decoded(decoded: dict[str, Decoded], path: str | Path, reader: SessionReader | None = None,
-                 seconds: float = 30.0) -> Path:
-    """The first `seconds` of each readout's decoded trace (and the recorded one, when the session has it)."""
+def plot_traces(path: str | Path, title: str, panels: list[tuple[str, tuple | None, tuple]]) -> Path:
+    """One panel per (label, (times, recorded) or None, (times, decoded)): dots, recorded in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(d, j) for d in decoded.values() for j in range(d.values.shape[1])]
     fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(10, 2.2 * max(1, len(panels))), sharex=True)
     axes = np.atleast_1d(axes)
-    for ax, (d, j) in zip(axes, panels):
-        ok = d.windows > 0
-        t0 = d.times[ok][0] if ok.any() else 0.0
-        keep = ok & (d.times < t0 + seconds)
-        if reader is not None and d.behaviour in reader.behaviour_names:
-            t, v = reader.behaviour(d.behaviour)
-            m = (t >= t0) & (t < t0 + seconds)
-            ax.plot(t[m], np.asarray(v)[m, j], ".", ms=2, color="0.3", label="recorded")
-        ax.plot(d.times[keep], d.values[keep, j], ".", ms=2, color="tab:red", label="decoded")
-        ax.set_ylabel(f"{d.behaviour}[{j}]")
-    axes[0].set_title(f"{next(iter(decoded.values())).session_id if decoded else ''}: decoded")
+    for ax, (label, recorded, decoded) in zip(axes, panels):
+        if recorded is not None:
+            ax.plot(*recorded, ".", ms=2, color="0.3", label="recorded")
+        ax.plot(*decoded, ".", ms=2, color="tab:red", label="decoded")
+        ax.set_ylabel(label)
+    axes[0].set_title(title)
     axes[0].legend(loc="upper right", fontsize=7)
     axes[-1].set_xlabel("time (s)")
     fig.tight_layout()
@@ -207,3 +200,24 @@ def plot_decoded(decoded: dict[str, Decoded], path: str | Path, reader: SessionR
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_decoded(decoded: dict[str, Decoded], path: str | Path, reader: SessionReader | None = None,
+                 seconds: float = 30.0) -> Path:
+    """The first `seconds` of each readout's decoded trace (and the recorded one, when the session has it)."""
+    panels = []
+    for d in decoded.values():
+        ok = d.windows > 0
+        t0 = d.times[ok][0] if ok.any() else 0.0
+        keep = ok & (d.times < t0 + seconds)
+        recorded = None
+        if reader is not None and d.behaviour in reader.behaviour_names:
+            t, v = reader.behaviour(d.behaviour)
+            m = (t >= t0) & (t < t0 + seconds)
+            recorded = (t[m], np.asarray(v)[m].reshape(int(m.sum()), -1))
+        for j in range(d.values.shape[1]):
+            col = j if d.column is None else d.column
+            panels.append((f"{d.behaviour}[{col}]", None if recorded is None else (recorded[0], recorded[1][:, col]),
+                           (d.times[keep], d.values[keep, j])))
+    sid = next(iter(decoded.values())).session_id if decoded else ""
+    return plot_traces(path, f"{sid}: decoded", panels)

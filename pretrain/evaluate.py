@@ -110,23 +110,9 @@ class Evaluator:
 
 def plot_session(res: SessionResult, path: str, seconds: float = 20.0, split: str = "validation") -> str:
     """Decoded vs true behaviour over the first `seconds` of scored samples (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .decode import plot_traces
 
     keep = res.times < res.times[0] + seconds
-    d = res.target.shape[1]
-    fig, axes = plt.subplots(d, 1, figsize=(10, 2.2 * d), sharex=True)
-    axes = np.atleast_1d(axes)
-    for k, ax in enumerate(axes):
-        ax.plot(res.times[keep], res.target[keep, k], ".", ms=2, color="0.3", label="true")
-        ax.plot(res.times[keep], res.prediction[keep, k], ".", ms=2, color="tab:red", label="decoded")
-        ax.set_ylabel(f"{res.behaviour}[{k}]")
-    axes[0].set_title(f"{res.session_id}: decoded vs true ({split}, R2 = {res.r2:.3f})")
-    axes[0].legend(loc="upper right", fontsize=7)
-    axes[-1].set_xlabel("time (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    panels = [(f"{res.behaviour}[{k}]", (res.times[keep], res.target[keep, k]), (res.times[keep], res.prediction[keep, k]))
+              for k in range(min(res.target.shape[1], res.prediction.shape[1]))]
+    return str(plot_traces(path, f"{res.session_id}: decoded vs true ({split}, R2 = {res.r2:.3f})", panels))

@@ -250,6 +250,11 @@ def test_pull_and_decode_reproduce_evaluate_without_the_pyfunc(env, tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "pred.png").exists() and len(list((tmp_path / "c").glob("*/tiny/*/registered.json"))) == 1
+    pulled = next((tmp_path / "c").glob("*/tiny/*"))
+    assert {"model.safetensors", "config.json", "vocab.json", "plan.json", "MODEL_CARD.md"} <= {p.name for p in pulled.iterdir()}
+    prov = json.loads((pulled / "config.json").read_text())["provenance"]
+    assert prov["git_commit"] and prov["packages"]["torch"] and prov["corpus_fingerprint"] and prov["source_model"]
+    assert "Intended use" in (pulled / "MODEL_CARD.md").read_text()
     rows = np.loadtxt(out, delimiter=",", skiprows=1, usecols=(2, 3, 4))
     at = {round(t, 6): v for t, *v in rows}
     got = np.array([at[round(t, 6)] for t in ev.times])
