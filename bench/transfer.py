@@ -150,6 +150,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="adaptation (and from-scratch) steps (default 100; quick 30)")
     ap.add_argument("--pretrain-steps", type=int, help="default 300; quick 60")
     ap.add_argument("--seeds", type=int, help="label draws at 10 %% (default 3; quick 1)")
+    ap.add_argument("--arms", help=f"comma-separated subset of {','.join(ARMS + ['unit-id-x5'])} (default: all)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "transfer"))
     a = ap.parse_args()
     if not REAL.is_dir():
@@ -170,6 +171,8 @@ def main() -> None:
             for seed in (range(seeds) if lab == "10%" else [0]) if not (arm == "unit-id-then-full" and lab == "10%")]
     if SPEED in sessions:
         plan.append((SPEED, "unit-id-x5", "100%", 0))
+    if a.arms:
+        plan = [p for p in plan if p[1] in a.arms.split(",")]
     for s, arm, lab, seed in plan:
         key = f"{s}|{arm}|{lab}|{seed}"
         if key in results:

@@ -416,6 +416,34 @@ def cmd_baseline(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- scaling sweeps ---------------------------------------------------------------------------------------
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from pretrain.sweep import run_sweep
+    from pretrain.sweep_plan import load_sweep
+
+    cfg = load_sweep(a.config, a.set or [])
+    r = run_sweep(cfg, a.tracking_uri, notify=say, show_progress=not a.no_progress, only=a.point)
+    say(f"sweep {r.name}: {r.points} points ({r.ran} run now, {r.skipped} finished before) in {r.seconds / 60:.1f} min;"
+        f" fit it with `popscale scaling-fit --sweep {r.name}`")
+    result(sweep=r.name, points=r.points, ran=r.ran, skipped=r.skipped, parent_run_id=r.parent_run_id,
+           directory=r.directory, seconds=f"{r.seconds:.0f}")
+    return 0
+
+
+def cmd_scaling_fit(a: argparse.Namespace) -> int:
+    from pretrain.scaling_report import scaling_fit
+
+    rep, md, parent = scaling_fit(a.sweep, a.tracking_uri, a.storage, a.resamples, a.budget, a.out)
+    console.print(md.read_text(), markup=False, highlight=False)
+    law = rep.law.values() if rep.law else {}
+    ci = rep.intervals
+    result(alpha=f"{law['alpha']:.4f}" if law else "nan", beta=f"{law['beta']:.4f}" if law else "nan",
+           **({"alpha_ci": f"{ci['alpha'][0]:.3f}..{ci['alpha'][1]:.3f}",
+               "beta_ci": f"{ci['beta'][0]:.3f}..{ci['beta'][1]:.3f}"} if law else {}),
+           E=f"{law['E']:.4g}" if law else "nan", warnings=len(rep.warnings), summary=md, parent_run_id=parent)
+    return 0
+
+
 # ---- parser -------------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's usage errors end like every other error
@@ -564,6 +592,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seeds the label draw (and the GRU)")
     s.add_argument("--window", type=float, default=1.0, help="labels come in stretches of at least this (s)")
     s.set_defaults(fn=cmd_baseline)
+
+    s = sub.add_parser("sweep", help="a scaling sweep: one pretraining run per point, on Ray, tracked in MLflow")
+    s.add_argument("--config", required=True, help="sweep YAML (configs/sweeps/*.yaml)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep-file value, e.g. budget.steps=50")
+    s.add_argument("--point", action="append", help="run only this point (its key; repeatable)")
+    s.add_argument("--no-progress", action="store_true")
+    tracking_flag(s)
+    s.set_defaults(fn=cmd_sweep)
+
+    s = sub.add_parser("scaling-fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta to a sweep, with bootstrap intervals")
+    s.add_argument("--sweep", required=True, help="the sweep's name, its directory, or its MLflow parent run id")
+    s.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    s.add_argument("--budget", type=float, help="training FLOPs for the compute-optimal allocation (default: the "
+                                                "largest point's)")
+    s.add_argument("--storage", default="runs/sweeps", help="where sweeps keep their state (the sweep file's storage)")
+    s.add_argument("--out", help="directory for the summary and plots (default: <sweep dir>/fit)")
+    tracking_flag(s)
+    s.set_defaults(fn=cmd_scaling_fit)
 
     s = sub.add_parser("verify", help="re-check checksums and invariants")
     s.add_argument("corpus")

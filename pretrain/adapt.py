@@ -70,6 +70,7 @@ class FinetuneConfig:
     cache: str = "runs/models"
     # readouts to add, for behaviours the model was not pretrained on: NAME:KIND:DIMS=BEHAVIOUR[,BEHAVIOUR...]
     readouts: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow run tags (a sweep nests it: mlflow.parentRunId)
 
     def __post_init__(self) -> None:
         for spec in self.readouts:
@@ -264,15 +265,10 @@ def plan_adaptation(cfg: FinetuneConfig, src: Path, corpus: Corpus, progress: bo
 # ---- running it ---------------------------------------------------------------------------------------------
 def _source(cfg: FinetuneConfig, tracking_uri: str) -> tuple[str, str, str, Path]:
     """(name, version, uri, local directory) of the source model."""
-    from .registry import ModelNotFound, pull
+    from .registry import locate
 
-    p = Path(cfg.model)
-    if not cfg.model.startswith("models:/") and (p / "config.json").exists():
-        return p.name, "", str(p.resolve()), p.resolve()
-    if not cfg.model.startswith("models:/"):
-        raise ModelNotFound(f"--model {cfg.model}: neither a models:/ URI nor a directory with an exported model")
-    ref, path = pull(cfg.model, tracking_uri, cfg.cache)
-    return ref.name, ref.version, ref.uri, path.resolve()
+    ref, path = locate(cfg.model, tracking_uri, cfg.cache)
+    return ref.name, ref.version, ref.uri, path
 
 
 def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_progress: bool = True
@@ -306,7 +302,8 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
     c = client(tracking)
     run = c.create_run(experiment_id(tracking), run_name=name,
                        tags={"source_model": src_name, "source_version": src_version, "source_uri": src_uri,
-                             "mode": cfg.mode, "labels": cfg.labels, "sessions": ",".join(cfg.sessions)})
+                             "mode": cfg.mode, "labels": cfg.labels, "sessions": ",".join(cfg.sessions),
+                             **cfg.tags})
     run_id = run.info.run_id
     from mlflow.entities import Param
 
@@ -333,14 +330,12 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
                                 adapt=Adaptation(str(start), p.adapt.units, "all", False, p.adapt.new_readouts))
                     p.index_fingerprint = index_fingerprint(p.corpus_fingerprint, p.index)
                 sink = Sinks(memory, MLflowSink(tracking, run_id), _Bar(bar, task))
-                previous, holder = selector, {}
 
-                def select(evaluator, prev=previous, off=offset, h=holder):
-                    h["sel"] = BestValid(evaluator, prev.best if prev else -np.inf, prev.state if prev else None, off)
-                    return h["sel"]
+                def select(evaluator, prev=selector, off=offset):
+                    return BestValid(evaluator, prev.best if prev else -np.inf, prev.state if prev else None, off)
 
                 res = train_in_process(p, out / f"phase{i}", sink=_Offset(sink, offset), wrap_evaluator=select)
-                selector, model = holder["sel"], res.model
+                selector, model = res.evaluator, res.model
                 offset += p.run.train.steps
             model.load_state_dict(selector.state)
         model.eval()

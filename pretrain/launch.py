@@ -131,10 +131,14 @@ def _fit_with_progress(trainer, progress, total: int, show: bool):
 
 def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool = True,
              hooks: LoopHooks | None = None, notify: Callable[[str], None] = print,
-             alias: str | None = None) -> PretrainResult:
+             alias: str | None = None, name: str | None = None, register_model: bool = True,
+             tags: dict[str, str] | None = None) -> PretrainResult:
     """Plan the run, train it on Ray Train workers, export and register the final weights as a new
     version; `alias` (default: the config's `tracking.alias`, none) is moved to it only when given.
-    `hooks` default to the test hooks of the environment (hooks.FaultAndRecord.from_env)."""
+    `hooks` default to the test hooks of the environment (hooks.FaultAndRecord.from_env).
+    `name` fixes the run's name (a sweep point's): a run of that name with a checkpoint is resumed.
+    `register_model=False` exports without registering; `tags` go on the MLflow run (a sweep's
+    child runs carry `mlflow.parentRunId` and their axes)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -147,7 +151,9 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
     run.data.corpus = str(Path(run.data.corpus).resolve())
     run.tracking.uri = tracking_uri(run.tracking)
     storage = Path(run.cluster.storage_path).resolve()
-    name = resume or f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if name and not resume and (storage / name / RUN_FILE).exists():
+        resume = name  # a named run that started before: continue it
+    name = resume or name or f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = storage / name
     meta, previous = {}, None
     if resume:
@@ -169,7 +175,8 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
                 "n_sessions": str(len(plan.sessions)), "n_units": str(len(plan.unit_vocab)),
                 "n_params": str(parameters(plan.model)),
                 "train_gflops_per_sample_2k_spikes":
-                    f"{3 * forward_flops(plan.model, 2000, 100, plan.tokenizer.geometry.n_latents) / 1e9:.2f}"}
+                    f"{3 * forward_flops(plan.model, 2000, 100, plan.tokenizer.geometry.n_latents) / 1e9:.2f}",
+                **(tags or {})}
         meta = {"name": name, "mlflow_run_id": start_run(run, tags)}
         run_dir.mkdir(parents=True, exist_ok=True)
         plan.save(run_dir)
@@ -209,10 +216,13 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
             model_card(export, title=f"{run.tracking.registered_model}: pretrained {plan.run.model}",
                        data=f"Pretrained ({metrics.get('step', '?')} steps) on {len(plan.sessions)} sessions of "
                             f"{run.data.corpus}.", metrics={"valid_r2": valid_r2})
-            version, model_uri = register(uri, meta["mlflow_run_id"], export, run.tracking.registered_model,
-                                          alias, tags={"kind": "pretrained", "git_commit": prov["git_commit"],
-                                                       "corpus_fingerprint": plan.corpus_fingerprint,
-                                                       "valid_r2": f"{valid_r2:.4f}", "ray_run": name})
+            if register_model:
+                version, model_uri = register(uri, meta["mlflow_run_id"], export, run.tracking.registered_model,
+                                              alias, tags={"kind": "pretrained", "git_commit": prov["git_commit"],
+                                                           "corpus_fingerprint": plan.corpus_fingerprint,
+                                                           "valid_r2": f"{valid_r2:.4f}", "ray_run": name})
+            else:
+                model_uri = str(export)
     return PretrainResult(name=name, valid_r2=float(metrics.get("valid_r2", float("nan"))),
                           steps=int(metrics.get("step", 0)), model_uri=model_uri, model_version=version,
                           mlflow_run_id=meta["mlflow_run_id"], tracking_uri=uri, seconds=time.time() - t0,

@@ -244,18 +244,25 @@ def _run_id(ref: ModelRef, tracking_uri: str) -> str:
     return str(MlflowClient(tracking_uri).get_model_version(ref.name, ref.version).run_id)
 
 
-def load(uri_or_dir: str | Path, tracking_uri: str | None = None, cache: str | Path = "runs/models",
-         device: str = "cpu") -> tuple[POYO, Tokenizer, Path]:
-    """(model, tokenizer, local directory) of a models:/ URI (pulled first) or an exported directory."""
+def locate(uri_or_dir: str | Path, tracking_uri: str | None = None, cache: str | Path = "runs/models"
+           ) -> tuple[ModelRef, Path]:
+    """(reference, local directory) of a models:/ URI (pulled into the cache first) or of an exported
+    directory (its reference then has no version, and its URI is the resolved path)."""
     p = Path(str(uri_or_dir))
     if not str(uri_or_dir).startswith("models:/") and (p / "config.json").exists():
-        model, tok = load_exported(p, device)
-        return model, tok, p
+        return ModelRef(p.resolve().name, "", str(p.resolve())), p.resolve()
     if not str(uri_or_dir).startswith("models:/") and "@" not in str(uri_or_dir):
         raise ModelNotFound(f"{uri_or_dir}: neither a models:/ URI nor a directory with an exported model")
     if tracking_uri is None:
         raise ValueError("a tracking URI is needed to load a registered model")
-    _, path = pull(str(uri_or_dir), tracking_uri, cache)
+    ref, path = pull(str(uri_or_dir), tracking_uri, cache)
+    return ref, path.resolve()
+
+
+def load(uri_or_dir: str | Path, tracking_uri: str | None = None, cache: str | Path = "runs/models",
+         device: str = "cpu") -> tuple[POYO, Tokenizer, Path]:
+    """(model, tokenizer, local directory) of a models:/ URI (pulled first) or an exported directory."""
+    _, path = locate(uri_or_dir, tracking_uri, cache)
     model, tok = load_exported(path, device)
     return model, tok, path
 

@@ -85,6 +85,7 @@ class InProcessResult:
     metrics: dict[str, float]
     checkpoint: Path  # the last checkpoint directory
     model: Any  # the trained torch module (in this process)
+    evaluator: Any = None  # what validated it (the wrapped one when `wrap_evaluator` was given)
 
 
 @contextmanager
@@ -125,4 +126,4 @@ def train_in_process(plan: RunPlan, checkpoint_dir: str | Path, sink: MetricsSin
         evaluator = wrap_evaluator(p.evaluator) if wrap_evaluator else p.evaluator
         metrics = run_loop(plan, p.step, LocalBatches(p.spec, 0, 1), evaluator, ckpt, sink or MemorySink(), p.dist,
                            hooks)
-        return InProcessResult(metrics, ckpt.checkpoints()[-1], p.engine.module)
+        return InProcessResult(metrics, ckpt.checkpoints()[-1], p.engine.module, evaluator)
