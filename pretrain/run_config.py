@@ -178,16 +178,22 @@ def _set(d: dict, dotted: str, value) -> None:
     d[keys[-1]] = value
 
 
+def read_yaml(path: str | Path, what: str = "config") -> dict:
+    """A YAML file's top-level mapping, or one clear ConfigError naming the file."""
+    try:
+        d = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping at the top")
+    return d
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """A RunConfig from a YAML file (or the defaults) with `key.sub=value` overrides (YAML values)."""
-    d: dict = {}
-    if path is not None:
-        try:
-            d = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    d: dict = read_yaml(path) if path is not None else {}
     try:
         d = asdict(from_dict(d))  # validate the file first, then apply overrides on full defaults
     except ConfigError as e:

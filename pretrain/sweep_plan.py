@@ -36,7 +36,7 @@ from data_service.errors import ConfigError
 from data_service.reader import Corpus
 
 from .config import PRESETS
-from .run_config import RunConfig, _build, load_config
+from .run_config import RunConfig, _build, _set, load_config, read_yaml
 
 AXES = ("model", "subjects", "sessions", "session_fraction", "subset", "steps", "seed")
 
@@ -126,23 +126,12 @@ class SweepConfig:
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
     """A SweepConfig from YAML; `overrides` (key=value) apply to the sweep file itself."""
-    try:
-        d = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read sweep file {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sweep file {path} is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"sweep file {path}: expected a mapping at the top")
+    d = read_yaml(path, "sweep file")
     for o in overrides:
         k, eq, v = o.partition("=")
-        if not eq:
+        if not eq or not k.strip():
             raise ConfigError(f"sweep override {o!r} must look like key=value")
-        cur = d
-        *head, last = k.strip().split(".")
-        for h in head:
-            cur = cur.setdefault(h, {})
-        cur[last] = yaml.safe_load(v)
+        _set(d, k.strip(), yaml.safe_load(v))
     d.setdefault("name", Path(path).stem)
     try:
         cfg = _build(SweepConfig, d, "")
