@@ -208,9 +208,12 @@ def scaling_fit(sweep: str, tracking_uri: str | None, storage: str = "runs/sweep
     rep = fit_sweep([p.N for p in points], [p.D for p in points], [p.loss for p in points],
                     [_group(p, ("model", "seed")) for p in points], [f"model={p.axes.get('model', '?')}" for p in points],
                     resamples=resamples)
-    where = Path(out) if out else (Path(storage) / name if (Path(storage) / name / "state.json").exists()
-                                   else Path("runs") / "scaling-fit" / parent)
-    where = where / "fit" if not out else where
+    if out:
+        where = Path(out)
+    elif (Path(storage) / name / "state.json").exists():
+        where = Path(storage) / name / "fit"
+    else:
+        where = Path("runs") / "scaling-fit" / parent / "fit"
     where.mkdir(parents=True, exist_ok=True)
     budget = budget or max(p.figures.get("compute", 0.0) for p in points) or None
     text = summary(name, points, rep, budget)

@@ -173,10 +173,9 @@ def run_sweep(cfg: SweepConfig, tracking_uri: str | None = None, notify: Callabl
     parent = _parent_run(cfg, sweep_dir, uri, points, held)
     for sub in ("points", "logs", "runs", "eval"):
         (sweep_dir / sub).mkdir(parents=True, exist_ok=True)
-    todo = [p for p in points if not (sweep_dir / "points" / f"{p.key}.json").exists()
-            and (only is None or p.key in only)]
-    skipped = len(points) - len(todo) if only is None else sum(
-        (sweep_dir / "points" / f"{k}.json").exists() for k in only)
+    wanted = [p for p in points if only is None or p.key in only]
+    todo = [p for p in wanted if not (sweep_dir / "points" / f"{p.key}.json").exists()]
+    skipped = len(wanted) - len(todo)
     notify(f"sweep {cfg.name}: {len(points)} points ({skipped} finished, {len(todo)} to run, "
            f"{cfg.max_concurrent} at a time); parent MLflow run {parent} in {uri}; "
            f"evaluation sessions {', '.join(held) or 'none'}; logs in {sweep_dir / 'logs'}")

@@ -210,23 +210,34 @@ def point_key(axes: dict) -> str:
     return "".join(c if c.isalnum() or c in "=._-" else "-" for c in text)
 
 
+def _session_counts(corpus: Corpus, sid: str, part: np.ndarray, behaviours: list[str]) -> tuple[float, int, int, int]:
+    """(seconds, spikes, units, behaviour samples) of one session inside `part`."""
+    r = corpus.session(sid)
+    times, _ = r.spikes()
+    spikes = sum(int(np.searchsorted(times, b) - np.searchsorted(times, a)) for a, b in part)
+    samples = 0
+    for b in behaviours:
+        if b in r.behaviour_names:
+            ts = r.behaviour(b)[0]
+            samples = sum(int(np.searchsorted(ts, hi) - np.searchsorted(ts, lo)) for lo, hi in part)
+            break
+    return iv.total(part), spikes, len(r.unit_ids), samples
+
+
 def data_figures(corpus: Corpus, sessions: list[str], within: dict[str, np.ndarray] | None, window_s: float,
-                 behaviours: list[str]) -> dict[str, float]:
-    """Hours, spikes, mean tokens and queries per window of the training part of `sessions`."""
+                 behaviours: list[str], cache: dict | None = None) -> dict[str, float]:
+    """Hours, spikes, mean tokens and queries per window of the training part of `sessions`
+    (`cache` keeps each session's counts between points that share it)."""
+    cache = {} if cache is None else cache
     seconds = spikes = units_time = samples = 0.0
     subjects = set()
     for sid in sessions:
-        r = corpus.session(sid)
-        part = within[sid] if within is not None else iv.normalize(r.intervals.get("train", iv.EMPTY))
-        t = iv.total(part)
-        times, _ = r.spikes()
-        n = sum(int(np.searchsorted(times, b) - np.searchsorted(times, a)) for a, b in part)
-        seconds, spikes, units_time = seconds + t, spikes + n, units_time + t * len(r.unit_ids)
-        for b in behaviours:
-            if b in r.behaviour_names:
-                ts = r.behaviour(b)[0]
-                samples += sum(int(np.searchsorted(ts, hi) - np.searchsorted(ts, lo)) for lo, hi in part)
-                break
+        part = within[sid] if within is not None else iv.normalize(corpus.session(sid).intervals.get("train", iv.EMPTY))
+        key = (sid, np.asarray(part).tobytes())
+        if key not in cache:
+            cache[key] = _session_counts(corpus, sid, part, behaviours)
+        t, n, units, m = cache[key]
+        seconds, spikes, units_time, samples = seconds + t, spikes + n, units_time + t * units, samples + m
         subjects.add(corpus.rows[sid].get("subject", sid))
     per_s = 1.0 / max(seconds, 1e-9)
     return {"hours": seconds / 3600, "distinct_tokens": spikes, "subjects": len(subjects),
@@ -254,9 +265,9 @@ def expand(cfg: SweepConfig, corpus: Corpus) -> tuple[list[Point], list[str]]:
     held = eval_sessions(cfg, corpus, eligible)
     pool = [s for s in eligible if s not in held]
     behaviours = [b for r in tok.readouts for b in r.behaviours]
-    points = []
+    points, counts = [], {}
     for axes in _axes_of(cfg):
-        run = load_config(cfg.base, cfg.overrides)
+        run = cfg.base_run()
         run.data.synth = None
         shape = axes.get("model", run.model)
         if shape in cfg.models:
@@ -295,7 +306,7 @@ def expand(cfg: SweepConfig, corpus: Corpus) -> tuple[list[Point], list[str]]:
         run.name = f"{cfg.name}-{point_key(axes)}"
         model = run.model_config()
         geometry = _tokens(run).geometry
-        fig = data_figures(corpus, chosen, labelled_parts(run, corpus, chosen), run.data.window_s, behaviours)
+        fig = data_figures(corpus, chosen, labelled_parts(run, corpus, chosen), run.data.window_s, behaviours, counts)
         per_sample = train_flops(model, fig["inputs_per_window"], fig["queries_per_window"], geometry.n_latents)
         samples_per_step = run.data.global_batch * run.train.grad_accum
         if cfg.budget.kind == "equal-compute":
