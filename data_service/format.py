@@ -41,7 +41,9 @@ def check_corpus_root(root: Path) -> dict:
     """The root's popscale attributes; raises CorpusError if `root` is not a corpus this version reads."""
     from .errors import CorpusError
 
-    meta = Path(root) / "zarr.json"
+    from .remote import as_path
+
+    meta = as_path(root) / "zarr.json"
     if not meta.exists():
         raise CorpusError("not a popscale corpus (no zarr.json)", file=str(root))
     attrs = json.loads(meta.read_text()).get("attributes", {}).get("popscale", {})

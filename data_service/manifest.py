@@ -63,16 +63,21 @@ def read_manifest(root: Path) -> dict[str, dict]:
     return {r["session_id"]: r for r in doc["sessions"]}
 
 
-def write_manifest(root: Path, rows: dict[str, dict]) -> None:
+def manifest_text(rows: dict[str, dict]) -> str:
+    """The manifest file's content for these rows."""
     doc = {
         "format": "popscale-corpus-manifest",
         "format_version": FORMAT_VERSION,
         "columns": COLUMNS,
         "sessions": [rows[k] for k in sorted(rows)],
     }
+    return json.dumps(doc, indent=0, separators=(",", ":"))
+
+
+def write_manifest(root: Path, rows: dict[str, dict]) -> None:
     tmp = root / f".{MANIFEST}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(doc, f, indent=0, separators=(",", ":"))
+        f.write(manifest_text(rows))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / MANIFEST)

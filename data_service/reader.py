@@ -17,6 +17,7 @@ from collections.abc import Collection
 import math
 from bisect import bisect_left, bisect_right
 import os
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +32,7 @@ from .format import (
     SPIKE_UNITS, UNIT_AREAS, UNIT_IDS, behaviour_path, check_corpus_root,
 )
 from .manifest import fingerprint, read_manifest, session_attrs
+from .remote import as_path, filesystem, is_url, join
 from .shards import open_sharded
 
 
@@ -252,10 +254,11 @@ class SessionReader:
 
 
 class Corpus:
-    """A corpus opened for reading: the manifest plus lazily opened sessions."""
+    """A corpus opened for reading: the manifest plus lazily opened sessions. `root` is a local
+    path or a URL on shared storage (remote.py)."""
 
     def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
+        self.root = as_path(str(root)) if isinstance(root, str) else root
         check_corpus_root(self.root)
         self.rows = read_manifest(self.root)
         self._sessions: dict[str, SessionReader] = {}
@@ -281,15 +284,36 @@ class Corpus:
 
 
 _open: dict[tuple[str, int], Corpus] = {}
+REMOTE_RECHECK_S = 30.0  # how often a URL corpus's manifest is checked for changes (one HEAD request)
+_remote_checked: dict[str, tuple[float, object]] = {}
+
+
+def _remote_stamp(url: str):
+    now = time.monotonic()
+    seen = _remote_checked.get(url)
+    if seen is not None and now - seen[0] < REMOTE_RECHECK_S:
+        return seen[1]
+    try:
+        info = filesystem(url).info(join(url, MANIFEST))
+        stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime") or info.get("size")
+    except FileNotFoundError:
+        stamp = 0
+    _remote_checked[url] = (now, stamp)
+    return stamp
 
 
 def open_corpus(root: Path | str) -> Corpus:
-    """The process's Corpus for `root`, re-read when the manifest changes."""
-    real = os.path.realpath(root)
-    try:
-        stamp = os.stat(os.path.join(real, MANIFEST)).st_mtime_ns
-    except FileNotFoundError:
-        stamp = 0
+    """The process's Corpus for `root`, re-read when the manifest changes (checked on every call for a
+    local corpus, every REMOTE_RECHECK_S for one on shared storage)."""
+    if is_url(root):
+        real = str(root).rstrip("/")
+        stamp = _remote_stamp(real)
+    else:
+        real = os.path.realpath(root)
+        try:
+            stamp = os.stat(os.path.join(real, MANIFEST)).st_mtime_ns
+        except FileNotFoundError:
+            stamp = 0
     key = (real, stamp)
     c = _open.get(key)
     if c is None:

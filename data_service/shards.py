@@ -21,6 +21,8 @@ import google_crc32c
 import numpy as np
 from numcodecs.blosc import decompress as blosc_decompress
 
+from .remote import as_path, filesystem
+
 _MISSING = np.iinfo(np.uint64).max
 
 
@@ -94,6 +96,11 @@ class _FileHandles:
         self._pid = os.getpid()
 
     def pread(self, path: str, n: int, offset: int) -> bytes:
+        if "://" in path:  # shared object storage: one ranged GET (remote.py)
+            data = filesystem(path).cat_file(path, start=offset, end=offset + n)
+            if len(data) != n:
+                raise ChecksumError(f"{path}: short read ({len(data)} of {n} bytes at {offset}); object truncated?")
+            return data
         with self._lock:
             if os.getpid() != self._pid:  # forked: descriptors are shared with the parent; start afresh
                 self._fds.clear()
@@ -113,7 +120,10 @@ class _FileHandles:
         return data
 
     def size(self, path: str) -> int:
-        return os.path.getsize(path)
+        return filesystem(path).size(path) if "://" in path else os.path.getsize(path)
+
+    def exists(self, path: str) -> bool:
+        return filesystem(path).exists(path) if "://" in path else os.path.exists(path)
 
 
 _handles = _FileHandles()
@@ -161,7 +171,7 @@ class ShardedArray:
         entry = self._index.get(s)
         if entry is None:
             f = self._shard_file(s)
-            if not os.path.exists(f):
+            if not _handles.exists(f):
                 return None
             n = self.per_shard * 16 + 4
             size = _handles.size(f)
@@ -244,7 +254,7 @@ def _supported(meta: dict) -> dict | None:
 
 def open_sharded(array_dir: Path | str) -> ShardedArray | None:
     """A fast reader for `array_dir`, or None if its layout is not the one popscale writes."""
-    p = Path(array_dir)
+    p = as_path(array_dir)
     try:
         meta = json.loads((p / "zarr.json").read_text())
     except (OSError, ValueError):

@@ -445,6 +445,21 @@ def cmd_scaling_fit(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- push: a corpus onto shared object storage -------------------------------------------------------------
+def cmd_push(a: argparse.Namespace) -> int:
+    from data_service.manifest import read_manifest
+    from data_service.remote import push_corpus
+
+    n = len(read_manifest(Path(a.corpus)))
+    with _progress() as p:
+        task = p.add_task(f"push → {a.url}", total=n)
+        counts = push_corpus(a.corpus, a.url, replace=a.replace, on_session=lambda sid, st: p.advance(task))
+    say(f"{a.url}: {counts['uploaded']} sessions uploaded, {counts['replaced']} replaced, {counts['unchanged']} "
+        f"already there; train from it with --set data.corpus={a.url}")
+    result(url=a.url, sessions=n, **counts)
+    return 0
+
+
 # ---- cluster jobs: submit, jobs ------------------------------------------------------------------------
 def _env_pairs(pairs: list[str] | None) -> dict[str, str]:
     out = {}
@@ -696,6 +711,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     address_flag(s)
     s.set_defaults(fn=cmd_jobs)
+
+    s = sub.add_parser("push", help="copy a local corpus to shared object storage (s3://bucket/prefix), manifest last")
+    s.add_argument("corpus", help="the local corpus")
+    s.add_argument("url", help="where it goes, e.g. s3://bucket/corpora/NAME (endpoint: $AWS_ENDPOINT_URL)")
+    s.add_argument("--replace", action="store_true", help="overwrite sessions there whose content differs")
+    s.set_defaults(fn=cmd_push)
 
     s = sub.add_parser("verify", help="re-check checksums and invariants")
     s.add_argument("corpus")

@@ -55,11 +55,13 @@ def await_registered_checkpoint(run_dir: str | None, step: int, timeout_s: float
     recorded the last checkpoint, so a test knows which step the restart must resume from."""
     if not run_dir or step == 0:
         return
-    snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json"
+    from data_service.remote import join, read_text
+
+    snapshot = join(run_dir, "checkpoint_manager_snapshot.json")  # local or on shared storage
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            latest = json.loads(read_text(snapshot)).get("latest_checkpoint_result") or {}
             if latest.get("metrics", {}).get("step") == step:
                 return
         except (OSError, ValueError):

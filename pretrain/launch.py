@@ -20,6 +20,8 @@ from typing import Callable
 
 from data_service.errors import CorpusError
 
+from data_service.remote import exists, is_url, join, pyarrow_filesystem, read_text, resolve, storage_arg, write_text
+
 from .hooks import FaultAndRecord, LoopHooks
 from .plan import PlanMismatch, RunPlan, build_plan
 from .run_config import RunConfig
@@ -45,6 +47,11 @@ def ensure_corpus(run: RunConfig, notify: Callable[[str], None] = print) -> None
     """Make the configured synthetic corpus if there is no corpus at `data.corpus` (saying so)."""
     from data_service.synth import synth_corpus
 
+    if is_url(run.data.corpus):
+        if not exists(join(run.data.corpus, "manifest.json")):
+            raise CorpusError("no corpus at this URL (put one there with `popscale push LOCAL URL`)",
+                              file=run.data.corpus)
+        return
     root = Path(run.data.corpus)
     if (root / "manifest.json").exists():
         return
@@ -148,18 +155,19 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
     t0 = time.time()
     alias = alias or run.tracking.alias
     # Workers run in their own directories: every path they see must be absolute.
-    run.data.corpus = str(Path(run.data.corpus).resolve())
+    # (a corpus or storage_path may be a URL on shared storage: data_service/remote.py)
+    run.data.corpus = resolve(run.data.corpus)
     run.tracking.uri = tracking_uri(run.tracking)
-    storage = Path(run.cluster.storage_path).resolve()
-    if name and not resume and (storage / name / RUN_FILE).exists():
+    storage = resolve(run.cluster.storage_path)
+    if name and not resume and exists(join(storage, name, RUN_FILE)):
         resume = name  # a named run that started before: continue it
     name = resume or name or f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = storage / name
+    run_dir = join(storage, name)
     meta, previous = {}, None
     if resume:
-        if not (run_dir / RUN_FILE).exists():
+        if not exists(join(run_dir, RUN_FILE)):
             raise FileNotFoundError(f"no run {resume!r} under {storage} to resume")
-        meta, previous = json.loads((run_dir / RUN_FILE).read_text()), RunPlan.load(run_dir)
+        meta, previous = json.loads(read_text(join(run_dir, RUN_FILE))), RunPlan.load(run_dir)
     ensure_corpus(run, notify)
     try:
         plan = build_plan(run, previous=previous, progress=show_progress)
@@ -178,9 +186,8 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
                     f"{3 * forward_flops(plan.model, 2000, 100, plan.tokenizer.geometry.n_latents) / 1e9:.2f}",
                 **(tags or {})}
         meta = {"name": name, "mlflow_run_id": start_run(run, tags)}
-        run_dir.mkdir(parents=True, exist_ok=True)
         plan.save(run_dir)
-        (run_dir / RUN_FILE).write_text(json.dumps(meta))
+        write_text(join(run_dir, RUN_FILE), json.dumps(meta))
     progress = _progress_actor()
     if hooks is None:
         hooks = FaultAndRecord.from_env() or LoopHooks()
@@ -192,7 +199,8 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
         torch_config=TorchConfig(backend="nccl" if run.cluster.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=run.cluster.num_workers, use_gpu=run.cluster.use_gpu,
                                                resources_per_worker={"CPU": run.cluster.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage_arg(storage),
+                                       storage_filesystem=pyarrow_filesystem(storage),
                                        failure_config=ray.train.FailureConfig(max_failures=run.train.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
@@ -211,7 +219,9 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
         if not stopped_early:
             prov = provenance({"mlflow_run_id": meta["mlflow_run_id"], "ray_run": name,
                                "corpus_fingerprint": plan.corpus_fingerprint, "corpus": run.data.corpus})
-            export = export_checkpoint(d, run_dir / "export", prov)
+            # the export sits beside the checkpoints; with checkpoints on object storage, in runs/exports
+            export_dir = Path("runs/exports").resolve() / name if is_url(run_dir) else Path(run_dir)
+            export = export_checkpoint(d, export_dir / "export", prov)
             valid_r2 = float(metrics.get("valid_r2", float("nan")))
             model_card(export, title=f"{run.tracking.registered_model}: pretrained {plan.run.model}",
                        data=f"Pretrained ({metrics.get('step', '?')} steps) on {len(plan.sessions)} sessions of "

@@ -19,7 +19,6 @@ checkpoint can be exported, resumed or adapted with nothing else.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from data_service.errors import ConfigError, CorpusError
 from data_service.reader import Corpus, open_corpus
+from data_service.remote import join, read_text, write_text
 from data_service.service import ServiceSpec
 from data_service.window_index import IndexConfig, index_fingerprint
 
@@ -177,17 +177,15 @@ class RunPlan:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RunPlan) and json.dumps(self.to_dict()) == json.dumps(other.to_dict())
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path) -> str:
         """Write `plan.json` into `directory` (atomically: a reader never sees half a plan)."""
-        path = Path(directory) / PLAN_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        os.replace(tmp, path)
+        path = join(str(directory), PLAN_FILE)  # a local directory or a URL on shared storage
+        write_text(path, json.dumps(self.to_dict()))
         return path
 
     @classmethod
     def load(cls, directory: str | Path) -> "RunPlan":
-        return cls.from_dict(json.loads((Path(directory) / PLAN_FILE).read_text()))
+        return cls.from_dict(json.loads(read_text(join(str(directory), PLAN_FILE))))
 
 
 # ---- building a plan on the driver ----------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import Callable
 
 from data_service.errors import ConfigError
 from data_service.reader import open_corpus
+from data_service.remote import resolve
 
 from .sweep_plan import Point, SweepConfig, expand, with_storage
 
@@ -163,7 +164,7 @@ def run_sweep(cfg: SweepConfig, tracking_uri: str | None = None, notify: Callabl
 
     t0 = time.time()
     base = cfg.base_run()
-    base.data.corpus = str(Path(base.data.corpus).resolve())
+    base.data.corpus = resolve(base.data.corpus)
     ensure_corpus(base, notify)
     uri = tracking_uri or resolve_uri(TrackingConfig(uri=base.tracking.uri))
     cfg = replace(cfg, overrides=[*cfg.overrides, f"data.corpus={base.data.corpus}"])  # workers run elsewhere

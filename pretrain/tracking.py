@@ -38,9 +38,9 @@ def experiment_id(cfg: TrackingConfig) -> str:
     exp = c.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id
-    location = None
+    location = cfg.artifact_location
     uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///"):  # a local store keeps its artifacts beside its database
+    if location is None and uri.startswith("sqlite:///"):  # a local store keeps its artifacts beside its database
         location = (Path(uri[len("sqlite:///"):]).parent / Path(LOCAL_ARTIFACTS).name).resolve().as_uri()
     return c.create_experiment(cfg.experiment, artifact_location=location)
 

@@ -1,0 +1,158 @@
+"""Corpora, checkpoints and run state on shared storage: a local path or an fsspec URL
+(s3://bucket/prefix on AWS or any S3-compatible store; gs://, az://, ... where their fsspec
+package is installed).
+
+A URL corpus is read in place with ranged GETs: a shard's index once, then only the inner chunks
+a window needs, decoded into the process's bounded chunk cache (shards.CACHE,
+POPSCALE_CHUNK_CACHE_MB). Object stores have no rename, so a corpus is written locally (with the
+store's crash-safe staging) and then `push`ed: sessions first, the manifest and the root
+`zarr.json` last, so a reader sees either the old corpus or the new one.
+
+Endpoints and credentials come from the standard environment (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION) or the node's role; nothing here
+prints them.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+LOCAL_SCHEMES = ("", "file", "local")
+
+
+def is_url(p) -> bool:
+    """True for a remote fsspec URL (s3://...), False for a local path (or a file:// URL)."""
+    s = str(p)
+    return "://" in s and urlparse(s).scheme not in LOCAL_SCHEMES
+
+
+def as_path(p):
+    """A path object with `/`, `exists()` and `read_text()`: pathlib for local paths, a UPath for URLs."""
+    if not isinstance(p, str):
+        return p
+    if is_url(p):
+        from upath import UPath
+
+        return UPath(p)
+    return Path(p[len("file://"):] if p.startswith("file://") else p)
+
+
+@lru_cache(maxsize=None)
+def _fs(protocol: str):
+    import fsspec
+
+    return fsspec.filesystem(protocol)
+
+
+def filesystem(url: str):
+    """The process's fsspec filesystem for a URL's scheme (one client, shared)."""
+    return _fs(urlparse(str(url)).scheme)
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base)
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]]) if is_url(base) else \
+        str(Path(base).joinpath(*parts))
+
+
+def resolve(p: str) -> str:
+    """A location every worker can use: URLs as they are, local paths made absolute."""
+    return str(p) if is_url(p) else str(Path(p).resolve())
+
+
+def exists(p: str) -> bool:
+    return filesystem(p).exists(str(p)) if is_url(p) else Path(p).exists()
+
+
+def read_text(p: str) -> str:
+    return filesystem(p).cat_file(str(p)).decode() if is_url(p) else Path(p).read_text()
+
+
+def write_text(p: str, text: str) -> None:
+    """Write a small file whole: one PUT on an object store (atomic there), tmp + rename locally."""
+    if is_url(p):
+        filesystem(p).pipe_file(str(p), text.encode())
+        return
+    path = Path(p)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def pyarrow_filesystem(url: str):
+    """The filesystem Ray Train writes checkpoints with (None: let Ray pick, for local paths).
+    For s3:// it is pyarrow's native S3 client, pointed at AWS_ENDPOINT_URL when that is set (pyarrow
+    does not read it itself); other schemes go through their fsspec filesystem."""
+    if not is_url(url):
+        return None
+    import pyarrow.fs as pafs
+
+    scheme = urlparse(url).scheme
+    if scheme in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kw = {}
+        if endpoint:
+            e = urlparse(endpoint)
+            kw = {"endpoint_override": e.netloc or e.path, "scheme": e.scheme or "https"}
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kw["region"] = region
+        return pafs.S3FileSystem(**kw)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem(url)))
+
+
+def storage_arg(url: str) -> str:
+    """A URL as a pyarrow filesystem expects its paths (bucket/key, no scheme)."""
+    return url.split("://", 1)[1] if is_url(url) else url
+
+
+# ---- pushing a local corpus to shared storage ----------------------------------------------------------
+def push_corpus(local_root: str | Path, url: str, *, replace: bool = False,
+                on_session: Callable[[str, str], None] | None = None) -> dict[str, int]:
+    """Upload a local corpus to `url`: sessions missing there (or changed, with `replace`) file by
+    file, then the merged manifest, then the root zarr.json. Returns counts by status."""
+    from .errors import CorpusError
+    from .format import MANIFEST, SESSIONS, check_corpus_root
+    from .manifest import manifest_text, read_manifest
+
+    local = Path(local_root)
+    check_corpus_root(local)
+    rows = read_manifest(local)
+    if not is_url(url):
+        raise CorpusError("push needs a URL (s3://bucket/prefix); for a local or shared filesystem, copy the "
+                          "directory", file=url)
+    fs = filesystem(url)
+    there: dict[str, dict] = {}
+    if fs.exists(join(url, MANIFEST)):
+        check_corpus_root(as_path(url))
+        there = read_manifest(as_path(url))
+    counts = {"uploaded": 0, "replaced": 0, "unchanged": 0}
+    merged = dict(there)
+    for sid in sorted(rows):
+        old = there.get(sid)
+        if old is not None and old["content_hash"] == rows[sid]["content_hash"]:
+            status = "unchanged"
+        elif old is not None and not replace:
+            raise CorpusError(f"session already at {url} with other content (hash {old['content_hash']}); "
+                              "pass --replace to overwrite it", file=url, session=sid, field="content_hash")
+        else:
+            status = "replaced" if old is not None else "uploaded"
+            src = local / SESSIONS / sid
+            dst = join(url, SESSIONS, sid)
+            if old is not None:
+                fs.rm(dst, recursive=True)
+            files = [Path(d) / f for d, _, fs_ in os.walk(src) for f in fs_]
+            fs.put([str(f) for f in files], [join(dst, f.relative_to(src).as_posix()) for f in files])
+        merged[sid] = rows[sid]
+        counts[status] += 1
+        if on_session:
+            on_session(sid, status)
+    fs.pipe_file(join(url, SESSIONS, "zarr.json"), (local / SESSIONS / "zarr.json").read_bytes())
+    fs.pipe_file(join(url, MANIFEST), manifest_text(merged).encode())
+    fs.pipe_file(join(url, "zarr.json"), (local / "zarr.json").read_bytes())  # last: the corpus is complete
+    return counts
