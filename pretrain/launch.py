@@ -233,6 +233,10 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
                                                            "valid_r2": f"{valid_r2:.4f}", "ray_run": name})
             else:
                 model_uri = str(export)
+    if not stopped_early:  # the run is complete (a stopped one stays RUNNING until resumed)
+        from .tracking import client as mlflow_client
+
+        mlflow_client(run.tracking).set_terminated(meta["mlflow_run_id"], "FINISHED")
     return PretrainResult(name=name, valid_r2=float(metrics.get("valid_r2", float("nan"))),
                           steps=int(metrics.get("step", 0)), model_uri=model_uri, model_version=version,
                           mlflow_run_id=meta["mlflow_run_id"], tracking_uri=uri, seconds=time.time() - t0,

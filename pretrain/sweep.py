@@ -93,7 +93,19 @@ def _parent_run(cfg: SweepConfig, sweep_dir: Path, tracking_uri: str, points: li
 def run_point(point: Point, cfg: SweepConfig, held: list[str], sweep_dir: str, parent_run_id: str,
               tracking_uri: str) -> dict:
     """One point: pretrain (or resume), then its held-out loss and adaptation figure. Runs in a Ray
-    task (or in the caller)."""
+    task (or in the caller). A failure's whole traceback goes to the point's log."""
+    try:
+        return _run_point(point, cfg, held, sweep_dir, parent_run_id, tracking_uri)
+    except BaseException:
+        import traceback
+
+        with (Path(sweep_dir) / "logs" / f"{point.key}.log").open("a") as log:
+            log.write(f"{time.strftime('%H:%M:%S')} FAILED\n{traceback.format_exc()}")
+        raise
+
+
+def _run_point(point: Point, cfg: SweepConfig, held: list[str], sweep_dir: str, parent_run_id: str,
+               tracking_uri: str) -> dict:
     from .heldout import heldout_loss
     from .launch import pretrain
     from .plan import RunPlan
@@ -174,6 +186,10 @@ def run_sweep(cfg: SweepConfig, tracking_uri: str | None = None, notify: Callabl
     parent = _parent_run(cfg, sweep_dir, uri, points, held)
     for sub in ("points", "logs", "runs", "eval"):
         (sweep_dir / sub).mkdir(parents=True, exist_ok=True)
+    unknown = sorted(set(only or []) - {p.key for p in points})
+    if unknown:
+        raise ConfigError(f"--point {unknown[0]}: not a point of sweep {cfg.name!r} (its points: "
+                          f"{', '.join(p.key for p in points)})")
     wanted = [p for p in points if only is None or p.key in only]
     todo = [p for p in wanted if not (sweep_dir / "points" / f"{p.key}.json").exists()]
     skipped = len(wanted) - len(todo)
@@ -202,7 +218,8 @@ def run_sweep(cfg: SweepConfig, tracking_uri: str | None = None, notify: Callabl
                            + f" ({r['seconds']:.0f} s)")
                 except Exception as e:  # noqa: BLE001 - one failed point does not stop the others
                     failures.append((p.key, e))
-                    notify(f"  {p.key}: FAILED ({str(e).splitlines()[0][:300]}); see {sweep_dir / 'logs' / p.key}.log;"
+                    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+                    notify(f"  {p.key}: FAILED ({lines[-1][:300]}); see {sweep_dir / 'logs' / p.key}.log;"
                            " run the sweep again to resume it")
                 bar.advance(tid)
         if failures:
