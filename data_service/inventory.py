@@ -6,10 +6,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from .manifest import fingerprint, read_manifest
+from .remote import as_path
 
 
 def summarize(root: Path | str) -> dict:
-    rows = read_manifest(Path(root))
+    rows = read_manifest(as_path(str(root)))  # a local path or a URL on shared storage
     subjects: dict[str, dict] = defaultdict(lambda: {"sessions": 0, "units": 0, "spikes": 0, "hours": 0.0})
     behaviours: Counter = Counter()
     formats: Counter = Counter()

@@ -85,6 +85,8 @@ def test_pushed_corpus_reads_back_window_for_window(s3, local_corpus):
     again = result_line(run_cli("push", str(local_corpus), url, env=s3, check=True).stdout)
     assert again["uploaded"] == "0" and again["unchanged"] == "3"  # a re-push sends nothing
 
+    shown = result_line(run_cli("inspect", url, env=s3, check=True).stdout)
+    assert shown["sessions"] == "3"
     local, remote = open_corpus(local_corpus), open_corpus(url)
     assert remote.session_ids == local.session_ids and remote.fingerprint == local.fingerprint
     for sid in local.session_ids:
@@ -170,3 +172,13 @@ def test_pretraining_checkpoints_on_object_storage_and_resumes(s3, local_corpus,
     assert steps == list(range(6)), steps  # steps 0-3 before the stop, 4-5 after: resumed, not restarted
     # the registered model's files went to the experiment's artifact location on the object store
     assert fs.glob(f"{BUCKET}/mlflow/**/model.safetensors")
+    # promote that version and pull it back from there (runbooks/models.md)
+    db = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    version = out["model_version"]
+    promoted = result_line(run_cli("promote", "popscale-poyo", version, "candidate", *db, env=s3, check=True).stdout)
+    assert promoted["model_uri"] == "models:/popscale-poyo@candidate"
+    listed = run_cli("models", "popscale-poyo", *db, env=s3, check=True)
+    assert "candidate:" + version in result_line(listed.stdout)["aliases"]
+    pulled = run_cli("pull", "popscale-poyo@candidate", "--out", str(tmp_path / "pulled"), "--cache",
+                     str(tmp_path / "cache"), *db, env=s3, check=True)
+    assert pulled.returncode == 0 and (tmp_path / "pulled" / "model.safetensors").exists()
