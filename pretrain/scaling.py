@@ -182,6 +182,15 @@ def diagnose(n, d, law: Law | None, intervals: dict[str, tuple[float, float]]) -
             lo, hi = intervals.get(k, (np.nan, np.nan))
             if hi > 100 * max(lo, 1e-300):
                 out.append(f"the 90 % interval of {k} spans more than 100x ({lo:.3g} .. {hi:.3g})")
+        # a term that changes the predicted loss by under 1 % across the swept points says nothing
+        # about its axis, whatever its exponent (it can sit anywhere without changing the fit)
+        n_arr, d_arr = np.asarray(n, float), np.asarray(d, float)
+        floor = float(np.min(law(n_arr, d_arr)))
+        for axis, term in (("N", law.A / n_arr ** law.alpha), ("D", law.B / d_arr ** law.beta)):
+            if floor > 0 and float(term.max() - term.min()) < 0.01 * floor:
+                out.append(f"the fitted {axis} term moves the loss by under 1 % across the swept {axis}: "
+                           f"the data show no effect of {'model size' if axis == 'N' else 'data size'} in this "
+                           "range, so its exponent means nothing")
     return out
 
 

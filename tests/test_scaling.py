@@ -59,5 +59,7 @@ def test_few_points_and_flat_axes_warn():
     rep = fit_sweep(n, d, loss, ["x"] * 4, ["y"] * 4, resamples=5)
     text = " ".join(rep.warnings)
     assert "poorly determined" in text
+    flat = Law(E=0.5, A=1.0, B=200.0, alpha=2.9, beta=0.3)  # an N term of ~1e-16: no effect of model size
+    assert any("no effect of model size" in w for w in diagnose(*grid(4), flat, {}))
     assert diagnose(*grid(4), TRUE, {"alpha": (0.3, 0.4), "beta": (0.25, 0.35), "E": (0.1, 0.3), "A": (10, 50),
                                      "B": (100, 300)}) == []
