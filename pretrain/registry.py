@@ -177,11 +177,10 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 def resolve(uri: str, tracking_uri: str) -> ModelRef:
     """The registered version a URI names (an alias is read now: it may move later)."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     name, version, alias = parse_model_uri(uri)
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     try:
         v = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException:
@@ -203,6 +202,15 @@ def _export_root(downloaded: Path) -> Path:
         return found[0]
     raise ModelNotFound(f"the registered model at {downloaded} holds no popscale weights (model.safetensors + "
                         "config.json); it was not registered by popscale")
+
+
+def _client(tracking_uri: str):
+    """A client whose registry is the tracking store itself. MLflow otherwise takes the registry from
+    $MLFLOW_REGISTRY_URI, which its own set_registry_uri sets for the whole process, so one
+    command could list models in one store and download them from another."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri, registry_uri=tracking_uri)
 
 
 def pull(uri: str, tracking_uri: str, cache: str | Path = "runs/models") -> tuple[ModelRef, Path]:
@@ -239,9 +247,8 @@ def pull(uri: str, tracking_uri: str, cache: str | Path = "runs/models") -> tupl
 
 
 def _run_id(ref: ModelRef, tracking_uri: str) -> str:
-    from mlflow import MlflowClient
 
-    return str(MlflowClient(tracking_uri).get_model_version(ref.name, ref.version).run_id)
+    return str(_client(tracking_uri).get_model_version(ref.name, ref.version).run_id)
 
 
 def locate(uri_or_dir: str | Path, tracking_uri: str | None = None, cache: str | Path = "runs/models"
@@ -274,11 +281,12 @@ def register(tracking_uri: str, run_id: str, export_dir: str | Path, name: str, 
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)  # the registry is the tracking store, whatever the environment says
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC), artifacts={"model": str(export_dir)},
                                        registered_model_name=name, pip_requirements=["popscale"])
     version = str(info.registered_model_version)
-    client = mlflow.MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     for k, v in (tags or {}).items():
         client.set_model_version_tag(name, version, k, str(v)[:5000])
     card = Path(export_dir) / "MODEL_CARD.md"
@@ -291,10 +299,9 @@ def register(tracking_uri: str, run_id: str, export_dir: str | Path, name: str, 
 
 def promote(tracking_uri: str, name: str, version: str, alias: str) -> str | None:
     """Point `alias` at `version` of `name`; returns the version it pointed at before (or None)."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     try:
         client.get_model_version(name, str(version))
     except MlflowException:
@@ -309,10 +316,9 @@ def promote(tracking_uri: str, name: str, version: str, alias: str) -> str | Non
 
 def versions(tracking_uri: str, name: str) -> tuple[list[dict], dict[str, str]]:
     """([{version, run_id, created, source tags}], {alias: version}) of a registered model."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     try:
         model = client.get_registered_model(name)
     except MlflowException:

@@ -30,7 +30,8 @@ def tracking_uri(cfg: TrackingConfig) -> str:
 def client(cfg: TrackingConfig):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)  # never $MLFLOW_REGISTRY_URI's store (registry._client)
 
 
 def experiment_id(cfg: TrackingConfig) -> str:

@@ -16,6 +16,20 @@ REPO = Path(__file__).resolve().parents[1]
 REAL = Path(os.environ.get("POPSCALE_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_env_restored():
+    """mlflow.set_tracking_uri / set_registry_uri write MLFLOW_* into os.environ, where they would leak
+    into later tests and every subprocess those start."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def real_dir() -> Path:
     if not REAL.is_dir():

@@ -148,7 +148,8 @@ def test_pretraining_checkpoints_on_object_storage_and_resumes(s3, local_corpus,
     run_cli("push", str(local_corpus), url, env=s3, check=True)
     rec = tmp_path / "records"
     rec.mkdir()
-    env = {**s3, "POPSCALE_RECORD_WINDOWS": str(rec)}
+    # a registry URI left in the environment (mlflow.set_registry_uri sets one) must not divert registration
+    env = {**s3, "POPSCALE_RECORD_WINDOWS": str(rec), "MLFLOW_REGISTRY_URI": f"sqlite:///{tmp_path / 'other.db'}"}
     common = ["--set", f"data.corpus={url}", "--set", "data.global_batch=8",
               "--set", "train.steps=6", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=3",
               "--set", "train.warmup_steps=2", "--set", f"cluster.storage_path=s3://{BUCKET}/runs",
@@ -175,10 +176,10 @@ def test_pretraining_checkpoints_on_object_storage_and_resumes(s3, local_corpus,
     # promote that version and pull it back from there (runbooks/models.md)
     db = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     version = out["model_version"]
-    promoted = result_line(run_cli("promote", "popscale-poyo", version, "candidate", *db, env=s3, check=True).stdout)
+    promoted = result_line(run_cli("promote", "popscale-poyo", version, "candidate", *db, env=env, check=True).stdout)
     assert promoted["model_uri"] == "models:/popscale-poyo@candidate"
-    listed = run_cli("models", "popscale-poyo", *db, env=s3, check=True)
+    listed = run_cli("models", "popscale-poyo", *db, env=env, check=True)
     assert "candidate:" + version in result_line(listed.stdout)["aliases"]
     pulled = run_cli("pull", "popscale-poyo@candidate", "--out", str(tmp_path / "pulled"), "--cache",
-                     str(tmp_path / "cache"), *db, env=s3, check=True)
+                     str(tmp_path / "cache"), *db, env=env, check=True)
     assert pulled.returncode == 0 and (tmp_path / "pulled" / "model.safetensors").exists()
