@@ -56,20 +56,20 @@ def filesystem(url: str):
 def join(base: str, *parts: str) -> str:
     base = str(base)
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]]) if is_url(base) else \
-        str(Path(base).joinpath(*parts))
+        str(as_path(base).joinpath(*parts))
 
 
 def resolve(p: str) -> str:
     """A location every worker can use: URLs as they are, local paths made absolute."""
-    return str(p) if is_url(p) else str(Path(p).resolve())
+    return str(p) if is_url(p) else str(as_path(str(p)).resolve())
 
 
 def exists(p: str) -> bool:
-    return filesystem(p).exists(str(p)) if is_url(p) else Path(p).exists()
+    return filesystem(p).exists(str(p)) if is_url(p) else as_path(str(p)).exists()
 
 
 def read_text(p: str) -> str:
-    return filesystem(p).cat_file(str(p)).decode() if is_url(p) else Path(p).read_text()
+    return filesystem(p).cat_file(str(p)).decode() if is_url(p) else as_path(str(p)).read_text()
 
 
 def write_text(p: str, text: str) -> None:
@@ -77,7 +77,7 @@ def write_text(p: str, text: str) -> None:
     if is_url(p):
         filesystem(p).pipe_file(str(p), text.encode())
         return
-    path = Path(p)
+    path = as_path(str(p))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
@@ -131,17 +131,18 @@ def push_corpus(local_root: str | Path, url: str, *, replace: bool = False,
     if fs.exists(join(url, MANIFEST)):
         check_corpus_root(as_path(url))
         there = read_manifest(as_path(url))
+    status_of = {sid: "uploaded" if sid not in there else
+                 "unchanged" if there[sid]["content_hash"] == rows[sid]["content_hash"] else "replaced"
+                 for sid in rows}
+    conflict = next((sid for sid in sorted(rows) if status_of[sid] == "replaced"), None)
+    if conflict is not None and not replace:  # refused before anything is uploaded
+        raise CorpusError(f"session already at {url} with other content (hash {there[conflict]['content_hash']}); "
+                          "pass --replace to overwrite it", file=url, session=conflict, field="content_hash")
     counts = {"uploaded": 0, "replaced": 0, "unchanged": 0}
     merged = dict(there)
     for sid in sorted(rows):
-        old = there.get(sid)
-        if old is not None and old["content_hash"] == rows[sid]["content_hash"]:
-            status = "unchanged"
-        elif old is not None and not replace:
-            raise CorpusError(f"session already at {url} with other content (hash {old['content_hash']}); "
-                              "pass --replace to overwrite it", file=url, session=sid, field="content_hash")
-        else:
-            status = "replaced" if old is not None else "uploaded"
+        old, status = there.get(sid), status_of[sid]
+        if status != "unchanged":
             src = local / SESSIONS / sid
             dst = join(url, SESSIONS, sid)
             if old is not None:

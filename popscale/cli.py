@@ -490,6 +490,8 @@ def cmd_submit(a: argparse.Namespace) -> int:
 def cmd_jobs(a: argparse.Namespace) -> int:
     from popscale.jobs import client, follow, job_address, status_name
 
+    if a.action != "list" and not a.job_id:
+        raise ConfigError(f"popscale jobs {a.action} needs a job id (popscale jobs list shows them)")
     c = client(a.address)
     if a.action == "list":
         jobs = sorted(c.list_jobs(), key=lambda j: j.start_time or 0)
@@ -502,8 +504,6 @@ def cmd_jobs(a: argparse.Namespace) -> int:
         Console(width=160).print(t)
         result(jobs=len(jobs), running=sum(status_name(j.status) == "RUNNING" for j in jobs))
         return 0
-    if not a.job_id:
-        raise ConfigError(f"popscale jobs {a.action} needs a job id (popscale jobs list shows them)")
     if a.action == "logs":
         if a.follow:
             status = follow(c, a.job_id)

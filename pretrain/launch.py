@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 from data_service.errors import CorpusError
-
 from data_service.remote import exists, is_url, join, pyarrow_filesystem, read_text, resolve, storage_arg, write_text
 
 from .hooks import FaultAndRecord, LoopHooks

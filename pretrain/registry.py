@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from .config import ModelConfig
 from .model import POYO
 from .tokenizer import Geometry, Readout, Tokenizer, TokenizerConfig
+from .tracking import store_client
 
 PYFUNC = Path(__file__).with_name("mlflow_pyfunc.py")
 FORMAT_VERSION = 2  # 2: the tokenizer config holds the window geometry and the readouts (1: flat, window in the model)
@@ -180,7 +181,7 @@ def resolve(uri: str, tracking_uri: str) -> ModelRef:
     from mlflow.exceptions import MlflowException
 
     name, version, alias = parse_model_uri(uri)
-    client = _client(tracking_uri)
+    client = store_client(tracking_uri)
     try:
         v = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException:
@@ -202,15 +203,6 @@ def _export_root(downloaded: Path) -> Path:
         return found[0]
     raise ModelNotFound(f"the registered model at {downloaded} holds no popscale weights (model.safetensors + "
                         "config.json); it was not registered by popscale")
-
-
-def _client(tracking_uri: str):
-    """A client whose registry is the tracking store itself. MLflow otherwise takes the registry from
-    $MLFLOW_REGISTRY_URI, which its own set_registry_uri sets for the whole process, so one
-    command could list models in one store and download them from another."""
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri, registry_uri=tracking_uri)
 
 
 def pull(uri: str, tracking_uri: str, cache: str | Path = "runs/models") -> tuple[ModelRef, Path]:
@@ -247,8 +239,7 @@ def pull(uri: str, tracking_uri: str, cache: str | Path = "runs/models") -> tupl
 
 
 def _run_id(ref: ModelRef, tracking_uri: str) -> str:
-
-    return str(_client(tracking_uri).get_model_version(ref.name, ref.version).run_id)
+    return str(store_client(tracking_uri).get_model_version(ref.name, ref.version).run_id)
 
 
 def locate(uri_or_dir: str | Path, tracking_uri: str | None = None, cache: str | Path = "runs/models"
@@ -286,7 +277,7 @@ def register(tracking_uri: str, run_id: str, export_dir: str | Path, name: str, 
         info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC), artifacts={"model": str(export_dir)},
                                        registered_model_name=name, pip_requirements=["popscale"])
     version = str(info.registered_model_version)
-    client = _client(tracking_uri)
+    client = store_client(tracking_uri)
     for k, v in (tags or {}).items():
         client.set_model_version_tag(name, version, k, str(v)[:5000])
     card = Path(export_dir) / "MODEL_CARD.md"
@@ -301,7 +292,7 @@ def promote(tracking_uri: str, name: str, version: str, alias: str) -> str | Non
     """Point `alias` at `version` of `name`; returns the version it pointed at before (or None)."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
+    client = store_client(tracking_uri)
     try:
         client.get_model_version(name, str(version))
     except MlflowException:
@@ -318,7 +309,7 @@ def versions(tracking_uri: str, name: str) -> tuple[list[dict], dict[str, str]]:
     """([{version, run_id, created, source tags}], {alias: version}) of a registered model."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
+    client = store_client(tracking_uri)
     try:
         model = client.get_registered_model(name)
     except MlflowException:

@@ -182,14 +182,14 @@ def run_sweep(cfg: SweepConfig, tracking_uri: str | None = None, notify: Callabl
     cfg = replace(cfg, overrides=[*cfg.overrides, f"data.corpus={base.data.corpus}"])  # workers run elsewhere
     corpus = open_corpus(base.data.corpus)
     points, held = expand(cfg, corpus)
+    unknown = sorted(set(only or []) - {p.key for p in points})
+    if unknown:  # before the parent run or any directory is made
+        raise ConfigError(f"--point {unknown[0]}: not a point of sweep {cfg.name!r} (its points: "
+                          f"{', '.join(p.key for p in points)})")
     sweep_dir = (Path(cfg.storage) / cfg.name).resolve()
     parent = _parent_run(cfg, sweep_dir, uri, points, held)
     for sub in ("points", "logs", "runs", "eval"):
         (sweep_dir / sub).mkdir(parents=True, exist_ok=True)
-    unknown = sorted(set(only or []) - {p.key for p in points})
-    if unknown:
-        raise ConfigError(f"--point {unknown[0]}: not a point of sweep {cfg.name!r} (its points: "
-                          f"{', '.join(p.key for p in points)})")
     wanted = [p for p in points if only is None or p.key in only]
     todo = [p for p in wanted if not (sweep_dir / "points" / f"{p.key}.json").exists()]
     skipped = len(wanted) - len(todo)

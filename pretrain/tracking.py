@@ -27,11 +27,17 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return f"sqlite:///{Path(LOCAL_DB).resolve()}"
 
 
-def client(cfg: TrackingConfig):
+def store_client(uri: str):
+    """A client for the store at `uri`, whose registry is that store too. MLflow otherwise takes the
+    registry from $MLFLOW_REGISTRY_URI, which its own set_registry_uri sets for the whole process,
+    so one command could list models in one store and download them from another."""
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(cfg)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)  # never $MLFLOW_REGISTRY_URI's store (registry._client)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def client(cfg: TrackingConfig):
+    return store_client(tracking_uri(cfg))
 
 
 def experiment_id(cfg: TrackingConfig) -> str:
