@@ -48,6 +48,27 @@ class CorpusError(Exception):
         return prefix + self.message
 
 
+def find_corpus_error(e: BaseException | None, depth: int = 12) -> "CorpusError | None":
+    """The CorpusError behind an error that crossed processes: Ray wraps a worker's or an actor's
+    exception (`cause`, `__cause__`, Ray Train's per-rank `worker_failures`), and only the located
+    error inside says which file, session and field to look at."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo and depth > 0:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        depth -= 1
+        if isinstance(x, CorpusError):
+            return x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+        failures = getattr(x, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo += list(failures.values())
+    return None
+
+
 def _rebuild(cls, message, file, session, field):
     return cls(message, file=file, session=session, field=field)
 

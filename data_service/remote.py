@@ -16,12 +16,27 @@ prints them.
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
 LOCAL_SCHEMES = ("", "file", "local")
+
+
+# scheme://user:PASSWORD@host, and ?token=... style query parameters
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^/\s]*@")
+_SECRET_QUERY = re.compile(r"(?P<head>[?&](?:[A-Za-z0-9_.-]*(?:password|passwd|secret|token|signature|credential)"
+                           r"[A-Za-z0-9_.-]*|sig|key|api_key)=)[^&#\s]+", re.IGNORECASE)
+
+
+def redact(text) -> str:
+    """`text` (a URI, or a message with URIs in it) as it may be printed or logged: the password of
+    every `scheme://user:password@host` and the values of query parameters that carry secrets
+    (token, password, secret, signature, sig, key) replaced by `***`. Nothing else changes."""
+    s = _USERINFO.sub(lambda m: f"{m['head']}:***@", str(text))
+    return _SECRET_QUERY.sub(lambda m: f"{m['head']}***", s)
 
 
 def is_url(p) -> bool:

@@ -18,17 +18,21 @@ methods of `BatchTokenizer` (pretrain.tokenizer.Tokenizer is the one popscale us
 from __future__ import annotations
 
 import json
+import logging
 import pickle
+import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .errors import CorpusError
+from .errors import CorpusError, find_corpus_error
 from .reader import Corpus, SeriesWindow, SessionReader, Window, open_corpus
 from .rng import uniform
 from .window_index import IndexConfig, WindowIndex, WindowRef
+
+_log = logging.getLogger("popscale.data")
 
 
 @dataclass
@@ -70,6 +74,9 @@ class ServiceSpec:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # the index fingerprint the consumer planned with: a corpus changed since is refused, not served
     index_fingerprint: str | None = None
+    # a window that cannot be read (corrupt or truncated chunk, missing shard, deleted session) stops
+    # the service with an error naming it; True drops it from its batch instead, and says so
+    skip_bad_windows: bool = False
 
 
 @dataclass
@@ -79,6 +86,7 @@ class ServedBatch:
     number: int  # the global batch number
     positions: np.ndarray  # int64: stream positions of its windows
     data: Any  # what the tokenizer's `pack` made of them
+    skipped: list[dict] = field(default_factory=list)  # windows dropped as unreadable (skip_bad_windows)
 
 
 @lru_cache(maxsize=8)
@@ -159,12 +167,62 @@ def augmented_window(spec: ServiceSpec, ref: WindowRef, corpus: Corpus) -> tuple
     return w, reader, keep_units(n, spec.augment, _uniforms(spec.seed, ref.position, "units", n + 1))
 
 
+class UnreadableWindow(CorpusError):
+    """A window the corpus cannot serve: its session's data is corrupt, truncated or gone."""
+
+
+_IN_SESSION = re.compile(r"sessions/[^/\s]+/([^\s:;,)'\"]+)")
+
+
+def array_of(text: str) -> str | None:
+    """The array a failing file belongs to, from its path: sessions/<id>/spikes/timestamps/0 ->
+    spikes/timestamps (a shard key, c/..., or zarr.json is dropped)."""
+    m = _IN_SESSION.search(text.replace("\\", "/"))
+    if not m:
+        return None
+    parts = m.group(1).rstrip("/.").split("/")
+    if "c" in parts:
+        parts = parts[:parts.index("c")]
+    while parts and (parts[-1] == "zarr.json" or re.fullmatch(r"[\d.]+", parts[-1])):
+        parts.pop()
+    return "/".join(parts) or None
+
+
+def unreadable(spec: ServiceSpec, ref: WindowRef, e: BaseException) -> UnreadableWindow:
+    """The error for a window that failed to read, naming corpus, session and array (from the
+    failing file's path when the reader's error carries one)."""
+    field_ = getattr(e, "field", None) or array_of(f"{getattr(e, 'filename', '') or ''} {e}")
+    return UnreadableWindow(
+        f"window at stream position {ref.position} ({ref.t_start:.3f} s + {spec.index.window_s:g} s) cannot be "
+        f"read: {type(e).__name__}: {e}. `popscale verify {spec.corpus}` checks every session; "
+        "data.skip_bad_windows=true drops such windows (each one logged) instead of stopping",
+        file=spec.corpus, session=ref.session, field=field_)
+
+
 def build_batch(spec: ServiceSpec, batch: int, rank: int, world: int) -> ServedBatch:
-    """Worker `rank`'s share of global batch `batch`, tokenized and packed."""
+    """Worker `rank`'s share of global batch `batch`, tokenized and packed. A window that cannot
+    be read stops it with an `UnreadableWindow` (never garbage: chunks are crc-checked), unless
+    the spec skips such windows, which changes the sequence and so is logged window by window."""
     refs = window_index(spec).worker_windows(batch, spec.global_batch, rank, world)
     corpus = open_corpus(spec.corpus)  # once per batch: it stats the manifest
-    data = spec.tokenizer.pack([augmented_window(spec, ref, corpus) for ref in refs])
-    return ServedBatch(batch, np.array([r.position for r in refs], dtype=np.int64), data)
+    items, kept, skipped = [], [], []
+    for ref in refs:
+        try:
+            items.append(augmented_window(spec, ref, corpus))
+        except Exception as e:  # noqa: BLE001 - every read failure is located, then raised or skipped
+            err = unreadable(spec, ref, e)
+            if not spec.skip_bad_windows:
+                raise err from e
+            _log.warning("skipped %s", err)
+            skipped.append({"batch": batch, "position": int(ref.position), "session": ref.session,
+                            "t_start": float(ref.t_start), "field": err.field, "error": f"{type(e).__name__}: {e}"})
+            continue
+        kept.append(ref.position)
+    if not items:
+        raise UnreadableWindow(f"every window of batch {batch} (rank {rank}) was unreadable and skipped",
+                               file=spec.corpus, session=refs[0].session if refs else None)
+    data = spec.tokenizer.pack(items)
+    return ServedBatch(batch, np.array(kept, dtype=np.int64), data, skipped)
 
 
 class LocalBatches:
@@ -187,7 +245,12 @@ class _Builder:
         window_index(self.spec)  # build the index once per actor
 
     def __call__(self, rows: dict) -> dict:
-        out = [pickle.dumps(build_batch(self.spec, int(b), self.rank, self.world), protocol=5) for b in rows["id"]]
+        out = []
+        for b in rows["id"]:
+            try:
+                out.append(pickle.dumps(build_batch(self.spec, int(b), self.rank, self.world), protocol=5))
+            except CorpusError as e:  # sent in the batch's place, raised by the consumer: Ray Data
+                out.append(pickle.dumps(e))  # would keep only its traceback text, not where it was
         return {"id": rows["id"], "payload": np.array(out, dtype=object)}
 
 
@@ -218,5 +281,16 @@ class RayBatches:
             ds = ds.map_batches(_Builder, fn_constructor_args=(self._spec_bytes, self.rank, self.world),
                                 batch_size=1, compute=ray.data.ActorPoolStrategy(size=self.actors), num_cpus=self.cpus,
                                 batch_format="numpy")
-            for row in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=self.prefetch):
-                yield pickle.loads(row["payload"][0])
+            try:
+                for row in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=self.prefetch):
+                    served = pickle.loads(row["payload"][0])
+                    if isinstance(served, CorpusError):
+                        raise served
+                    yield served
+            except CorpusError:
+                raise
+            except Exception as e:  # a located error that reached Ray some other way comes wrapped
+                located = find_corpus_error(e)
+                if located is None:
+                    raise
+                raise located from e

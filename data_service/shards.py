@@ -26,6 +26,11 @@ from .remote import as_path, filesystem
 _MISSING = np.iinfo(np.uint64).max
 
 
+# an array attribute: every chunk of this array was written (zarr skips all-fill chunks by default),
+# so a missing shard or chunk is damage, not zeros. Arrays written before it read missing as zeros.
+DENSE_ATTR = "popscale_dense"
+
+
 class ChecksumError(IOError):
     pass
 
@@ -119,6 +124,13 @@ class _FileHandles:
             raise ChecksumError(f"{path}: short read ({len(data)} of {n} bytes at {offset}); file truncated?")
         return data
 
+    def close_all(self) -> None:
+        """Forget every open descriptor (what a restarted reader process starts with)."""
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
     def size(self, path: str) -> int:
         return filesystem(path).size(path) if "://" in path else os.path.getsize(path)
 
@@ -158,6 +170,7 @@ class ShardedArray:
         self._sep = sep
         self._index: dict[int, tuple[str, list[tuple[int, int]]]] = {}
         self._key = str(path)
+        self.dense = bool(meta.get("attributes", {}).get(DENSE_ATTR))
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -191,6 +204,9 @@ class ShardedArray:
         s, j = divmod(c, self.per_shard)
         entry = self._shard_index(s)
         offset, nbytes = entry[1][j] if entry is not None else (_MISSING, 0)
+        if offset == _MISSING and self.dense and c * self.chunk_len < self.shape[0]:
+            what = f"chunk {j} of shard {self._shard_file(s)}" if entry is not None else f"shard {self._shard_file(s)}"
+            raise ChecksumError(f"{what} is missing (this array has every chunk written); file deleted or lost?")
         if offset == _MISSING:
             arr = np.full((self.chunk_len, *self.row_shape), self.fill, dtype=self.dtype)
         else:

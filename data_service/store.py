@@ -34,6 +34,7 @@ from .format import (
 from . import intervals as iv
 from .manifest import read_manifest, reconcile, row_from_attrs, write_manifest
 from .session import SPLITS, SessionData
+from .shards import DENSE_ATTR
 from .validate import validate_session
 
 
@@ -46,6 +47,8 @@ def _write_sharded(g: zarr.Group, name: str, data: np.ndarray, chunking: Chunkin
         name, shape=data.shape, dtype=data.dtype, chunks=(shard, *row_shape),
         serializer=sharded_codec(data.dtype, chunking, row_shape), compressors=None, filters=None,
         chunk_key_encoding={"name": "v2", "separator": "."}, fill_value=0,
+        # every chunk is written, even all-zero ones, so a reader can tell a lost shard from zeros
+        config={"write_empty_chunks": True}, attributes={DENSE_ATTR: True},
     )
     if n:
         arr[...] = data

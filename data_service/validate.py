@@ -14,6 +14,9 @@ from .errors import InvalidSession
 from .session import SLUG, SPLITS, SessionData
 
 TIME_TOL = 1e-9
+# no session lasts 116 days: times beyond this are in the wrong unit (ms, samples) or made by an absurd
+# sampling rate, and splitting such a session would try to allocate terabytes
+MAX_TIME_S = 1e7
 
 
 def _fail(s: SessionData, field: str, msg: str) -> None:
@@ -39,6 +42,10 @@ def check_times(s: SessionData, field: str, t: np.ndarray, *, allow_empty: bool 
     if (d < 0).any():
         i = int(np.flatnonzero(d < 0)[0])
         _fail(s, field, f"times are not sorted: t[{i}]={float(t[i])} > t[{i + 1}]={float(t[i + 1])}")
+    if t[-1] > MAX_TIME_S:
+        i = int(np.flatnonzero(t > MAX_TIME_S)[0])
+        _fail(s, field, f"time {float(t[i]):g} s at index {i} is beyond {MAX_TIME_S:g} s (116 days) from the "
+                        "session start: times must be in seconds")
 
 
 def validate_session(s: SessionData) -> None:
@@ -72,7 +79,8 @@ def validate_session(s: SessionData) -> None:
         _fail(s, "spikes/timestamps", f"dtype {t.dtype}, expected float64 seconds")
     check_times(s, "spikes/timestamps", t)
     if u.ndim != 1 or len(u) != len(t):
-        _fail(s, "spikes/unit_index", f"{len(u)} unit indices for {len(t)} spike times (mismatched lengths)")
+        _fail(s, "spikes/unit_index", f"{u.size if u.ndim != 1 else len(u)} unit indices for {len(t)} spike times "
+                                      "(mismatched lengths)")
     if u.dtype.kind not in "iu":
         _fail(s, "spikes/unit_index", f"dtype {u.dtype}, expected integers")
     if len(u) and (u.min() < 0 or u.max() >= n_units):
@@ -83,6 +91,8 @@ def validate_session(s: SessionData) -> None:
     dom = iv.as_intervals(s.domain)
     if len(dom) == 0 or not iv.is_normalized(dom):
         _fail(s, "intervals/domain", "domain must be non-empty, sorted, non-overlapping [start, end) intervals")
+    if not np.isfinite(dom).all() or dom[-1, 1] > MAX_TIME_S + 1.0:
+        _fail(s, "intervals/domain", f"domain {dom[0, 0]}..{dom[-1, 1]} must lie within 0..{MAX_TIME_S:g} s")
     inside = iv.contains(iv.dilate(dom, TIME_TOL), t)
     if not inside.all():
         i = int(np.flatnonzero(~inside)[0])

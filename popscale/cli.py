@@ -22,13 +22,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from data_service.errors import ConfigError, CorpusError
+from data_service.remote import redact
 
 console = Console(stderr=True)
 
 
 def say(message: str) -> None:
-    """One line to the user (stderr; never wrapped, so a script can grep it)."""
-    console.print(escape(message), soft_wrap=True)
+    """One line to the user (stderr; never wrapped, so a script can grep it); URL passwords masked."""
+    console.print(escape(redact(message)), soft_wrap=True)
 
 
 def _progress() -> Progress:
@@ -37,7 +38,7 @@ def _progress() -> Progress:
 
 
 def result(**kv) -> None:
-    print("RESULT " + " ".join(f"{k}={v}" for k, v in kv.items()), flush=True)
+    print("RESULT " + " ".join(f"{k}={redact(v)}" for k, v in kv.items()), flush=True)
 
 
 # ---- synth ------------------------------------------------------------------------------------------
@@ -59,9 +60,26 @@ def cmd_synth(a: argparse.Namespace) -> int:
 # ---- ingest -------------------------------------------------------------------------------------------
 def cmd_ingest(a: argparse.Namespace) -> int:
     from data_service.ingest import expand_sources, ingest
-    from data_service.ingest.common import IngestOptions, load_metadata_file, options_for
+    from data_service.ingest.common import IngestOptions, check_bin_width, load_metadata_file, options_for
     from data_service.splits import SplitConfig
 
+    # what the command line says is checked before the corpus is opened (or made): usage first, then sources
+    for flag, v in (("--valid-frac", a.valid_frac), ("--test-frac", a.test_frac)):
+        if not 0 <= v < 1:
+            raise ConfigError(f"{flag} {v:g}: must be a fraction in [0, 1)")
+    if a.valid_frac + a.test_frac >= 1:
+        raise ConfigError(f"--valid-frac {a.valid_frac:g} + --test-frac {a.test_frac:g} leave no training data")
+    if not a.gap >= 0:
+        raise ConfigError(f"--gap {a.gap:g}: must be >= 0 seconds")
+
+    def bin_width_ok(v, where: str) -> None:
+        try:
+            check_bin_width(v, file=where, session=None)
+        except CorpusError as e:
+            raise ConfigError(f"{where}: {e.message}") from None
+
+    if a.bin_width is not None:
+        bin_width_ok(a.bin_width, "--bin-width")
     base = IngestOptions(seed=a.seed, drop_nan_behaviour=a.drop_nan_behaviour,
                          splits=SplitConfig(fractions=(1 - a.valid_frac - a.test_frac, a.valid_frac, a.test_frac),
                                             gap_s=a.gap, seed=a.seed))
@@ -73,8 +91,15 @@ def cmd_ingest(a: argparse.Namespace) -> int:
                 base.merged(entry)
         except CorpusError as e:
             raise ConfigError(f"metadata file {a.meta}: {e.message}") from None  # (the message names no file)
+        for name, entry in meta.items():
+            if entry.get("bin_width_s") is not None:
+                bin_width_ok(entry["bin_width_s"], f"metadata file {a.meta}: {name}: bin_width_s")
     cli = {"subject": a.subject, "session_id": a.session_id, "species": a.species, "task": a.task,
            "area": a.area, "bin_width_s": a.bin_width}
+    missing = [s for s in a.sources if not Path(s).exists()]
+    if missing:
+        raise CorpusError("no such file or directory" + (f" (and {len(missing) - 1} more of the sources named)"
+                                                         if len(missing) > 1 else ""), file=missing[0])
     sources = expand_sources(a.sources)
     if a.session_id and len(sources) > 1:
         raise ConfigError("--session-id applies to a single source file")
@@ -207,13 +232,16 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
         cfg.data.synth = None  # a corpus named on the command line must exist: a typo never makes a new one
     r = pretrain(cfg, resume=a.resume, show_progress=not a.no_progress, notify=say, alias=a.alias)
     say(f"run {r.name}: {r.steps} steps in {r.seconds / 60:.1f} min, validation R2 {r.valid_r2:.3f}")
-    if r.model_uri:
+    if r.registration == "registered":
         alias = a.alias or cfg.tracking.alias
         moved = f"; @{alias} now points at it" if alias else \
             f" (no alias moved: `popscale promote {cfg.tracking.registered_model} {r.model_version} ALIAS`)"
         say(f"registered {r.model_uri} in {r.tracking_uri}{moved}")
+    # Training succeeded, so the exit status is 0 even when the tracking server was away at the end:
+    # then registered=pending, model_uri is the export's path and the warning above gives the command.
     result(valid_r2=f"{r.valid_r2:.4f}", model_uri=r.model_uri or "none", model_version=r.model_version or "none",
-           run=r.name, mlflow_run_id=r.mlflow_run_id, steps=r.steps, seconds=f"{r.seconds:.0f}")
+           registered={"registered": "yes", "pending": "pending"}.get(r.registration, "no"), tracking=r.tracking,
+           run=r.name, mlflow_run_id=r.mlflow_run_id or "none", steps=r.steps, seconds=f"{r.seconds:.0f}")
     return 0
 
 
@@ -268,6 +296,35 @@ def cmd_pull(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- with the tracking server back: tracking-sync, register ----------------------------------------------
+def cmd_tracking_sync(a: argparse.Namespace) -> int:
+    from pretrain.offline_tracking import register_command, sync_run
+
+    rep = sync_run(a.run_dir, a.tracking_uri)
+    done = [f"created its MLflow run {rep.run_id}" if rep.created else f"MLflow run {rep.run_id}",
+            f"{rep.metrics} kept metric records sent", *([f"set {rep.ended}"] if rep.ended else [])]
+    say(f"{a.run_dir}: " + ", ".join(done) + f" ({rep.tracking_uri})")
+    if rep.registration:
+        r = rep.registration
+        say("its model is not registered yet: " + register_command(r["export"], a.run_dir, r["name"], r.get("alias"),
+                                                                   rep.tracking_uri))
+    result(run_dir=a.run_dir, mlflow_run_id=rep.run_id, created=str(rep.created).lower(), metrics_sent=rep.metrics,
+           ended=rep.ended or "none", registration="pending" if rep.registration else "none")
+    return 0
+
+
+def cmd_register(a: argparse.Namespace) -> int:
+    from pretrain.offline_tracking import register_export
+
+    version, uri, run_id, rep = register_export(a.export, a.run, name=a.name, alias=a.alias, uri=a.tracking_uri)
+    if rep is not None and (rep.created or rep.metrics or rep.ended):
+        say(f"{a.run}: " + ", ".join([*([f"created its MLflow run {run_id}"] if rep.created else []),
+                                      f"{rep.metrics} kept metric records sent", *([f"set {rep.ended}"] if rep.ended else [])]))
+    say(f"registered {a.export} as {uri} (run {run_id})" + (f"; @{a.alias} now points at it" if a.alias else ""))
+    result(model_uri=uri, model_version=version, mlflow_run_id=run_id)
+    return 0
+
+
 # ---- finetune -----------------------------------------------------------------------------------------
 def cmd_finetune(a: argparse.Namespace) -> int:
     from pretrain.adapt import FinetuneConfig, finetune
@@ -299,8 +356,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from data_service.reader import open_corpus
     from pretrain.evaluate import plot_session, predict_session
 
+    corpus = open_corpus(a.corpus)  # a mistyped corpus fails before a model is pulled from the registry
     model, tok, path = _load_model(a)
-    corpus = open_corpus(a.corpus)
     known = set(model.session_emb.ids)
     sessions = a.session or [s for s in corpus.session_ids if s in known]
     if not sessions:
@@ -495,12 +552,12 @@ def cmd_jobs(a: argparse.Namespace) -> int:
     c = client(a.address)
     if a.action == "list":
         jobs = sorted(c.list_jobs(), key=lambda j: j.start_time or 0)
-        t = Table(title=f"jobs on {job_address(a.address)}")
+        t = Table(title=f"jobs on {redact(job_address(a.address))}")
         for col in ("job id", "status", "entrypoint", "started"):
             t.add_column(col)
         for j in jobs:
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time / 1000)) if j.start_time else ""
-            t.add_row(j.submission_id or j.job_id or "", status_name(j.status), j.entrypoint, started)
+            t.add_row(j.submission_id or j.job_id or "", status_name(j.status), redact(j.entrypoint), started)
         Console(width=160).print(t)
         result(jobs=len(jobs), running=sum(status_name(j.status) == "RUNNING" for j in jobs))
         return 0
@@ -591,6 +648,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_flag(s):
         s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported directory")
+
+    s = sub.add_parser("tracking-sync", help="send a run's MLflow record kept while the server was away "
+                                             "(creates its run if it had none)")
+    s.add_argument("run_dir", help="the run's directory (cluster.storage_path/RUN: it holds popscale_run.json)")
+    s.add_argument("--tracking-uri", help="MLflow store (default: the one the run used, else $MLFLOW_TRACKING_URI, "
+                                          "else runs/mlflow.db)")
+    s.set_defaults(fn=cmd_tracking_sync)
+
+    s = sub.add_parser("register", help="register an exported model as a new version (what a run could not do "
+                                        "while the server was away)")
+    s.add_argument("export", help="the exported model's directory (model.safetensors + config.json)")
+    s.add_argument("--run", required=True, help="the run's directory (synced first) or its MLflow run id")
+    s.add_argument("--name", help="registered model (default: what the run kept, else popscale-poyo)")
+    s.add_argument("--alias", help="point this alias at the new version (default: what the run kept, else none)")
+    s.add_argument("--tracking-uri", help="MLflow store (default: the one the run used, else $MLFLOW_TRACKING_URI, "
+                                          "else runs/mlflow.db)")
+    s.set_defaults(fn=cmd_register)
 
     s = sub.add_parser("models", help="a registered model's versions and which version each alias points at")
     s.add_argument("name", nargs="?", default="popscale-poyo")
@@ -726,7 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def fail(message: str, kind: str) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+    console.print(f"[red]error:[/red] {escape(redact(message))}", soft_wrap=True, highlight=False)
     result(error=kind)
 
 

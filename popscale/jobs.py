@@ -4,7 +4,9 @@
 runs/, .venv/ or .git/) as the job's runtime environment; the cluster's image provides the
 dependencies, so no job reinstalls torch. Ray's token authentication is on by default for
 clusters this Ray version starts; the token is read the way Ray reads it (RAY_AUTH_TOKEN, the
-file at RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token) and sent as a header, never printed.
+file at RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token) and sent as a header, never printed. The
+default address is loopback; an address or entrypoint that carries a password (http://user:pw@host)
+is printed with the password masked (data_service.remote.redact).
 """
 
 from __future__ import annotations
@@ -61,13 +63,15 @@ def client(address: str | None = None):
     """A JobSubmissionClient for the cluster, with its auth token when there is one."""
     from ray.job_submission import JobSubmissionClient
 
+    from data_service.remote import redact
+
     _enable_token_auth()
     url = job_address(address)
     try:
         return JobSubmissionClient(url)
-    except ConnectionError as e:
-        raise ConnectionError(f"no Ray Jobs API at {url} ({e}); start a cluster (runbooks/cluster.md) or pass "
-                              "--address") from None
+    except ConnectionError as e:  # the message names the URL: its password, if any, masked
+        raise ConnectionError(redact(f"no Ray Jobs API at {url} ({e}); start a cluster (runbooks/cluster.md) or "
+                                     "pass --address")) from None
 
 
 @dataclass

@@ -8,12 +8,19 @@ plan, saved together so that a run resumes exactly and a checkpoint exports with
 Two checkpointers share that format: `RayCheckpointer` hands each checkpoint to Ray Train
 (`ray.train.report`; Ray's FailureConfig restarts a failed worker group from the last one), and
 `DirCheckpointer` keeps them in a local directory (in-process runs).
+
+Ray Train learns of a reported checkpoint only when its controller next polls the workers (every
+~2 s), so a crash just after a report would restart from the checkpoint before. `report` itself
+has already uploaded the files (synchronously, into `<run>/step<N>`), so each rank marks its part
+complete once its upload returns (`<run>/step<N>/.complete-rank<r>`), and a restart resumes from
+the newest checkpoint that every rank completed, whether or not Ray registered it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +28,11 @@ from pathlib import Path
 from .plan import RunPlan
 
 STATE_FILE = "popscale_state.json"
+_STEP_DIR = re.compile(r"step(\d{7})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step{step:07d}"
 
 
 class DataChanged(RuntimeError):
@@ -54,15 +66,77 @@ def restore_state(directory: str | Path, engine, plan: RunPlan) -> int:
     return int(state["step"])
 
 
+def completed_checkpoints(run_dir: str, world: int) -> list[tuple[int, str]]:
+    """(step, path) of every checkpoint under a Ray run directory that all `world` ranks finished
+    uploading, oldest first (local paths or URLs: data_service/remote.py)."""
+    from data_service.remote import is_url, join
+
+    if is_url(run_dir):
+        from data_service.remote import filesystem
+
+        fs = filesystem(run_dir)
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(run_dir, detail=False)]
+        except FileNotFoundError:
+            return []
+        listing = lambda d: {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(d, detail=False)}  # noqa: E731
+    else:
+        if not os.path.isdir(run_dir):
+            return []
+        names = os.listdir(run_dir)
+        listing = lambda d: set(os.listdir(d))  # noqa: E731
+    out = []
+    for n in names:
+        m = _STEP_DIR.match(n)
+        if not m:
+            continue
+        d = join(run_dir, n)
+        files = listing(d)
+        if STATE_FILE in files and all(f".complete-rank{r}" in files for r in range(world)):
+            out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
 class RayCheckpointer:
-    def __init__(self, engine, plan: RunPlan, rank: int, world: int) -> None:
-        self.engine, self.plan, self.rank, self.world = engine, plan, rank, world
+    """`run_dir`: the Ray run directory (local or a URL), where reported checkpoints land."""
+
+    def __init__(self, engine, plan: RunPlan, rank: int, world: int, run_dir: str | None = None) -> None:
+        self.engine, self.plan, self.rank, self.world, self.run_dir = engine, plan, rank, world, run_dir
         self.last_step = 0
 
-    def restore(self) -> int:
+    def _newest(self):
+        """The checkpoint to resume from: Ray's latest registered one, or a newer one every rank
+        completed that Ray had not registered yet (a crash within its polling interval). Rank 0
+        decides, so every rank loads the same one."""
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
+        choice = None
+        if self.rank == 0 and self.run_dir:
+            done = completed_checkpoints(self.run_dir, self.world)
+            if done:
+                registered = -1
+                if ckpt is not None:
+                    m = _STEP_DIR.search(ckpt.path.rstrip("/"))
+                    registered = int(m.group(1)) if m else -1
+                if done[-1][0] > registered:
+                    choice = done[-1][1]
+                    print(f"popscale: resuming from {choice} (step {done[-1][0]}): reported before the failure, "
+                          f"not yet registered by Ray (its latest: step {max(registered, 0)})", flush=True)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            box = [choice]
+            dist.broadcast_object_list(box, src=0)
+            choice = box[0]
+        if choice is None:
+            return ckpt
+        from data_service.remote import pyarrow_filesystem, storage_arg
+
+        return ray.train.Checkpoint(path=storage_arg(choice), filesystem=pyarrow_filesystem(choice))
+
+    def restore(self) -> int:
+        ckpt = self._newest()
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 self.last_step = restore_state(d, self.engine, self.plan)
@@ -72,11 +146,17 @@ class RayCheckpointer:
         import ray.train
         import torch.distributed as dist
 
+        name = step_dir_name(step)
         with tempfile.TemporaryDirectory() as tmp:
             save_state(tmp, self.engine, self.plan, step, self.rank)
             if self.world > 1:
                 dist.barrier()
-            ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=name)  # returns once this rank's files are uploaded
+        if self.run_dir:
+            from data_service.remote import join, write_text
+
+            write_text(join(self.run_dir, name, f".complete-rank{self.rank}"), str(step))
         self.last_step = step
 
 

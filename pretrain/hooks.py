@@ -1,6 +1,6 @@
 """Instrumentation the loop calls at two points, for tests and fault drills: before each step,
-and with each step's batches. `LoopHooks` does nothing; `FaultAndRecord` kills a worker once at
-a chosen step and records the stream position of every window consumed. Hooks travel to Ray
+and with each step's batches. `LoopHooks` does nothing; `FaultAndRecord` kills workers at
+chosen steps and records the stream position of every window consumed. Hooks travel to Ray
 workers with the plan, so they must be picklable."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,18 +22,25 @@ class LoopHooks:
 
 @dataclass
 class FaultAndRecord(LoopHooks):
-    fault: str | None = None  # "<rank>:<step>:<marker file>": SIGKILL that worker once, before that step
+    # "<rank>:<step>:<marker file>[,<rank>:<step>:<marker>...]": SIGKILL that worker before that step,
+    # once per marker (several faults in one run need FailureConfig.max_failures at least as many)
+    fault: str | None = None
     record_windows: str | None = None  # a directory: rank<r>.jsonl gets {pid, step, positions} per step
-    run_dir: str | None = None  # the Ray run directory, to wait for the last checkpoint's registration
+
+    def faults(self) -> list[tuple[int, int, str]]:
+        out = []
+        for spec in filter(None, (self.fault or "").split(",")):
+            r, s, marker = spec.split(":", 2)
+            out.append((int(r), int(s), marker))
+        return out
 
     def before_step(self, rank: int, step: int, last_checkpoint: int) -> None:
-        if not self.fault:
-            return
-        r, s, marker = self.fault.split(":", 2)
-        if int(r) == rank and int(s) == step and not os.path.exists(marker):
-            await_registered_checkpoint(self.run_dir, last_checkpoint)
-            Path(marker).write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
+        for r, s, marker in self.faults():
+            if r == rank and s == step and not os.path.exists(marker):
+                # no waiting for Ray to register the last checkpoint: a restart resumes from it anyway
+                # (checkpoint.RayCheckpointer), which is what a kill right after a report checks
+                Path(marker).write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def on_batches(self, rank: int, step: int, served: list) -> None:
         if self.record_windows:
@@ -44,27 +50,6 @@ class FaultAndRecord(LoopHooks):
 
     @classmethod
     def from_env(cls) -> "FaultAndRecord | None":
-        """POPSCALE_TRAIN_FAULT="<rank>:<step>:<marker>", POPSCALE_RECORD_WINDOWS=<dir> (runbooks/pretrain.md)."""
+        """POPSCALE_TRAIN_FAULT="<rank>:<step>:<marker>[,...]", POPSCALE_RECORD_WINDOWS=<dir> (runbooks/pretrain.md)."""
         fault, record = os.environ.get("POPSCALE_TRAIN_FAULT"), os.environ.get("POPSCALE_RECORD_WINDOWS")
         return cls(fault=fault, record_windows=record) if fault or record else None
-
-
-def await_registered_checkpoint(run_dir: str | None, step: int, timeout_s: float = 120.0) -> None:
-    """Ray Train learns of a reported checkpoint when its controller next polls the workers
-    (every 2 s); a crash before that loses it. The fault hook waits until the controller has
-    recorded the last checkpoint, so a test knows which step the restart must resume from."""
-    if not run_dir or step == 0:
-        return
-    from data_service.remote import join, read_text
-
-    snapshot = join(run_dir, "checkpoint_manager_snapshot.json")  # local or on shared storage
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            latest = json.loads(read_text(snapshot)).get("latest_checkpoint_result") or {}
-            if latest.get("metrics", {}).get("step") == step:
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"Ray Train did not register the step-{step} checkpoint in {timeout_s:.0f} s")

@@ -14,11 +14,11 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from data_service.errors import CorpusError
+from data_service.errors import CorpusError, find_corpus_error
 from data_service.remote import exists, is_url, join, pyarrow_filesystem, read_text, resolve, storage_arg, write_text
 
 from .hooks import FaultAndRecord, LoopHooks
@@ -40,6 +40,8 @@ class PretrainResult:
     tracking_uri: str
     seconds: float
     checkpoint: str
+    registration: str = "none"  # registered | pending (the server was away: `popscale register` does it) | none
+    tracking: str = "ok"  # ok | pending (kept in the run directory for `popscale tracking-sync`)
 
 
 def ensure_corpus(run: RunConfig, notify: Callable[[str], None] = print) -> None:
@@ -63,6 +65,31 @@ def ensure_corpus(run: RunConfig, notify: Callable[[str], None] = print) -> None
     synth_corpus(s, root, workers=os.cpu_count() or 1)
 
 
+def unfinished_runs(storage: str, config_name: str) -> list[str]:
+    """Runs of this config under `storage` that started and have no exported model yet (newest last)."""
+    try:
+        if is_url(storage):
+            from data_service.remote import filesystem
+
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in filesystem(storage).ls(storage, detail=False)]
+        else:
+            names = os.listdir(storage) if os.path.isdir(storage) else []
+    except (OSError, ValueError):
+        return []
+    out = []
+    for n in sorted(names):
+        if n.startswith(f"{config_name}-") and exists(join(storage, n, RUN_FILE)) \
+                and not exists(join(storage, n, "export", "model.safetensors")):
+            out.append(n)
+    return out[-3:]
+
+
+# The GCS keeps the events of the last 100,000 tasks and 100,000 dead actors by default; the data
+# service runs a task per batch and an actor per dataset, so a long run's GCS grew by ~13 MB/min
+# (bench/soak.py). popscale reads neither (no dashboard), so it keeps a few thousand.
+GCS_BOUNDS = {"task_events_max_num_task_in_gcs": 5000, "maximum_gcs_destroyed_actor_cached_count": 500}
+
+
 def init_ray(run: RunConfig) -> None:
     import ray
 
@@ -78,9 +105,32 @@ def init_ray(run: RunConfig) -> None:
     # Logical CPUs above the physical count: training workers take one CPU each and Ray Data's
     # actors must still be schedulable, or Ray waits forever (the 2-core hang).
     cpus = run.cluster.local_cpus or max(4, 2 * (os.cpu_count() or 1))
-    # Worker logs stay in Ray's session directory unless asked for: the progress bar is the display.
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env}, object_store_memory=1 << 30,
-             log_to_driver=bool(os.environ.get("POPSCALE_RAY_LOGS")), configure_logging=True, logging_level="WARNING")
+    # Every socket of the embedded Ray binds loopback (runbooks/security.md): Ray's servers (GCS,
+    # raylet, workers, agents) listen on 127.0.0.1 only when the node's IP is 127.0.0.1, and
+    # ray.init turns a loopback `_node_ip_address` into the host's address unless Ray runs without
+    # multi-node clusters (its macOS/Windows mode, ray_constants.ENABLE_RAY_CLUSTER), so that flag
+    # is off while this node starts. Ray's token authentication stays on (its default for a new
+    # local cluster; RAY_AUTH_MODE is respected).
+    from ray._private import ray_constants
+
+    clusters = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        # Worker logs stay in Ray's session directory unless asked for: the progress bar is the display.
+        ray.init(num_cpus=cpus, include_dashboard=False, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": env}, object_store_memory=1 << 30, _system_config=GCS_BOUNDS,
+                 log_to_driver=bool(os.environ.get("POPSCALE_RAY_LOGS")), configure_logging=True,
+                 logging_level="WARNING")
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
+    # the token Ray generated for it is written world-readable (umask 022): other users of the host
+    # could reach the loopback ports with it
+    token = Path.home() / ".ray" / "auth_token"
+    try:
+        if token.is_file() and token.stat().st_mode & 0o077:
+            token.chmod(0o600)
+    except OSError:
+        pass
 
 
 def _progress_actor():
@@ -148,8 +198,9 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .registry import export_checkpoint, model_card, provenance, register
-    from .tracking import start_run, tracking_uri
+    from .offline_tracking import finish, resume_tracking, start_run_or_offline, storable_uri
+    from .registry import export_checkpoint, model_card, provenance
+    from .tracking import tracking_uri
 
     t0 = time.time()
     alias = alias or run.tracking.alias
@@ -160,6 +211,10 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
     storage = resolve(run.cluster.storage_path)
     if name and not resume and exists(join(storage, name, RUN_FILE)):
         resume = name  # a named run that started before: continue it
+    if not resume and not name:
+        for other in unfinished_runs(storage, run.name):
+            notify(f"note: run {other} of this config did not finish; this starts a new run "
+                   f"(`--resume {other}` continues that one)")
     name = resume or name or f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = join(storage, name)
     meta, previous = {}, None
@@ -173,7 +228,8 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
     except PlanMismatch as e:
         raise PlanMismatch(f"cannot resume {name}: {e}") from None
     notify(f"run {name}: {'resuming, ' if resume else ''}{len(plan.sessions)} sessions, {len(plan.unit_vocab)} units, "
-           f"{plan.run.model} on {run.cluster.num_workers} worker(s); checkpoints in {run_dir}")
+           f"{plan.run.model} on {run.cluster.num_workers} worker(s); checkpoints in {run_dir} "
+           f"(if it stops, the same command with --resume {name} continues it)")
     init_ray(run)
     if not meta:
         from .flops import forward_flops, parameters
@@ -184,17 +240,19 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
                 "train_gflops_per_sample_2k_spikes":
                     f"{3 * forward_flops(plan.model, 2000, 100, plan.tokenizer.geometry.n_latents) / 1e9:.2f}",
                 **(tags or {})}
-        meta = {"name": name, "mlflow_run_id": start_run(run, tags)}
+        # with the server away: no run id yet, the run is kept in run_dir (pretrain/offline_tracking.py)
+        meta = {"name": name, "mlflow_run_id": start_run_or_offline(run, tags, str(run_dir), name, notify),
+                "tracking_uri": storable_uri(run.tracking.uri)}
         plan.save(run_dir)
         write_text(join(run_dir, RUN_FILE), json.dumps(meta))
+    else:  # what an earlier attempt could not send (its MLflow run itself, if the server was away at its start)
+        meta["mlflow_run_id"] = resume_tracking(str(run_dir), run.tracking.uri, meta, notify)
     progress = _progress_actor()
     if hooks is None:
         hooks = FaultAndRecord.from_env() or LoopHooks()
-    if isinstance(hooks, FaultAndRecord):
-        hooks = replace(hooks, run_dir=str(run_dir))
     trainer = TorchTrainer(
         ray_worker,
-        train_loop_config={"args": WorkerArgs(plan, meta["mlflow_run_id"], progress, hooks)},
+        train_loop_config={"args": WorkerArgs(plan, meta["mlflow_run_id"], progress, hooks, str(run_dir))},
         torch_config=TorchConfig(backend="nccl" if run.cluster.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=run.cluster.num_workers, use_gpu=run.cluster.use_gpu,
                                                resources_per_worker={"CPU": run.cluster.cpus_per_worker}),
@@ -209,11 +267,15 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
     except Exception as e:  # noqa: BLE001 - Ray Train raises worker errors from fit()
         error = e
     if error:
+        bad_data = find_corpus_error(error)
+        if bad_data is not None:  # say which file, session and field, not Ray's wrapping of it
+            raise RuntimeError(f"pretraining run {name} stopped by its data: {bad_data} "
+                               f"(after fixing it, --resume {name} continues the run)") from error
         raise RuntimeError(f"pretraining run {name} failed (resume it with --resume {name}): {error}") from error
     metrics = result.metrics or {}
     uri = tracking_uri(run.tracking)
-    version, model_uri = "", ""
     stopped_early = run.train.stop_at is not None and run.train.stop_at < run.train.steps
+    export, registration = None, {}
     with result.checkpoint.as_directory() as d:
         if not stopped_early:
             prov = provenance({"mlflow_run_id": meta["mlflow_run_id"], "ray_run": name,
@@ -225,18 +287,17 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
             model_card(export, title=f"{run.tracking.registered_model}: pretrained {plan.run.model}",
                        data=f"Pretrained ({metrics.get('step', '?')} steps) on {len(plan.sessions)} sessions of "
                             f"{run.data.corpus}.", metrics={"valid_r2": valid_r2})
-            if register_model:
-                version, model_uri = register(uri, meta["mlflow_run_id"], export, run.tracking.registered_model,
-                                              alias, tags={"kind": "pretrained", "git_commit": prov["git_commit"],
-                                                           "corpus_fingerprint": plan.corpus_fingerprint,
-                                                           "valid_r2": f"{valid_r2:.4f}", "ray_run": name})
-            else:
-                model_uri = str(export)
-    if not stopped_early:  # the run is complete (a stopped one stays RUNNING until resumed)
-        from .tracking import client as mlflow_client
-
-        mlflow_client(run.tracking).set_terminated(meta["mlflow_run_id"], "FINISHED")
+            registration = {"model_name": run.tracking.registered_model, "alias": alias,
+                            "tags": {"kind": "pretrained", "git_commit": prov["git_commit"],
+                                     "corpus_fingerprint": plan.corpus_fingerprint, "valid_r2": f"{valid_r2:.4f}",
+                                     "ray_run": name}}
+    # Register, and set the run FINISHED when it is complete (a stopped one stays RUNNING until
+    # resumed). With the server away registration is tried for about a minute, then it and the
+    # run's end are left to the one command printed (offline_tracking.finish); the export stays.
+    fin = finish(str(run_dir), uri, meta["mlflow_run_id"], terminate=not stopped_early,
+                 export=export if register_model else None, notify=notify, **registration)
+    model_uri = fin.model_uri or (str(export) if export is not None else "")
     return PretrainResult(name=name, valid_r2=float(metrics.get("valid_r2", float("nan"))),
-                          steps=int(metrics.get("step", 0)), model_uri=model_uri, model_version=version,
-                          mlflow_run_id=meta["mlflow_run_id"], tracking_uri=uri, seconds=time.time() - t0,
-                          checkpoint=result.checkpoint.path)
+                          steps=int(metrics.get("step", 0)), model_uri=model_uri, model_version=fin.version,
+                          mlflow_run_id=fin.run_id or "", tracking_uri=uri, seconds=time.time() - t0,
+                          checkpoint=result.checkpoint.path, registration=fin.registration, tracking=fin.tracking)

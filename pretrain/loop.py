@@ -13,6 +13,7 @@ The loop knows nothing of Ray, MLflow or where batches come from (any object wit
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -147,14 +148,21 @@ def run_loop(plan: RunPlan, step: TrainStep, batches, evaluator, checkpointer, s
     start = checkpointer.restore()
     stream = batches.iterate(start * accum, stop * accum)
     meter, latest = Meter(dist, accum * plan.run.data.global_batch), {}
+    skipped = 0
     for s in range(start, stop):
         hooks.before_step(dist.rank, s, checkpointer.last_step)
         served = [next(stream) for _ in range(accum)]
         hooks.on_batches(dist.rank, s, served)
+        for b in served:  # data.skip_bad_windows: the windows the service dropped, one line each
+            for w in b.skipped:
+                print(f"popscale: step {s} rank {dist.rank}: skipped unreadable window {w}", file=sys.stderr, flush=True)
+                skipped += 1
         meter.add(step(s, [b.data for b in served]))
         done = s + 1
         if due(done, train.log_every, stop):
             latest.update(m := meter.read(step.lr))
+            if skipped:
+                m["windows_skipped"] = latest["windows_skipped"] = float(skipped)
             sink.log(m, done)
         with meter.paused():
             if due(done, train.eval_every, stop):

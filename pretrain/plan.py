@@ -88,7 +88,7 @@ class RunPlan:
         d = self.run.data
         return ServiceSpec(corpus=self.corpus, index=self.index, tokenizer=self.make_tokenizer(),
                            global_batch=d.global_batch, seed=d.seed, augment=d.augment,
-                           index_fingerprint=self.index_fingerprint)
+                           index_fingerprint=self.index_fingerprint, skip_bad_windows=d.skip_bad_windows)
 
     def make_model(self, device="cpu"):
         """The model this plan trains, warm start applied (seed torch first: rows start random)."""

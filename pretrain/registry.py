@@ -232,7 +232,9 @@ def pull(uri: str, tracking_uri: str, cache: str | Path = "runs/models") -> tupl
         got = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=tmp))
         staged = Path(tmp) / "export"
         shutil.copytree(_export_root(got), staged)
-        (staged / "registered.json").write_text(json.dumps({"tracking_uri": tracking_uri, "name": ref.name,
+        from data_service.remote import redact  # the cache never stores a URL's password
+
+        (staged / "registered.json").write_text(json.dumps({"tracking_uri": redact(tracking_uri), "name": ref.name,
                                                             "version": ref.version, "run_id": run_id}))
         os.replace(staged, out)
     return ref, out
@@ -266,18 +268,30 @@ def load(uri_or_dir: str | Path, tracking_uri: str | None = None, cache: str | P
 
 
 def register(tracking_uri: str, run_id: str, export_dir: str | Path, name: str, alias: str | None = None,
-             tags: dict[str, str] | None = None, description: str | None = None) -> tuple[str, str]:
+             tags: dict[str, str] | None = None, description: str | None = None,
+             since_ms: int | None = None) -> tuple[str, str]:
     """Log the exported model to the run and register a new version of `name`; `alias` is moved to
-    it only when given. Returns (version, models:/name/version)."""
+    it only when given. Returns (version, models:/name/version). With `since_ms` (an attempt again,
+    after one that failed: offline_tracking.finish, `popscale register`), a version of `name` that
+    this run registered since then is taken as this one (the server may have made it before the
+    connection broke; five minutes' slack for its clock), and only its tags, description and alias
+    are set."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)  # the registry is the tracking store, whatever the environment says
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC), artifacts={"model": str(export_dir)},
-                                       registered_model_name=name, pip_requirements=["popscale"])
-    version = str(info.registered_model_version)
-    client = store_client(tracking_uri)
+    client = store_client(tracking_uri)  # (also: popscale's short HTTP retries, tracking.http_defaults)
+    made = [] if since_ms is None else [
+        v for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+        if (v.creation_timestamp or 0) >= since_ms - 300_000]
+    if made:
+        version = str(max(int(v.version) for v in made))
+    else:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC),
+                                           artifacts={"model": str(export_dir)}, registered_model_name=name,
+                                           pip_requirements=["popscale"])
+        version = str(info.registered_model_version)
     for k, v in (tags or {}).items():
         client.set_model_version_tag(name, version, k, str(v)[:5000])
     card = Path(export_dir) / "MODEL_CARD.md"

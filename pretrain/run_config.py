@@ -10,6 +10,7 @@ run plan in every checkpoint). What the config means on a corpus is the plan's (
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -53,6 +54,9 @@ class DataConfig:
     data_actors: int = 1  # Ray Data actors per training worker
     prefetch: int = 4  # batches buffered per worker
     buffer_mb: float | None = 256  # object-store memory the data pipeline of one worker may hold (None: Ray's default)
+    # an unreadable window (corrupt chunk, missing shard, deleted session) stops the run naming it;
+    # true drops it from its batch instead, and every window dropped is logged (the sequence changes)
+    skip_bad_windows: bool = False
 
 
 @dataclass
@@ -119,7 +123,10 @@ class RunConfig:
 def _build(cls, data, path: str):
     """Recursively turn plain data into the annotated dataclass type, refusing unknown keys."""
     if data is None:
-        return None
+        optional = typing.get_origin(cls) in (typing.Union, types.UnionType) and type(None) in typing.get_args(cls)
+        if optional or cls is typing.Any or not path:
+            return None
+        raise ConfigError(f"{path}: expected {getattr(cls, '__name__', cls)}, got null (an empty value)")
     if dataclasses.is_dataclass(cls):
         if not isinstance(data, dict):
             raise ConfigError(f"{path or 'config'}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
@@ -134,20 +141,31 @@ def _build(cls, data, path: str):
         except ConfigError:
             raise
         except ValueError as e:  # a dataclass's own check (__post_init__)
-            raise ConfigError(f"{path or 'config'}: {e}") from None
+            raise ConfigError(f"{path}: {e}" if path else str(e)) from None
     origin = typing.get_origin(cls)
-    if origin is dict and not isinstance(data, dict):
+    if (origin is dict or cls is dict) and not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping, got {data!r}")
-    if origin is list and not isinstance(data, list):
+    if (origin is list or cls is list) and not isinstance(data, list):
         raise ConfigError(f"{path}: expected a list, got {data!r}")
+    if origin is dict and len(typing.get_args(cls)) == 2:  # each value typed too: a bad one is named by its key
+        return {k: _build(typing.get_args(cls)[1], v, f"{path}.{k}") for k, v in data.items()}
+    if origin is list and typing.get_args(cls):
+        return [_build(typing.get_args(cls)[0], v, f"{path}[{i}]") for i, v in enumerate(data)]
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(cls) if a is not type(None)]
         return _build(args[0], data, path)
     if origin is tuple and isinstance(data, (list, tuple)):
         return tuple(data)
+    if cls is str and not isinstance(data, str):
+        raise ConfigError(f"{path}: expected a string, got {data!r} (quote it in YAML)")
+    if cls in (int, float) and isinstance(data, bool):  # YAML's true/false are ints to Python, not to us
+        raise ConfigError(f"{path}: expected {cls.__name__}, got {data!r}")
     if cls in (int, float, bool) and not isinstance(data, cls):
         if cls is float and isinstance(data, int) and not isinstance(data, bool):
-            return float(data)
+            try:
+                return float(data)
+            except OverflowError:  # an integer of hundreds of digits
+                raise ConfigError(f"{path}: {data} is too large for a float") from None
         if isinstance(data, str) and cls is not bool:
             try:
                 return cls(data)  # YAML reads "3e-3" as a string
@@ -157,8 +175,43 @@ def _build(cls, data, path: str):
     return data
 
 
+def _at_least(n):
+    return (lambda v: v >= n), f"at least {n}"
+
+
+# values a config may type correctly and still not run with: refused at load, before Ray or a corpus
+_RANGES: dict[str, tuple] = {
+    "data.window_s": ((lambda v: v > 0), "a positive number of seconds"),
+    "data.global_batch": _at_least(1), "data.data_actors": _at_least(1), "data.prefetch": _at_least(1),
+    "data.target_rms": ((lambda v: v > 0), "positive"),
+    "data.loader": ((lambda v: v in ("ray", "local")), "ray or local"),
+    "train.steps": _at_least(1), "train.grad_accum": _at_least(1), "train.warmup_steps": _at_least(0),
+    "train.log_every": _at_least(1), "train.eval_every": _at_least(1), "train.checkpoint_every": _at_least(1),
+    "train.max_failures": _at_least(0), "train.eval_sessions": _at_least(1), "train.stop_at": _at_least(1),
+    "train.final_lr_ratio": ((lambda v: 0 <= v <= 1), "between 0 and 1"),
+    "train.grad_clip": ((lambda v: v > 0), "positive"),
+    "train.zero_stage": ((lambda v: v in (0, 1, 2, 3)), "0, 1, 2 or 3"),
+    "train.precision": ((lambda v: v in ("auto", "fp32", "bf16")), "auto, fp32 or bf16"),
+    "train.optim.lr": ((lambda v: v > 0), "positive"),
+    "cluster.num_workers": _at_least(1), "cluster.cpus_per_worker": ((lambda v: v > 0), "positive"),
+    "cluster.local_cpus": _at_least(1),
+}
+
+
+def _check_ranges(run: RunConfig) -> None:
+    for key, (ok, want) in _RANGES.items():
+        v = run
+        for part in key.split("."):
+            v = getattr(v, part)
+        if v is None:  # an optional setting left unset
+            continue
+        if (isinstance(v, float) and not math.isfinite(v)) or not ok(v):
+            raise ConfigError(f"{key}: must be {want}, got {v!r}")
+
+
 def from_dict(d: dict) -> RunConfig:
     run = _build(RunConfig, d, "")
+    _check_ranges(run)
     try:
         run.model_config()
     except KeyError as e:
@@ -188,7 +241,9 @@ def read_yaml(path: str | Path, what: str = "config") -> dict:
         d = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as e:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not a text file (byte {e.start} is not UTF-8)") from None
+    except (yaml.YAMLError, ValueError) as e:  # (PyYAML's int() raises ValueError on huge integers)
         raise ConfigError(f"{what} {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{what} {path}: expected a mapping at the top")
@@ -207,10 +262,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not eq or not k.strip():
             raise ConfigError(f"override {o!r} must look like key.sub=value")
         try:
-            _set(d, k.strip(), yaml.safe_load(v))
-            from_dict(d)  # so that an error names the override that caused it
-        except yaml.YAMLError:
+            value = yaml.safe_load(v)
+        except (yaml.YAMLError, ValueError):  # (PyYAML's int() raises ValueError on huge integers)
             raise ConfigError(f"override {o!r}: the value is not valid YAML") from None
+        try:
+            _set(d, k.strip(), value)
+            from_dict(d)  # so that an error names the override that caused it
         except ConfigError as e:
             raise ConfigError(f"override {o!r}: {e}") from None
     return from_dict(d)

@@ -99,6 +99,11 @@ class SweepConfig:
         for axis, values in self.grid.items():
             if not isinstance(values, list) or not values:
                 raise ValueError(f"grid.{axis}: expected a non-empty list of values")
+            for v in values:
+                _check_axis_value(axis, v, f"grid.{axis}")
+        for i, p in enumerate(self.points):
+            for axis, v in p.items():
+                _check_axis_value(axis, v, f"points[{i}].{axis}")
         for m in self.grid.get("model", []) + [p["model"] for p in self.points if "model" in p]:
             if m not in PRESETS and m not in self.models:
                 raise ValueError(f"model {m!r}: not a preset (known: {', '.join(sorted(PRESETS))}) nor defined "
@@ -124,6 +129,24 @@ class SweepConfig:
         return load_config(self.base, self.overrides)
 
 
+def _check_axis_value(axis: str, v, where: str) -> None:
+    """An axis value of the right type, refused at load (not after the corpus is made and Ray started)."""
+    def count(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    ok = {"model": lambda x: isinstance(x, str), "subset": lambda x: isinstance(x, str),
+          "subjects": lambda x: count(x) and x >= 1, "sessions": lambda x: count(x) and x >= 1,
+          "steps": lambda x: count(x) and x >= 1, "seed": lambda x: count(x) and x >= 0,
+          "session_fraction": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1}
+    want = {"model": "a model name", "subset": "a subset name", "subjects": "a whole number >= 1",
+            "sessions": "a whole number >= 1", "steps": "a whole number >= 1", "seed": "a whole number >= 0",
+            "session_fraction": "a number in (0, 1]"}
+    if v is None and axis in ("subjects", "sessions", "steps", "session_fraction"):  # null: all / the budget's
+        return
+    if axis in ok and not ok[axis](v):
+        raise ValueError(f"{where}: {v!r} is not {want[axis]}")
+
+
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
     """A SweepConfig from YAML; `overrides` (key=value) apply to the sweep file itself."""
     d = read_yaml(path, "sweep file")
@@ -131,7 +154,12 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
         k, eq, v = o.partition("=")
         if not eq or not k.strip():
             raise ConfigError(f"sweep override {o!r} must look like key=value")
-        _set(d, k.strip(), yaml.safe_load(v))
+        try:
+            _set(d, k.strip(), yaml.safe_load(v))
+        except ConfigError as e:
+            raise ConfigError(f"sweep override {o!r}: {e}") from None
+        except (yaml.YAMLError, ValueError):  # (PyYAML's int() raises ValueError on huge integers)
+            raise ConfigError(f"sweep override {o!r}: the value is not valid YAML") from None
     d.setdefault("name", Path(path).stem)
     try:
         cfg = _build(SweepConfig, d, "")

@@ -34,6 +34,7 @@ class WorkerArgs:
     mlflow_run_id: str | None = None  # rank 0 logs into this run
     progress: Any = None  # the driver's progress actor (rank 0 updates it)
     hooks: LoopHooks = field(default_factory=LoopHooks)
+    run_dir: str | None = None  # the Ray run directory (checkpoints land there; see checkpoint.py)
 
 
 class Parts(NamedTuple):
@@ -68,7 +69,11 @@ def ray_worker(config: dict) -> None:
     if dist.rank == 0:
         from .tracking import MLflowSink
 
-        sink = Sinks(MLflowSink(plan.run.tracking, args.mlflow_run_id) if args.mlflow_run_id else None,
+        # with the server away its metrics are kept (and journaled in the run directory) until it is back;
+        # with no run id (the server was away at the start) they go to the journal only: offline_tracking.py
+        run_dir = getattr(args, "run_dir", None)
+        sink = Sinks(MLflowSink(plan.run.tracking, args.mlflow_run_id, buffer=True, run_dir=run_dir)
+                     if args.mlflow_run_id or run_dir else None,
                      ProgressSink(args.progress) if args.progress is not None else None)
     d = plan.run.data
     if d.loader == "ray":
@@ -76,7 +81,7 @@ def ray_worker(config: dict) -> None:
                              buffer_mb=d.buffer_mb)
     else:
         batches = LocalBatches(p.spec, dist.rank, dist.world)
-    run_loop(plan, p.step, batches, p.evaluator, RayCheckpointer(p.engine, plan, dist.rank, dist.world), sink, dist,
+    run_loop(plan, p.step, batches, p.evaluator, RayCheckpointer(p.engine, plan, dist.rank, dist.world, args.run_dir), sink, dist,
              args.hooks)
 
 

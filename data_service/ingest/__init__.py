@@ -14,7 +14,7 @@ from typing import Callable
 
 import h5py
 
-from ..errors import CorpusError, UnknownLayout, UnreadableSource
+from ..errors import CorpusError, InvalidSession, UnknownLayout, UnreadableSource
 from ..session import SessionData
 from ..splits import make_splits
 from ..store import CorpusStore
@@ -60,12 +60,31 @@ READERS: dict[str, Callable[[Path, IngestOptions, str | None], list[SessionData]
 
 
 def read_sessions(path: Path, opts: IngestOptions, sha256: str | None = None) -> list[SessionData]:
-    """Parse and validate one source file into sessions with splits filled in (nothing is written)."""
-    sessions = READERS[detect_format(path)](path, opts, sha256)
-    for s in sessions:
-        s.source.n_sessions = len(sessions)
-        validate_session(s)  # before splits are drawn from it; the writer validates again
-        make_splits(s, opts.splits)
+    """Parse and validate one source file into sessions with splits filled in (nothing is written).
+
+    Whatever a file holds, the outcome is sessions or a CorpusError naming the file: a reader that
+    trips over content nobody anticipated reports it as unreadable instead of crashing the ingest."""
+    fmt, session = "source", None
+    try:
+        fmt = detect_format(path)
+        sessions = READERS[fmt](path, opts, sha256)
+        ids = [s.session_id for s in sessions]
+        dup = next((i for i in ids if ids.count(i) > 1), None)
+        if dup is not None:
+            raise InvalidSession(f"the file yields {ids.count(dup)} sessions with the same id", file=path.name,
+                                 session=dup, field="session_id")
+        for s in sessions:
+            session = s.session_id
+            s.source.n_sessions = len(sessions)
+            validate_session(s)  # before splits are drawn from it; the writer validates again
+            make_splits(s, opts.splits)
+    except CorpusError as e:
+        raise e.located(file=path.name, session=session)
+    except Exception as e:  # noqa: BLE001 - content no check foresaw: still one located error, never a crash
+        msg = " ".join(str(e).split())
+        raise UnreadableSource(f"the {fmt} file could not be read: {type(e).__name__}: "
+                               f"{msg[:300] + ' ...' if len(msg) > 300 else msg}", file=path.name,
+                               session=session) from e
     return sessions
 
 
@@ -106,7 +125,10 @@ def ingest(paths: list[str | Path], corpus: str | Path, opts_for: Callable[[Path
                 if done and len(done) >= expected and not replace:
                     report.results += [(path.name, sid, "unchanged") for sid in done]
                 else:
-                    for s in read_sessions(path, opts_for(path), sha):
+                    sessions = read_sessions(path, opts_for(path), sha)
+                    for s in sessions:  # every session id is cleared before any is written: never half a file
+                        store.check_new(s.session_id, s.source.sha256, replace, file=path.name)
+                    for s in sessions:
                         r = store.add(s, replace=replace)
                         report.results.append((path.name, s.session_id, r.status))
             except CorpusError as e:

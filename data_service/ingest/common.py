@@ -44,7 +44,9 @@ def load_metadata_file(path: str | Path) -> dict[str, dict]:
         doc = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as e:
         raise CorpusError(f"cannot read metadata file: {e.strerror or e}", file=str(path)) from None
-    except yaml.YAMLError as e:
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"metadata file is not a text file (byte {e.start} is not UTF-8)", file=str(path)) from None
+    except (yaml.YAMLError, ValueError) as e:  # (PyYAML's int() raises ValueError on huge integers)
         raise CorpusError(f"metadata file is not valid YAML: {' '.join(str(e).split())}", file=str(path)) from None
     if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
         raise CorpusError("metadata file must map file names to mappings of options", file=str(path))
@@ -55,6 +57,74 @@ def options_for(path: Path, base: IngestOptions, meta: dict[str, dict], cli: dic
     """Source defaults < metadata-file entry for this file < explicit command-line flags."""
     opts = base.merged(meta.get(path.name, {}))
     return opts.merged(cli)
+
+
+# plausible sampling: a behaviour sampled, or spikes binned, between once per 1000 s and a million
+# times a second; anything outside is a unit mistake (ms for s, a period for a rate) or a corrupt file
+MIN_RATE_HZ = 1e-3
+MAX_RATE_HZ = 1e6
+
+
+def _dtype_name(dt: np.dtype) -> str:
+    kinds = {"U": "strings", "S": "byte strings", "O": "objects (e.g. a cell array or strings)",
+             "c": "complex numbers", "b": "booleans", "V": "records (a compound or struct)", "M": "dates",
+             "m": "time deltas"}
+    return f"{kinds.get(dt.kind, 'values')} ({dt})"
+
+
+def real_array(a, *, file: str, session: str | None, field: str, ndim: tuple[int, ...] | None = None,
+               allow_bool: bool = False, integers: bool = False) -> np.ndarray:
+    """`a` as a float64 (or, with `integers`, int64) array, refused with an error naming the field
+    when it holds anything but real numbers (strings, complex numbers, objects, booleans unless
+    `allow_bool`) or has the wrong number of axes: nothing is ever cast silently."""
+    try:
+        arr = np.asarray(a)
+    except Exception as e:  # ragged or otherwise unconvertible content
+        raise InvalidSession(f"not an array of numbers ({type(e).__name__}: {e})", file=file, session=session,
+                             field=field) from None
+    ok = "iuf" + ("b" if allow_bool else "")
+    if arr.dtype.kind not in ok:
+        raise InvalidSession(f"{_dtype_name(arr.dtype)} where {'integers' if integers else 'real numbers'} "
+                             "belong", file=file, session=session, field=field)
+    if ndim is not None and arr.ndim not in ndim:
+        want = " or ".join(f"{n}-D" for n in ndim)
+        raise InvalidSession(f"expected a {want} array, got shape {arr.shape}", file=file, session=session,
+                             field=field)
+    if integers:
+        if arr.dtype.kind == "f":
+            raise InvalidSession(f"{arr.dtype} where integers belong", file=file, session=session, field=field)
+        return arr.astype(np.int64)
+    return arr.astype(np.float64)
+
+
+def check_rate(rate, *, file: str, session: str | None, field: str) -> float:
+    """A sampling rate in Hz, refused (naming the field) unless finite and plausible."""
+    try:
+        r = np.asarray(rate)
+        r = float(r.reshape(-1)[0]) if r.size == 1 and r.dtype.kind in "iuf" else None
+    except (TypeError, ValueError):
+        r = None
+    if r is None:
+        raise InvalidSession(f"sampling rate {rate!r} is not a number", file=file, session=session, field=field)
+    if not (np.isfinite(r) and MIN_RATE_HZ <= r <= MAX_RATE_HZ):
+        raise InvalidSession(f"sampling rate {r:g} Hz is not plausible: expected {MIN_RATE_HZ:g} to "
+                             f"{MAX_RATE_HZ:g} Hz", file=file, session=session, field=field)
+    return r
+
+
+def check_bin_width(width, *, file: str, session: str | None, field: str = "bin_width", source: str = "") -> float:
+    """A bin width in seconds, refused (naming the field and where it came from) unless finite and
+    plausible (1 us to 1000 s, the reciprocal of the sampling-rate bounds)."""
+    try:
+        w = float(width)
+    except (TypeError, ValueError):
+        raise InvalidSession(f"bin width {width!r}{source} is not a number", file=file, session=session,
+                             field=field) from None
+    lo, hi = 1.0 / MAX_RATE_HZ, 1.0 / MIN_RATE_HZ
+    if not (np.isfinite(w) and lo <= w <= hi):
+        raise InvalidSession(f"bin width {w:g} s{source} is not plausible: expected {lo:g} to {hi:g} s",
+                             file=file, session=session, field=field)
+    return w
 
 
 def file_sha256(path: Path) -> str:
@@ -129,9 +199,10 @@ def drop_or_refuse_nan(s_id: str, file: str, name: str, t: np.ndarray, v: np.nda
         return t, v
     if not drop:
         row = int(np.flatnonzero(bad)[0])
+        part = "values" if np.isfinite(t[row]) else "timestamps"  # say which array holds the first bad sample
         raise InvalidSession(
-            f"{int(bad.sum())} samples with NaN/inf values (first at sample {row}, t={float(t[row])} s); "
-            "pass --drop-nan-behaviour to drop them", file=file, session=s_id, field=f"behaviour/{name}/values")
+            f"{int(bad.sum())} samples with NaN/inf {part} (first at sample {row}, t={float(t[row])} s); "
+            "pass --drop-nan-behaviour to drop them", file=file, session=s_id, field=f"behaviour/{name}/{part}")
     notes.append(f"dropped {int(bad.sum())} NaN/inf samples of behaviour {name}")
     return t[~bad], v[~bad]
 

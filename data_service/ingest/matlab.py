@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InvalidSession, UnknownLayout, UnreadableSource
+from ..errors import CorpusError, InvalidSession, UnknownLayout, UnreadableSource
 from ..session import SessionData, TimeSeries, interval_array, slugify
-from .common import IngestOptions, binned_session, regular_rate, source_info
+from .common import IngestOptions, binned_session, check_bin_width, real_array, regular_rate, source_info
 
 LAYOUTS = {
     "stevenson": "spikes (units x bins), time, handVel/handPos",
@@ -63,7 +63,9 @@ def detect_layout(d: dict) -> str | None:
 
 def _orient(a: np.ndarray, n_bins: int, name: str, file: str, units_first: bool) -> np.ndarray:
     """Return `a` as (bins, ...) given that one of its axes has n_bins entries."""
-    a = np.atleast_2d(a)
+    a = np.atleast_2d(real_array(a, file=file, session=None, field=name, allow_bool=True))
+    if a.ndim != 2:
+        raise InvalidSession(f"expected a 2-D array, got shape {a.shape}", file=file, field=name)
     if a.shape[0] == n_bins and a.shape[1] == n_bins:
         return a.T if units_first else a
     if a.shape[0] == n_bins:
@@ -81,6 +83,7 @@ def _counts(y: np.ndarray, file: str, field: str) -> tuple[np.ndarray, float | N
     a common quantum q > 1 spike/s bin (e.g. all multiples of 5 Hz: one spike in a 0.2 s bin);
     float arrays of whole numbers with no common factor are counts.
     """
+    y = real_array(y, file=file, session=None, field=field, ndim=(2,), allow_bool=True)
     if not np.isfinite(y).all():
         raise InvalidSession("NaN/inf in spike counts", file=file, field=field)
     if (y < 0).any():
@@ -90,7 +93,8 @@ def _counts(y: np.ndarray, file: str, field: str) -> tuple[np.ndarray, float | N
     pos = y[y > 0]
     if len(pos) == 0:
         return np.zeros(y.shape, dtype=np.int64), None
-    whole = np.allclose(y, np.round(y), rtol=0, atol=1e-6)
+    # whole numbers (counts, or rates on a whole quantum); not rates so small that they round to 0
+    whole = bool((np.round(pos) >= 1).all()) and np.allclose(y, np.round(y), rtol=0, atol=1e-6)
     q = float(np.gcd.reduce(np.unique(np.round(pos)).astype(np.int64))) if whole else float(pos.min())
     k = y / q
     if not np.allclose(k, np.round(k), rtol=0, atol=1e-6):
@@ -117,6 +121,39 @@ def _trials_from_targets(targets: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return interval_array(edges[lo], edges[hi])
 
 
+def _bin_times(t, file: str) -> np.ndarray:
+    """A stored vector of bin times: real, finite, non-negative, strictly increasing seconds."""
+    t = np.atleast_1d(real_array(t, file=file, session=None, field="time"))
+    if t.ndim > 1 and sorted(t.shape)[-2] > 1:
+        raise InvalidSession(f"expected a vector of bin times, got shape {t.shape}", file=file, field="time")
+    t = t.reshape(-1)
+    if len(t) == 0:
+        raise InvalidSession("no bins: the time vector is empty", file=file, field="time")
+    if not np.isfinite(t).all():
+        i = int(np.flatnonzero(~np.isfinite(t))[0])
+        raise InvalidSession(f"non-finite bin time at index {i}", file=file, field="time")
+    if (t < 0).any():
+        i = int(np.flatnonzero(t < 0)[0])
+        raise InvalidSession(f"negative bin time {float(t[i])} at index {i}; times must be >= 0 seconds",
+                             file=file, field="time")
+    if (np.diff(t) <= 0).any():
+        i = int(np.flatnonzero(np.diff(t) <= 0)[0])
+        raise InvalidSession(f"bin times are not strictly increasing: time[{i}]={float(t[i])} >= "
+                             f"time[{i + 1}]={float(t[i + 1])}", file=file, field="time")
+    return t
+
+
+def _width(opts: IngestOptions, stored: float | None, file: str, session: str, what: str) -> float:
+    """The bin width: the one given (--bin-width or the metadata file) over the one the file implies."""
+    if opts.bin_width_s is not None:
+        return check_bin_width(opts.bin_width_s, file=file, session=session,
+                               source=" (given by --bin-width or bin_width_s in the metadata file)")
+    if stored is None:
+        raise InvalidSession(f"the bin width is not stored in this file{what}; pass --bin-width "
+                             "(or bin_width_s in the metadata file)", file=file, session=session, field="bin_width")
+    return check_bin_width(stored, file=file, session=session, source=" (implied by the file)")
+
+
 def read_mat(path: Path, opts: IngestOptions, sha256: str | None = None) -> list[SessionData]:
     d = load_mat(path)
     layout = detect_layout(d)
@@ -124,35 +161,47 @@ def read_mat(path: Path, opts: IngestOptions, sha256: str | None = None) -> list
         raise UnknownLayout(
             f"MAT variables {sorted(d)} match no known layout; expected one of: "
             + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()), file=path.name)
-    src = source_info(path, "mat", layout, sha256)
     base_id = opts.session_id or slugify(path.stem)
+    try:
+        return _read_layout(path, d, layout, opts, sha256, base_id)
+    except CorpusError as e:  # the arrays are checked before the session exists: it is this file's
+        raise e.located(file=path.name, session=base_id)
+
+
+def _read_layout(path: Path, d: dict, layout: str, opts: IngestOptions, sha256: str | None,
+                 base_id: str) -> list[SessionData]:
+    src = source_info(path, "mat", layout, sha256)
     subject = opts.subject or base_id
     f = path.name
 
     if layout in ("stevenson", "bins_xy"):
         if layout == "stevenson":
-            t = np.asarray(d["time"], dtype=np.float64).reshape(-1)
+            t = _bin_times(d["time"], f)
             n = len(t)
             counts, implied = _counts(_orient(d["spikes"], n, "spikes", f, units_first=True), f, "spikes")
-            width = opts.bin_width_s or float(np.round(np.median(np.diff(t)), 9))
+            step = float(np.median(np.diff(t))) if n > 1 else None
+            if step is not None and opts.bin_width_s is None:
+                check_bin_width(step, file=f, session=base_id, source=" (the median step of `time`)")
+                step = float(np.round(step, 9))  # 0.05 s, not 0.049999999999999996 s
+            width = _width(opts, step, f, base_id, " (a single bin)")
             beh_src = {"hand_vel": d.get("handVel"), "hand_pos": d.get("handPos")}
             starts = t
         else:
-            n = max(np.atleast_2d(d["vel" if "vel" in d else "pos"]).shape)  # (bins x 2) or (2 x bins)
+            vel = d["vel" if "vel" in d else "pos"]
+            n = max(np.shape(np.atleast_2d(vel)))  # (bins x 2) or (2 x bins)
             counts, implied = _counts(_orient(d["spikes"], n, "spikes", f, units_first=False), f, "spikes")
-            width = opts.bin_width_s or implied
-            if width is None:
-                raise InvalidSession("the bin width is not stored in this file; pass --bin-width "
-                                     "(or bin_width_s in the metadata file)", file=f, session=base_id, field="bin_width")
+            width = _width(opts, implied, f, base_id, "")
             starts = np.arange(n, dtype=np.float64) * width
             beh_src = {"hand_vel": d.get("vel"), "hand_pos": d.get("pos")}
+        if n == 0:
+            raise InvalidSession("no bins: the spike counts are empty", file=f, session=base_id, field="spikes")
         s = binned_session(session_id=base_id, subject=subject, counts=counts, bin_starts=starts,
                            bin_width=width, source=src, opts=opts)
         for name, v in beh_src.items():
             if v is None:
                 continue
-            ts = _behaviour(name, _orient(np.asarray(v, dtype=np.float64), n, name, f, units_first=True),
-                            starts, regular_rate(starts))
+            ts = _behaviour(name, _orient(real_array(v, file=f, session=base_id, field=name), n, name, f,
+                                          units_first=True), starts, regular_rate(starts))
             if ts is not None:
                 s.behaviour[name] = ts
         return [s]
@@ -161,15 +210,23 @@ def read_mat(path: Path, opts: IngestOptions, sha256: str | None = None) -> list
     parts = [("tr", "Ytr", "Xtr", "Ttr")] + ([("te", "Yte", "Xte", "Tte")] if "Yte" in d else [])
     loaded = []
     for tag, yk, xk, tk in parts:
-        y = np.atleast_2d(d[yk])
+        if xk not in d:
+            raise InvalidSession(f"{yk} without {xk} (the behaviour of its bins)", file=f, field=xk)
+        y = np.atleast_2d(real_array(d[yk], file=f, session=base_id, field=yk, allow_bool=True))
         counts, implied = _counts(y, f, yk)
-        x = _orient(np.asarray(d[xk], dtype=np.float64), counts.shape[0], xk, f, units_first=False)
-        targets = np.asarray(d[tk]).reshape(-1) if tk in d else None
+        if counts.shape[0] == 0:
+            raise InvalidSession("no bins: the spike counts are empty", file=f, field=yk)
+        x = _orient(real_array(d[xk], file=f, session=base_id, field=xk), counts.shape[0], xk, f, units_first=False)
+        targets = None
+        if tk in d:
+            targets = real_array(d[tk], file=f, session=base_id, field=tk).reshape(-1)
+            if len(targets) != counts.shape[0]:
+                raise InvalidSession(f"{len(targets)} target ids for {counts.shape[0]} bins (mismatched lengths)",
+                                     file=f, field=tk)
+            if not np.isfinite(targets).all():
+                raise InvalidSession("NaN/inf target ids", file=f, field=tk)
         loaded.append((tag, counts, x, targets, implied))
-    width = opts.bin_width_s or next((p[4] for p in loaded if p[4]), None)
-    if width is None:
-        raise InvalidSession("the bin width is not stored in this file (counts, not rates); pass --bin-width "
-                             "(or bin_width_s in the metadata file)", file=f, session=base_id, field="bin_width")
+    width = _width(opts, next((p[4] for p in loaded if p[4]), None), f, base_id, " (counts, not rates)")
     same_units = len({p[1].shape[1] for p in loaded}) == 1
     groups = [loaded] if same_units else [[p] for p in loaded]
     sessions = []

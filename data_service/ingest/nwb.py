@@ -21,17 +21,34 @@ import numpy as np
 
 from ..errors import CorpusError, InvalidSession, UnreadableSource
 from ..session import SessionData, TimeSeries, interval_array, slugify
-from .common import IngestOptions, as_columns, drop_or_refuse_nan, regular_rate, snake, source_info, unit_ids
+from .common import (IngestOptions, as_columns, check_rate, drop_or_refuse_nan, real_array, regular_rate, snake,
+                     source_info, unit_ids)
 
 BEHAVIOUR_CONTAINERS = {"Position", "CompassDirection", "BehavioralTimeSeries", "PupilTracking", "EyeTracking"}
 DOMAIN_PAD_S = 1e-3  # half-open domain: the last spike must lie strictly inside
 
 
-def _series_times(ts) -> np.ndarray:
+def _where(ts, fallback: str) -> str:
+    """Where a series lives in the file (e.g. acquisition/Position/xy), for error messages."""
+    name = getattr(getattr(ts, "data", None), "name", None)  # an h5py dataset knows its path
+    if isinstance(name, str) and name.strip("/").count("/"):
+        return name.strip("/").rsplit("/", 1)[0]
+    return fallback
+
+
+def _series_times(ts, n: int, file: str, s_id: str, where: str) -> np.ndarray:
     if ts.timestamps is not None:
-        return np.asarray(ts.timestamps[:], dtype=np.float64)
-    n = len(ts.data)
-    return float(ts.starting_time or 0.0) + np.arange(n, dtype=np.float64) / float(ts.rate)
+        return real_array(ts.timestamps[:], file=file, session=s_id, field=f"{where}/timestamps", ndim=(1,))
+    rate = check_rate(ts.rate, file=file, session=s_id, field=f"{where}/rate")
+    start = real_array(ts.starting_time or 0.0, file=file, session=s_id, field=f"{where}/starting_time", ndim=(0,))
+    if not np.isfinite(start):
+        raise InvalidSession(f"starting time {float(start)}", file=file, session=s_id, field=f"{where}/starting_time")
+    return float(start) + np.arange(n, dtype=np.float64) / rate
+
+
+def _series(ts, file: str, s_id: str, where: str) -> tuple[np.ndarray, np.ndarray, str]:
+    v = real_array(ts.data[:], file=file, session=s_id, field=f"{where}/data", ndim=(1, 2, 3, 4))
+    return _series_times(ts, len(v), file, s_id, where), v, getattr(ts, "unit", "unknown")
 
 
 def _behaviour_series(nwb):
@@ -56,8 +73,7 @@ def _behaviours(nwb, s_id: str, file: str, opts: IngestOptions, notes: list[str]
     for container, series in _behaviour_series(nwb):
         if not series:
             continue
-        loaded = {k: (_series_times(v), np.asarray(v.data[:], dtype=np.float64), getattr(v, "unit", "unknown"))
-                  for k, v in series.items()}
+        loaded = {k: _series(v, file, s_id, _where(v, f"{container}/{k}")) for k, v in series.items()}
         first_t = next(iter(loaded.values()))[0]
         stackable = len(loaded) > 1 and all(
             v[1].ndim == 1 and len(v[0]) == len(first_t) and np.array_equal(v[0], first_t) for v in loaded.values())
@@ -96,14 +112,19 @@ def _unit_areas(units, n: int, opts: IngestOptions) -> list[str]:
     return [opts.area or "unknown"] * n
 
 
-def _intervals(nwb) -> dict[str, np.ndarray]:
+def _intervals(nwb, file: str, s_id: str) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     tables = dict(nwb.intervals or {})
     if nwb.trials is not None:
         tables["trials"] = nwb.trials
     for name, table in tables.items():
-        start = np.asarray(table["start_time"][:], dtype=np.float64)
-        stop = np.asarray(table["stop_time"][:], dtype=np.float64)
+        start, stop = (real_array(table[c][:], file=file, session=s_id, field=f"intervals/{name}/{c}", ndim=(1,))
+                       for c in ("start_time", "stop_time"))
+        for c, a in (("start_time", start), ("stop_time", stop)):
+            if not np.isfinite(a).all():
+                i = int(np.flatnonzero(~np.isfinite(a))[0])
+                raise InvalidSession(f"non-finite {c} in row {i}", file=file, session=s_id,
+                                     field=f"intervals/{name}/{c}")
         key = "trials" if name == "trials" else snake(name)
         out[key] = interval_array(start, stop)
         if name == "epochs" and "tags" in table.colnames:
@@ -121,26 +142,78 @@ def read_nwb(path: Path, opts: IngestOptions, sha256: str | None = None) -> list
     import pynwb
 
     file = path.name
+    io = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             io = pynwb.NWBHDF5IO(str(path), "r", load_namespaces=True)
             nwb = io.read()
     except Exception as e:  # h5py/hdmf raise many types for truncated or foreign files
-        raise UnreadableSource(f"unreadable or truncated NWB file: {type(e).__name__}: {e}", file=file) from None
+        if io is not None:  # else the file stays open (and locked) for the life of the process
+            try:
+                io.close()
+            except Exception:  # noqa: BLE001 - already failing; the read error is the one to report
+                pass
+        msg, where = _explain(e)
+        raise UnreadableSource(f"unreadable or truncated NWB file: {type(e).__name__}: {msg}", file=file,
+                               field=where) from None
+    s_id = None
     try:
-        return [_session(nwb, path, opts, sha256)]
+        s_id = opts.session_id or slugify(str(nwb.session_id or nwb.identifier or path.stem))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return [_session(nwb, path, opts, sha256, s_id)]
     except CorpusError:
         raise
     except Exception as e:  # a structurally broken file that only fails once read in depth
-        raise UnreadableSource(f"NWB file could not be read in full: {type(e).__name__}: {e}", file=file) from None
+        raise UnreadableSource(f"NWB file could not be read in full: {type(e).__name__}: {_short(e)}", file=file,
+                               session=s_id) from None
     finally:
         io.close()
 
 
-def _session(nwb, path: Path, opts: IngestOptions, sha256: str | None) -> SessionData:
+def _short(e, limit: int = 300) -> str:
+    """An exception's message on one line, cut short (hdmf's can quote whole builders)."""
+    msg = " ".join(str(e).split())
+    return msg if len(msg) <= limit else msg[:limit] + " ..."
+
+
+def _explain(e: Exception) -> tuple[str, str | None]:
+    """(message, where in the file) of a read error: hdmf's ConstructError carries the builder of
+    the object it could not build (its path is the field) and the reason, not the builder's dump."""
+    args = getattr(e, "args", ())
+    if len(args) == 2 and isinstance(args[1], str) and hasattr(args[0], "path"):
+        where = str(args[0].path)
+        where = where[len("root/"):] if where.startswith("root/") else where
+        return _short(args[1]), None if where in ("", "root") else where
+    return _short(e), None
+
+
+def _spike_index(units, n: int, file: str, s_id: str) -> None:
+    """The ragged spike-times column must index its data exactly: non-decreasing offsets, one per
+    unit, the last at the end of the data (else units would silently lose or share spikes)."""
+    if "spike_times" not in units.colnames:
+        raise InvalidSession("the units table has no spike_times column", file=file, session=s_id,
+                             field="units/spike_times")
+    col = units["spike_times"]
+    target = getattr(col, "target", None)
+    if target is None:  # not ragged: one spike per unit (hdmf would not write this, but it is readable)
+        return
+    field = "units/spike_times_index"
+    idx = real_array(col.data[:], file=file, session=s_id, field=field, ndim=(1,), integers=True)
+    total = len(target.data)
+    if len(idx) != n:
+        raise InvalidSession(f"{len(idx)} index entries for {n} units (mismatched lengths)", file=file,
+                             session=s_id, field=field)
+    if len(idx) and ((np.diff(idx) < 0).any() or idx[0] < 0 or idx[-1] != total):
+        raise InvalidSession(f"the index of the ragged spike times is inconsistent with its {total} values "
+                             f"(offsets must rise from 0 to {total}; got {idx[:5].tolist()}"
+                             f"{' ...' if len(idx) > 5 else ''} ending at {int(idx[-1])})", file=file,
+                             session=s_id, field=field)
+
+
+def _session(nwb, path: Path, opts: IngestOptions, sha256: str | None, s_id: str) -> SessionData:
     file = path.name
-    s_id = opts.session_id or slugify(nwb.session_id or nwb.identifier or path.stem)
     raw_subject = getattr(nwb.subject, "subject_id", None) or ""
     subject = opts.subject or (slugify(raw_subject) if raw_subject else "unknown")
     species = opts.species or getattr(nwb.subject, "species", None) or "unknown"
@@ -149,9 +222,10 @@ def _session(nwb, path: Path, opts: IngestOptions, sha256: str | None) -> Sessio
         raise InvalidSession("the file has no units table: popscale needs spike-sorted units", file=file,
                              session=s_id, field="units")
     n = len(units)
+    _spike_index(units, n, file, s_id)
     times, idx = [], []
     for i in range(n):
-        t = np.asarray(units["spike_times"][i], dtype=np.float64)
+        t = real_array(units["spike_times"][i], file=file, session=s_id, field=f"units/spike_times[{i}]", ndim=(1,))
         if len(t) and (not np.isfinite(t).all() or (t < 0).any() or (np.diff(t) < 0).any()):
             what = "non-finite" if not np.isfinite(t).all() else "negative" if (t < 0).any() else "unsorted"
             raise InvalidSession(f"unit {units.id[i]} has {what} spike times", file=file, session=s_id,
@@ -164,7 +238,7 @@ def _session(nwb, path: Path, opts: IngestOptions, sha256: str | None) -> Sessio
     t, u = t[order], u[order]
     notes: list[str] = []
     behaviour = _behaviours(nwb, s_id, file, opts, notes)
-    intervals = _intervals(nwb)
+    intervals = _intervals(nwb, file, s_id)
 
     data_t = [t[[0, -1]]] if len(t) else []
     data_t += [b.timestamps[[0, -1]] for b in behaviour.values() if len(b.timestamps)]

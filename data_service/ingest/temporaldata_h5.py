@@ -21,7 +21,8 @@ import numpy as np
 from .. import intervals as iv
 from ..errors import CorpusError, InvalidSession, UnreadableSource
 from ..session import SessionData, TimeSeries, interval_array, slugify
-from .common import IngestOptions, as_columns, drop_or_refuse_nan, regular_rate, snake, source_info, unit_ids
+from .common import (IngestOptions, as_columns, check_rate, drop_or_refuse_nan, real_array, regular_rate, snake,
+                     source_info, unit_ids)
 
 SPLIT_NAMES = {"train_domain": "train", "valid_domain": "valid", "test_domain": "test"}
 TIME_KEYS = {"timestamps", "timestamp_indices_1s", "domain"}
@@ -50,17 +51,31 @@ def _meta(f: h5py.File, group: str, key: str) -> str | None:
     return None
 
 
-def _series(g: h5py.Group) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _dataset(g: h5py.Group, key: str, file: str, s_id: str, field: str) -> np.ndarray:
+    """A member dataset's content, or an error naming the field when it is missing or a group."""
+    if key not in g:
+        raise InvalidSession(f"`{key}` is missing", file=file, session=s_id, field=field)
+    if not isinstance(g[key], h5py.Dataset):
+        raise InvalidSession(f"`{key}` is a group, not an array", file=file, session=s_id, field=field)
+    return g[key][()]
+
+
+def _series(g: h5py.Group, name: str, file: str, s_id: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     kind = _text(g.attrs["object"])
     keys = [k for k in g.keys() if k not in TIME_KEYS and isinstance(g[k], h5py.Dataset)]
     cols = {k: np.asarray(g[k][()]) for k in keys}
     if kind == "RegularTimeSeries":
-        rate = float(g.attrs["sampling_rate"])
-        n = len(next(iter(cols.values()))) if cols else 0
-        start = float(np.asarray(g["domain/start"][()]).reshape(-1)[0]) if "domain" in g else 0.0
+        rate = check_rate(g.attrs.get("sampling_rate"), file=file, session=s_id, field=f"{name}/sampling_rate")
+        n = len(next(iter(cols.values()))) if cols and next(iter(cols.values())).ndim else 0
+        start = 0.0
+        if "domain" in g:
+            d0 = real_array(_dataset(g, "domain/start", file, s_id, f"{name}/domain/start"), file=file,
+                            session=s_id, field=f"{name}/domain/start").reshape(-1)
+            start = float(d0[0]) if len(d0) else 0.0
         t = start + np.arange(n, dtype=np.float64) / rate
     else:
-        t = np.asarray(g["timestamps"][()], dtype=np.float64)
+        t = real_array(_dataset(g, "timestamps", file, s_id, f"{name}/timestamps"), file=file, session=s_id,
+                       field=f"{name}/timestamps", ndim=(1,))
     return t, cols
 
 
@@ -70,40 +85,49 @@ def read_temporaldata(path: Path, opts: IngestOptions, sha256: str | None = None
         f = h5py.File(path, "r")
     except OSError as e:
         raise UnreadableSource(f"unreadable or truncated HDF5 file: {e}", file=file) from None
+    s_id = None
     try:
-        return [_session(f, path, opts, sha256)]
+        s_id = opts.session_id or slugify(_meta(f, "session", "id") or path.stem)
+        return [_session(f, path, opts, sha256, s_id)]
     except CorpusError:
         raise
-    except (KeyError, OSError, ValueError, TypeError) as e:
+    except Exception as e:  # a structurally broken file that only fails once read in depth
         raise UnreadableSource(f"temporaldata file could not be read in full: {type(e).__name__}: {e}",
-                               file=file) from None
+                               file=file, session=s_id) from None
     finally:
         f.close()
 
 
-def _session(f: h5py.File, path: Path, opts: IngestOptions, sha256: str | None) -> SessionData:
+def _session(f: h5py.File, path: Path, opts: IngestOptions, sha256: str | None, s_id: str) -> SessionData:
     file = path.name
-    s_id = opts.session_id or slugify(_meta(f, "session", "id") or path.stem)
     subject = opts.subject or slugify(_meta(f, "subject", "id") or "unknown")
     species = opts.species or _meta(f, "subject", "species") or "unknown"
     if "spikes" not in f or "units" not in f:
         raise InvalidSession("a temporaldata file needs `spikes` and `units` to be ingested", file=file,
                              session=s_id, field="spikes" if "spikes" not in f else "units")
-    sp = f["spikes"]
+    sp, ug = f["spikes"], f["units"]
+    for name, g in (("spikes", sp), ("units", ug)):
+        if not isinstance(g, h5py.Group):
+            raise InvalidSession(f"`{name}` is an array, not a group", file=file, session=s_id, field=name)
     for k in ("timestamps", "unit_index"):
         if k not in sp:
             raise InvalidSession(f"spikes has no `{k}`", file=file, session=s_id, field=f"spikes/{k}")
-    t = np.asarray(sp["timestamps"][()], dtype=np.float64)
-    u = np.asarray(sp["unit_index"][()])
-    if len(t) != len(u):
-        raise InvalidSession(f"{len(u)} unit indices for {len(t)} spike times (mismatched lengths)",
+    t = real_array(_dataset(sp, "timestamps", file, s_id, "spikes/timestamps"), file=file, session=s_id,
+                   field="spikes/timestamps", ndim=(1,))
+    u = np.asarray(_dataset(sp, "unit_index", file, s_id, "spikes/unit_index"))
+    if u.ndim != 1 or len(t) != len(u):
+        raise InvalidSession(f"unit indices of shape {u.shape} for {len(t)} spike times (mismatched lengths)",
                              file=file, session=s_id, field="spikes/unit_index")
-    ug = f["units"]
     if "id" not in ug:
         raise InvalidSession("units has no `id`", file=file, session=s_id, field="units/id")
-    names = [_text(x) for x in ug["id"][()]]
+    ids = np.asarray(_dataset(ug, "id", file, s_id, "units/id"))
+    if ids.ndim != 1:
+        raise InvalidSession(f"expected a 1-D array of unit ids, got shape {ids.shape}", file=file, session=s_id,
+                             field="units/id")
+    names = [_text(x) for x in ids]
     area_key = next((k for k in ("brain_region", "area", "location") if k in ug), None)
-    areas = [_text(x) for x in ug[area_key][()]] if area_key else [opts.area or "unknown"] * len(names)
+    areas = [_text(x) for x in np.atleast_1d(_dataset(ug, area_key, file, s_id, f"units/{area_key}"))] \
+        if area_key else [opts.area or "unknown"] * len(names)
 
     notes: list[str] = []
     behaviour: dict[str, TimeSeries] = {}
@@ -114,7 +138,7 @@ def _session(f: h5py.File, path: Path, opts: IngestOptions, sha256: str | None) 
             continue
         kind = _text(g.attrs["object"])
         if kind in ("IrregularTimeSeries", "RegularTimeSeries"):
-            bt, cols = _series(g)
+            bt, cols = _series(g, name, file, s_id)
             for key, v in cols.items():
                 if v.dtype.kind != "f":
                     notes.append(f"skipped non-float attribute {name}.{key}")
@@ -129,7 +153,14 @@ def _session(f: h5py.File, path: Path, opts: IngestOptions, sha256: str | None) 
                 behaviour[bname] = TimeSeries(bt2, np.ascontiguousarray(v2), cols_, sampling_rate=regular_rate(bt2),
                                               description=f"temporaldata {name}.{key}")
         elif kind == "Interval":
-            a = interval_array(g["start"][()], g["end"][()])
+            start, end = (real_array(_dataset(g, k, file, s_id, f"{name}/{k}"), file=file, session=s_id,
+                                     field=f"{name}/{k}", ndim=(0, 1)).reshape(-1) for k in ("start", "end"))
+            if len(start) != len(end):
+                raise InvalidSession(f"{len(start)} starts for {len(end)} ends (mismatched lengths)", file=file,
+                                     session=s_id, field=f"{name}/end")
+            if not (np.isfinite(start).all() and np.isfinite(end).all()):
+                raise InvalidSession("non-finite interval bounds", file=file, session=s_id, field=f"{name}/start")
+            a = interval_array(start, end)
             if name == "domain":
                 domain = iv.normalize(a)
             else:
