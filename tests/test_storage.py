@@ -161,7 +161,11 @@ def test_pretraining_checkpoints_on_object_storage_and_resumes(s3, local_corpus,
     assert first.returncode == 0, first.stdout + first.stderr
     name = result_line(first.stdout)["run"]
     fs = filesystem(url)
-    assert fs.glob(f"{BUCKET}/runs/{name}/checkpoint_*/popscale_state.json"), "no checkpoint on the object store"
+    assert fs.glob(f"{BUCKET}/runs/{name}/step*/popscale_state.json"), "no checkpoint on the object store"
+    from pretrain.checkpoint import completed_checkpoints
+
+    # every checkpoint the run reported is marked complete there: a restart could resume from it
+    assert [s for s, _ in completed_checkpoints(f"s3://{BUCKET}/runs/{name}", 1)] == [2, 4]
     assert fs.exists(f"{BUCKET}/runs/{name}/popscale_run.json") and fs.exists(f"{BUCKET}/runs/{name}/plan.json")
 
     second = run_cli("pretrain", *common, "--resume", name, env=env)
