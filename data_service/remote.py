@@ -83,6 +83,17 @@ def exists(p: str) -> bool:
     return filesystem(p).exists(str(p)) if is_url(p) else as_path(str(p)).exists()
 
 
+def listdir(d: str) -> list[str]:
+    """The names directly under a local directory or a URL prefix, sorted; [] if there is none."""
+    if is_url(d):
+        try:
+            return sorted(str(x).rstrip("/").rsplit("/", 1)[-1] for x in filesystem(d).ls(str(d), detail=False))
+        except FileNotFoundError:
+            return []
+    path = as_path(str(d))
+    return sorted(x.name for x in path.iterdir()) if path.is_dir() else []
+
+
 def read_text(p: str) -> str:
     return filesystem(p).cat_file(str(p)).decode() if is_url(p) else as_path(str(p)).read_text()
 

@@ -69,29 +69,15 @@ def restore_state(directory: str | Path, engine, plan: RunPlan) -> int:
 def completed_checkpoints(run_dir: str, world: int) -> list[tuple[int, str]]:
     """(step, path) of every checkpoint under a Ray run directory that all `world` ranks finished
     uploading, oldest first (local paths or URLs: data_service/remote.py)."""
-    from data_service.remote import is_url, join
+    from data_service.remote import join, listdir
 
-    if is_url(run_dir):
-        from data_service.remote import filesystem
-
-        fs = filesystem(run_dir)
-        try:
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(run_dir, detail=False)]
-        except FileNotFoundError:
-            return []
-        listing = lambda d: {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(d, detail=False)}  # noqa: E731
-    else:
-        if not os.path.isdir(run_dir):
-            return []
-        names = os.listdir(run_dir)
-        listing = lambda d: set(os.listdir(d))  # noqa: E731
     out = []
-    for n in names:
+    for n in listdir(run_dir):
         m = _STEP_DIR.match(n)
         if not m:
             continue
         d = join(run_dir, n)
-        files = listing(d)
+        files = set(listdir(d))
         if STATE_FILE in files and all(f".complete-rank{r}" in files for r in range(world)):
             out.append((int(m.group(1)), d))
     return sorted(out)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from data_service.errors import CorpusError, find_corpus_error
-from data_service.remote import exists, is_url, join, pyarrow_filesystem, read_text, resolve, storage_arg, write_text
+from data_service.remote import exists, is_url, join, listdir, pyarrow_filesystem, read_text, resolve, storage_arg, write_text
 
 from .hooks import FaultAndRecord, LoopHooks
 from .plan import PlanMismatch, RunPlan, build_plan
@@ -68,16 +68,11 @@ def ensure_corpus(run: RunConfig, notify: Callable[[str], None] = print) -> None
 def unfinished_runs(storage: str, config_name: str) -> list[str]:
     """Runs of this config under `storage` that started and have no exported model yet (newest last)."""
     try:
-        if is_url(storage):
-            from data_service.remote import filesystem
-
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in filesystem(storage).ls(storage, detail=False)]
-        else:
-            names = os.listdir(storage) if os.path.isdir(storage) else []
+        names = listdir(storage)
     except (OSError, ValueError):
         return []
     out = []
-    for n in sorted(names):
+    for n in names:
         if n.startswith(f"{config_name}-") and exists(join(storage, n, RUN_FILE)) \
                 and not exists(join(storage, n, "export", "model.safetensors")):
             out.append(n)

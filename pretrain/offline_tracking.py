@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from data_service.remote import as_path, exists, filesystem, is_url, join, read_text, redact, write_text
+from data_service.remote import as_path, exists, filesystem, is_url, join, listdir, read_text, redact, write_text
 
 from .run_config import RunConfig, TrackingConfig
 from .tracking import (experiment_id, flatten, log_records, reason, start_run, store_client, tracking_uri,
@@ -103,22 +103,11 @@ class Journal:
         write_text(join(self.dir, f"metrics-{self.writer}.sent"), json.dumps({"records": self.count if n is None else n}))
 
 
-def _names(d: str) -> list[str]:
-    if is_url(d):
-        fs = filesystem(d)
-        try:
-            return [str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(d, detail=False)]
-        except FileNotFoundError:
-            return []
-    p = as_path(d)
-    return sorted(x.name for x in p.iterdir()) if p.is_dir() else []
-
-
 def journals(run_dir: str) -> dict[str, tuple[list[dict], int]]:
     """{writer: (its records in order, how many were sent)} of a run directory."""
     d = offline_dir(run_dir)
     parts: dict[str, list[tuple[int, str]]] = {}
-    for name in _names(d):
+    for name in listdir(d):
         m = re.fullmatch(r"metrics-([A-Za-z0-9-]+)(?:\.(\d+))?\.jsonl", name)
         if m:
             parts.setdefault(m[1], []).append((int(m[2] or 0), name))
