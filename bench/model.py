@@ -12,7 +12,17 @@ peak-RSS counter is reset, and the figure is the peak over the warm-up and timed
 RSS before them: what training needs on top of the model and the data (activations, gradients,
 optimizer state; the last is the same for both).
 
-    python bench/model.py [--quick] [--preset poyo-11.8M] [--batch 16] [--steps 3]
+Achieved FLOP/s: the analytical training FLOPs of the timed batches (`pretrain/flops.py`: the
+matmuls of every projection, attention and feed-forward, x3 for forward + backward; popscale's
+packed tokens for both, so padding the reference computes is not counted as work) over the timed
+seconds, beside an fp32 matmul of the model's own shape ([4096, dim] @ [dim, 8 dim]) measured in
+the same run, same threads: the rate this CPU reaches at these dimensions.
+
+`--profile`: where popscale's step goes (torch.profiler over the timed steps, self CPU time per
+group: projections and feed-forward matmuls, attention kernel (its matmuls, softmax, dropout
+masks), elementwise (rotary, GEGLU, dropout, residuals), layer norms, optimizer, other).
+
+    python bench/model.py [--quick] [--preset poyo-11.8M] [--batch 16] [--steps 3] [--profile]
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from data_service.reader import open_corpus  # noqa: E402
 from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
 from pretrain.batch import concat  # noqa: E402
 from pretrain.config import preset  # noqa: E402
+from pretrain.flops import train_flops  # noqa: E402
 from pretrain.loss import weighted_mse  # noqa: E402
 from pretrain.model import POYO, count_parameters  # noqa: E402
 from pretrain.optim import OptimConfig, build_optimizer  # noqa: E402
@@ -127,7 +138,7 @@ def reference_inputs(samples, units, ids, model) -> dict:
         output_timestamps=ot, output_mask=out_mask), target=y, weight=w, mask=out_mask)
 
 
-def run(variant: str, preset_name: str, batch: int, steps: int) -> dict:
+def run(variant: str, preset_name: str, batch: int, steps: int, profile: bool = False) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     cfg, model, units, ids, batches = setup(preset_name, batch, steps)
@@ -142,6 +153,8 @@ def run(variant: str, preset_name: str, batch: int, steps: int) -> dict:
             opt.step()
         tokens = sum(sum(b.input_lens) for b in data[1:])
         slots = tokens
+        n_lat = len(data[0].latent_index) // batch
+        flops = sum(sum(train_flops(cfg, i, o, n_lat) for i, o in zip(b.input_lens, b.output_lens)) for b in data[1:])
     else:
         model = reference_model(cfg, units, ids)
         data = [reference_inputs(b, units, ids, model) for b in batches]
@@ -156,6 +169,9 @@ def run(variant: str, preset_name: str, batch: int, steps: int) -> dict:
             opt.step()
         tokens = sum(int(d["inputs"]["input_mask"].sum()) for d in data[1:])
         slots = sum(d["inputs"]["input_mask"].numel() for d in data[1:])
+        ours = [concat(b) for b in batches[1:]]  # the same work, counted on the unpadded tokens
+        n_lat = len(ours[0].latent_index) // batch
+        flops = sum(sum(train_flops(cfg, i, o, n_lat) for i, o in zip(b.input_lens, b.output_lens)) for b in ours)
     model.train()
     before = rss_mb()
     reset_peak_rss()
@@ -165,9 +181,52 @@ def run(variant: str, preset_name: str, batch: int, steps: int) -> dict:
         step(d)
     dt = time.perf_counter() - t
     peak = peak_rss_mb()
-    return {"variant": variant, "samples_per_s": batch * steps / dt, "peak_mb": peak, "step_mb": peak - before,
-            "params": count_parameters(model) if variant == "popscale" else None,
-            "input_tokens": tokens, "input_slots": slots}
+    out = {"variant": variant, "samples_per_s": batch * steps / dt, "peak_mb": peak, "step_mb": peak - before,
+           "params": count_parameters(model) if variant == "popscale" else None,
+           "input_tokens": tokens, "input_slots": slots, "gflops": flops / dt / 1e9,
+           "matmul_gflops": matmul_rate(cfg.dim)}
+    if profile and variant == "popscale":
+        out["profile"] = profile_steps(step, data[1:])
+    return out
+
+
+def matmul_rate(dim: int, rows: int = 4096, reps: int = 30) -> float:
+    """GFLOP/s of an fp32 [rows, dim] @ [dim, 8 dim] matmul (a feed-forward's input projection)
+    on this process's threads: the roof the model's own shapes allow on this CPU."""
+    a, b = torch.randn(rows, dim), torch.randn(dim, 8 * dim)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * rows * dim * 8 * dim * reps / (time.perf_counter() - t) / 1e9
+
+
+# op name -> group, for --profile (self CPU time; autograd Functions' own time is their Python and numpy work)
+GROUPS = [
+    ("attention kernel", ("_PackedDropoutAttention", "aten::bmm", "aten::_softmax", "aten::ge", "aten::addcmul_",
+                          "aten::_scaled_dot_product", "aten::_softmax_backward")),
+    ("projection + feed-forward matmuls", ("aten::mm", "aten::addmm")),
+    ("GEGLU (+ its dropout)", ("_GegluDropout", "aten::gelu", "aten::gelu_backward")),
+    ("layer norms", ("aten::native_layer_norm",)),
+    ("optimizer", ("Optimizer.step", "aten::_foreach", "aten::lerp", "aten::addcdiv", "aten::sqrt")),
+    ("elementwise and copies (rotary, dropout, residuals, masks to float)", ("aten::mul", "aten::copy_", "aten::add",
+                                                                             "aten::_to_copy", "aten::cat", "_Dropout")),
+]
+
+
+def profile_steps(step, data) -> list[tuple[str, float]]:
+    """Seconds of self CPU time per group over the given steps (summed over threads' ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for d in data:
+            step(d)
+    totals: dict[str, float] = {}
+    for e in prof.key_averages():
+        group = next((g for g, keys in GROUPS if any(e.key.startswith(k) for k in keys)), "other")
+        totals[group] = totals.get(group, 0.0) + e.self_cpu_time_total / 1e6
+    return sorted(totals.items(), key=lambda kv: -kv[1])
 
 
 def main() -> None:
@@ -176,17 +235,18 @@ def main() -> None:
     ap.add_argument("--preset", default="poyo-11.8M")
     ap.add_argument("--batch", type=int)
     ap.add_argument("--steps", type=int)
+    ap.add_argument("--profile", action="store_true", help="also break popscale's step down by op group")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     batch = a.batch or (4 if a.quick else 16)
     steps = a.steps or (1 if a.quick else 3)
     if a.worker:
-        print(json.dumps(run(a.worker, a.preset, batch, steps)))
+        print(json.dumps(run(a.worker, a.preset, batch, steps, a.profile)))
         return
     res = {}
     for variant in ("popscale", "torch_brain"):
         p = subprocess.run([sys.executable, __file__, "--worker", variant, "--preset", a.preset, "--batch", str(batch),
-                            "--steps", str(steps)], capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                            "--steps", str(steps)] + (["--profile"] if a.profile else []), capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if p.returncode != 0:
             sys.exit(f"{variant} failed:\n{p.stderr[-3000:]}")
         res[variant] = json.loads(p.stdout.strip().splitlines()[-1])
@@ -197,7 +257,17 @@ def main() -> None:
     print(f"{'':28s} {'samples/s':>10s} {'step peak MB':>13s} {'process peak MB':>16s}")
     for name, r in (("popscale (packed)", ours), ("torch_brain POYO (padded)", ref)):
         print(f"{name:28s} {r['samples_per_s']:10.2f} {r['step_mb']:13.0f} {r['peak_mb']:16.0f}")
-    print(f"throughput ratio {ours['samples_per_s'] / ref['samples_per_s']:.2f}x (goal >= 1.5x); "
+    for name, r in (("popscale", ours), ("torch_brain", ref)):
+        print(f"{name}: {r['gflops']:.1f} GFLOP/s achieved (analytical training FLOPs of the unpadded tokens) vs "
+              f"{r['matmul_gflops']:.1f} GFLOP/s for an fp32 [4096, {preset(a.preset).dim}] @ "
+              f"[{preset(a.preset).dim}, {8 * preset(a.preset).dim}] matmul in the same process: "
+              f"{r['gflops'] / r['matmul_gflops']:.0%} of it")
+    if "profile" in ours:
+        total = sum(sec for _, sec in ours["profile"])
+        print(f"where popscale's {steps} timed step(s) go (self CPU time, {total:.1f} s over both threads):")
+        for group, sec in ours["profile"]:
+            print(f"  {group:70s} {sec:7.2f} s {sec / total:6.1%}")
+    print(f"throughput ratio {ours['samples_per_s'] / ref['samples_per_s']:.2f}x (goal >= 2.5x); "
           f"step memory ratio {ours['step_mb'] / ref['step_mb']:.2f} (goal <= 0.5)")
     print(f"RESULT name=train_samples_per_s baseline=torch_brain-POYO ratio={ours['samples_per_s'] / ref['samples_per_s']:.2f}")
 

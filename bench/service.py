@@ -33,7 +33,7 @@ warm). windows/s = timed windows / wall seconds (CPU-seconds figure alongside: s
 The two augmentations draw kept-unit counts from different triangular shapes, so tokens per
 window differ somewhat (printed); output queries per window are the same.
 
-    python bench/service.py [--quick] [--sessions N] [--batches N] [--ray]
+    python bench/service.py [--quick] [--sessions N] [--minutes M] [--subjects S] [--batches N] [--ray]
 """
 
 from __future__ import annotations
@@ -251,6 +251,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="20 sessions x 2 min, 50 batches (< 1 min once built)")
     ap.add_argument("--sessions", type=int)
     ap.add_argument("--minutes", type=float)
+    ap.add_argument("--subjects", type=int, default=8, help="(the 1,000-session comparison of issue 13: --sessions 1000 "
+                    "--subjects 20 --minutes 6.5; building it takes ~10 min once, then it is reused)")
     ap.add_argument("--batches", type=int, help=f"timed batches of {GLOBAL_BATCH} windows per pipeline")
     ap.add_argument("--ray", action="store_true", help="also measure RayBatches (starts a 2-CPU Ray)")
     ap.add_argument("--ray-actors", type=int, default=1)
@@ -264,8 +266,9 @@ def main() -> None:
     logging.getLogger().setLevel(logging.ERROR)
 
     # the same corpus bench/reader.py builds (shared directory: built once, reused by both benchmarks)
-    cfg = SynthConfig(sessions=sessions_n, subjects=8, minutes=minutes, seed=0)
-    corpus, h5dir = build(cfg, ROOT / "runs" / "bench" / f"reader-{sessions_n}x{minutes:g}min")
+    cfg = SynthConfig(sessions=sessions_n, subjects=a.subjects, minutes=minutes, seed=0)
+    tag = "" if a.subjects == 8 else f"-{a.subjects}subjects"
+    corpus, h5dir = build(cfg, ROOT / "runs" / "bench" / f"reader-{sessions_n}x{minutes:g}min{tag}")
     run, spec, sessions = popscale_spec(corpus)
     windows = n_batches * GLOBAL_BATCH
     print(f"{len(sessions)} sessions (popscale Zarr corpus and the same sessions as temporaldata HDF5), "

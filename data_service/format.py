@@ -67,7 +67,7 @@ class Chunking:
     shard: int = 1 << 22
     cname: str = "lz4"
     clevel: int = 5
-    shuffle: str = "bitshuffle"
+    shuffle: str = "shuffle"  # byte shuffle: same size as bitshuffle here, decodes 2-3x faster (bench/RESULTS.md, issue 13)
 
 
 DEFAULT_CHUNKING = Chunking()

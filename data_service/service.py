@@ -110,12 +110,26 @@ def window_index(spec: ServiceSpec) -> WindowIndex:
 _STREAMS = {"units": 1, "time": 2}
 
 
+def _stream_key(seed: int, position: int, what: str) -> int:
+    return (seed * 0x9E3779B97F4A7C15 + position * 0xD1B54A32D192ED03 + _STREAMS[what] * 0x632BE59BD9B4E019) % (1 << 64)
+
+
 def _uniforms(seed: int, position: int, what: str, n: int) -> np.ndarray:
     """n deterministic U[0, 1) draws for one window: counter-based (a hash of seed, position,
     stream and index), so any window's augmentation is computable on its own and costs no
     generator set-up (~10 us instead of ~45 us per window)."""
-    key = (seed * 0x9E3779B97F4A7C15 + position * 0xD1B54A32D192ED03 + _STREAMS[what] * 0x632BE59BD9B4E019) % (1 << 64)
-    return uniform(key, np.arange(n, dtype=np.uint64))
+    return uniform(_stream_key(seed, position, what), np.arange(n, dtype=np.uint64))
+
+
+def _uniforms_many(seed: int, positions: Sequence[int], what: str, counts: Sequence[int]) -> list[np.ndarray]:
+    """`_uniforms` for many windows in one vectorised hash (the same numbers: each draw is
+    mix(index + key), computed here for every window's indices at once); ~10 us a window less."""
+    counts_a = np.asarray(counts, dtype=np.int64)
+    keys = np.array([_stream_key(seed, int(p), what) for p in positions], dtype=np.uint64)
+    starts = np.cumsum(counts_a) - counts_a
+    local = (np.arange(int(counts_a.sum()), dtype=np.int64) - np.repeat(starts, counts_a)).astype(np.uint64)
+    u = uniform(0, local + np.repeat(keys, counts_a))
+    return np.split(u, np.cumsum(counts_a)[:-1])
 
 
 def keep_units(n_units: int, cfg: AugmentConfig, u: np.ndarray) -> np.ndarray | None:
@@ -205,10 +219,11 @@ def build_batch(spec: ServiceSpec, batch: int, rank: int, world: int) -> ServedB
     the spec skips such windows, which changes the sequence and so is logged window by window."""
     refs = window_index(spec).worker_windows(batch, spec.global_batch, rank, world)
     corpus = open_corpus(spec.corpus)  # once per batch: it stats the manifest
-    items, kept, skipped = [], [], []
+    read, kept, skipped = [], [], []
     for ref in refs:
         try:
-            items.append(augmented_window(spec, ref, corpus))
+            reader = corpus.session(ref.session)
+            read.append((read_window(spec, reader, ref, spec.index.window_s), reader, len(reader.unit_ids)))
         except Exception as e:  # noqa: BLE001 - every read failure is located, then raised or skipped
             err = unreadable(spec, ref, e)
             if not spec.skip_bad_windows:
@@ -218,6 +233,9 @@ def build_batch(spec: ServiceSpec, batch: int, rank: int, world: int) -> ServedB
                             "t_start": float(ref.t_start), "field": err.field, "error": f"{type(e).__name__}: {e}"})
             continue
         kept.append(ref.position)
+    # unit dropout for the whole batch: the draws `augmented_window` makes window by window
+    draws = _uniforms_many(spec.seed, kept, "units", [n + 1 for _, _, n in read]) if read else []
+    items = [(w, r, keep_units(n, spec.augment, u)) for (w, r, n), u in zip(read, draws)]
     if not items:
         raise UnreadableWindow(f"every window of batch {batch} (rank {rank}) was unreadable and skipped",
                                file=spec.corpus, session=refs[0].session if refs else None)
@@ -258,9 +276,11 @@ class RayBatches:
     """Batches [start, stop) for one worker, built by Ray Data actors and streamed in order."""
 
     def __init__(self, spec: ServiceSpec, rank: int = 0, world: int = 1, *, actors: int = 1, cpus_per_actor: float = 0.5,
-                 prefetch: int = 4, chunk: int = 256, buffer_mb: float | None = 256) -> None:
+                 prefetch: int = 4, chunk: int = 2048, buffer_mb: float | None = 256) -> None:
         """buffer_mb: a cap on the object-store memory this worker's pipeline may hold (Ray Data's
-        streaming executor stops launching builders at the cap); None = Ray Data's default share."""
+        streaming executor stops launching builders at the cap); None = Ray Data's default share.
+        chunk: batches per Ray dataset. Each new dataset starts its actor pool again (~10 s on 2
+        cores, a visible dip in samples/s), so datasets are long: 2048 batches (was 256)."""
         self.spec, self.rank, self.world = spec, rank, world
         self.actors, self.cpus, self.prefetch, self.chunk = actors, cpus_per_actor, prefetch, chunk
         self.buffer_mb = buffer_mb

@@ -47,8 +47,11 @@ def skip_cpu_shm_kernel() -> None:
     """DeepSpeed JIT-compiles a shared-memory all-reduce kernel on first use on CPU (~33 s here)
     and documents that it hangs on CPUs without AVX2/AVX-512; gloo's all-reduce is plenty for one
     node of CPU workers, so popscale uses that."""
-    import deepspeed.comm.torch as ds_torch
+    import importlib
 
+    # `import deepspeed.comm.torch as m` binds PyTorch itself (deepspeed.comm has an attribute
+    # `torch`), so patching that did nothing and every engine compiled the kernel (35-85 s a run)
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
     ds_torch.build_shm_op = lambda: None
 
 

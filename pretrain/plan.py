@@ -242,7 +242,8 @@ def build_plan(run: RunConfig, *, previous: RunPlan | None = None, progress: boo
     valid = [s for s in sessions if len(corpus.session(s).intervals.get("valid", []))]
     valid = valid[: run.train.eval_sessions] if run.train.eval_sessions else valid
     index = IndexConfig(window_s=d.window_s, split="train", seed=d.seed, session_weights=d.session_weights,
-                        sessions=sessions, intervals=None if within is None else {s: r.tolist() for s, r in within.items()})
+                        sessions=sessions, intervals=None if within is None else {s: r.tolist() for s, r in within.items()},
+                        block_windows=d.block_windows)
     fingerprint = index_fingerprint(corpus.fingerprint, index)
     if previous is not None and previous.index_fingerprint != fingerprint:
         raise PlanMismatch(f"its data (corpus {d.corpus} or the data config) changed since it started (window-index "

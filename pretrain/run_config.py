@@ -47,6 +47,10 @@ class DataConfig:
     interval_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_INTERVAL_WEIGHTS))
     session_weights: dict[str, float] = field(default_factory=dict)
     sessions: list[str] | None = None  # train on these (default: every session with a readout behaviour)
+    # shuffle blocks of this many consecutive windows of a train interval instead of single windows: each
+    # worker's batch then reads fewer sessions and chunks, but a global batch holds ~global_batch/k blocks
+    # (bench/index_scale.py); 1 = off (the default order). Best at most global_batch / workers.
+    block_windows: int = 1
     # the label budget of every training session (labels.py: 10%, 2m): a from-scratch reference for adaptation
     labels: str = "100%"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -183,6 +187,7 @@ def _at_least(n):
 _RANGES: dict[str, tuple] = {
     "data.window_s": ((lambda v: v > 0), "a positive number of seconds"),
     "data.global_batch": _at_least(1), "data.data_actors": _at_least(1), "data.prefetch": _at_least(1),
+    "data.block_windows": ((lambda v: v >= 1), "a whole number of windows >= 1 (1: no blocks)"),
     "data.target_rms": ((lambda v: v > 0), "positive"),
     "data.loader": ((lambda v: v in ("ray", "local")), "ray or local"),
     "train.steps": _at_least(1), "train.grad_accum": _at_least(1), "train.warmup_steps": _at_least(0),
