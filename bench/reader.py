@@ -46,21 +46,37 @@ def build(cfg: SynthConfig, base: Path) -> tuple[Path, Path]:
     """The popscale corpus and the same sessions as temporaldata HDF5 files (reused when present)."""
     from temporaldata import ArrayDict, Data, Interval, IrregularTimeSeries
 
-    corpus, h5dir = base / "corpus", base / "temporaldata"
-    stamp = base / "built.json"
-    # rebuild when the config or the code that writes sessions changes
-    code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(
-        [ROOT / "data_service" / "store.py", ROOT / "data_service" / "format.py",
-         *(ROOT / "data_service" / "synth").glob("*.py")]))).hexdigest()[:16]
-    want = {"fingerprint": cfg.fingerprint(), "sessions": cfg.sessions, "code": code}
-    if stamp.exists() and json.loads(stamp.read_text()) == want:
-        return corpus, h5dir
     import shutil
 
-    shutil.rmtree(base, ignore_errors=True)
-    t0 = time.time()
-    synth_corpus(cfg, corpus, workers=os.cpu_count() or 1)
-    print(f"generated {cfg.sessions} sessions in {time.time() - t0:.0f} s", file=sys.stderr)
+    corpus, h5dir = base / "corpus", base / "temporaldata"
+
+    def code(*files: Path) -> str:
+        return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(files))).hexdigest()[:16]
+
+    synth = list((ROOT / "data_service" / "synth").glob("*.py"))
+    # each side is rebuilt when the config or the code that writes it changes: the HDF5 files hold
+    # the same data whatever popscale's storage layout, so a layout change rebuilds only the corpus
+    want = {"fingerprint": cfg.fingerprint(), "sessions": cfg.sessions,
+            "code": code(ROOT / "data_service" / "store.py", ROOT / "data_service" / "format.py", *synth)}
+    want_h5 = {"fingerprint": cfg.fingerprint(), "sessions": cfg.sessions, "code": code(*synth)}
+    stamp, stamp_h5 = base / "built.json", base / "temporaldata.json"
+
+    def fresh(path: Path, doc: dict) -> bool:
+        return path.exists() and json.loads(path.read_text()) == doc
+
+    if fresh(stamp, want) and fresh(stamp_h5, want_h5):
+        return corpus, h5dir
+    if not fresh(stamp, want):
+        stamp.unlink(missing_ok=True)
+        shutil.rmtree(corpus, ignore_errors=True)
+        t0 = time.time()
+        synth_corpus(cfg, corpus, workers=os.cpu_count() or 1)
+        print(f"generated {cfg.sessions} sessions in {time.time() - t0:.0f} s", file=sys.stderr)
+        stamp.write_text(json.dumps(want))
+    if fresh(stamp_h5, want_h5):
+        return corpus, h5dir
+    stamp_h5.unlink(missing_ok=True)
+    shutil.rmtree(h5dir, ignore_errors=True)
     h5dir.mkdir(parents=True, exist_ok=True)
     c = Corpus(corpus)
     for sid in c.session_ids:
@@ -82,7 +98,7 @@ def build(cfg: SynthConfig, base: Path) -> tuple[Path, Path]:
         )
         with h5py.File(h5dir / f"{sid}.h5", "w") as f:
             data.to_hdf5(f)
-    stamp.write_text(json.dumps(want))
+    stamp_h5.write_text(json.dumps(want_h5))
     return corpus, h5dir
 
 

@@ -149,3 +149,45 @@ def test_corpus_refuses_unknown_directories_and_sessions(tmp_path, corpus):
     with pytest.raises(CorpusError, match="no such session") as e:
         open_corpus(root).session("nope")
     assert e.value.session == "nope"
+
+
+def test_a_damaged_chunk_checksum_is_detected_too(tmp_path):
+    """The chunk check runs over payload and stored crc together (the CRC residue): a flipped bit
+    in the stored crc itself must fail as surely as one in the payload."""
+    s = simple_session("k", duration=60.0)
+    write_session_group(tmp_path / "g", s)
+    a = open_sharded(tmp_path / "g" / "spikes" / "timestamps")
+    f, chunks = a._shard_index(0)
+    offset, nbytes = chunks[1]
+    raw = bytearray(open(f, "rb").read())
+    raw[offset + nbytes - 2] ^= 0x10
+    open(f, "wb").write(bytes(raw))
+    CACHE.clear()
+    b = open_sharded(tmp_path / "g" / "spikes" / "timestamps")
+    assert np.array_equal(b.read(0, 10), s.spike_times[:10])  # chunk 0 is intact
+    with pytest.raises(ChecksumError, match="crc32c mismatch in chunk 1"):
+        b.read(4096, 4100)
+
+
+def test_a_forked_child_opens_its_own_descriptors(tmp_path):
+    """A forked reader process must not share the parent's file offsets/descriptors: the pool
+    forgets them in the child (a fork hook), and the child still reads correctly."""
+    import os
+
+    from data_service import shards
+
+    s = simple_session("f", duration=30.0)
+    write_session_group(tmp_path / "g", s)
+    CACHE.clear()
+    open_sharded(tmp_path / "g" / "spikes" / "timestamps").read(0, 10)
+    assert shards._handles._fds  # the parent holds a descriptor
+    pid = os.fork()
+    if pid == 0:  # child: report through the exit code only
+        ok = not shards._handles._fds
+        CACHE.clear()
+        ok = ok and np.array_equal(open_sharded(tmp_path / "g" / "spikes" / "timestamps").read(0, 10),
+                                   s.spike_times[:10])
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert shards._handles._fds  # the parent's pool is untouched
