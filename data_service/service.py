@@ -134,7 +134,8 @@ def _uniforms_many(seed: int, positions: Sequence[int], what: str, counts: Seque
 
 def keep_units(n_units: int, cfg: AugmentConfig, u: np.ndarray) -> np.ndarray | None:
     """Unit dropout: how many units survive is triangular(min, mode, max), capped at n_units;
-    which ones is a uniformly random subset. `u`: n_units + 1 uniforms."""
+    which ones is a uniformly random subset (the k smallest of `u[1:]`). `u`: n_units + 1
+    uniforms. Returns a boolean mask over the session's units, or None when all are kept."""
     if not cfg.unit_dropout or n_units <= cfg.min_units:
         return None
     a, b = float(cfg.min_units), float(min(cfg.max_units, n_units))
@@ -146,7 +147,11 @@ def keep_units(n_units: int, cfg: AugmentConfig, u: np.ndarray) -> np.ndarray | 
     else:
         k = int(b)
     k = min(max(k, cfg.min_units), n_units)
-    return np.sort(np.argpartition(u[1:n_units + 1], k - 1)[:k]) if k < n_units else None
+    if k >= n_units:
+        return None
+    mask = np.zeros(n_units, dtype=bool)
+    mask[np.argpartition(u[1:n_units + 1], k - 1)[:k]] = True
+    return mask
 
 
 def read_window(spec: ServiceSpec, r: SessionReader, ref: WindowRef, window_s: float) -> Window:

@@ -112,3 +112,43 @@ def test_batch_pack_equals_window_by_window(setup):
         else:
             assert list(got[key]) == list(v), key
     assert (got["weight"] != 1.0).any()  # the interval weights were exercised
+
+
+def test_batch_input_tokens_match_a_window_by_window_reference(setup):
+    """The batch-wide unit-dropout gather gives, window by window, the kept spikes in time order,
+    then START and END per kept unit in unit order: checked against a plain loop with np.isin,
+    for no dropout, local indices, a mask, every unit dropped and a window without spikes."""
+    c, model, tok = setup
+    rng = np.random.default_rng(3)
+    items = []
+    for k in range(10):
+        r = c.session(c.session_ids[k % len(c.session_ids)])
+        n = len(r.unit_ids)
+        t0 = float(rng.uniform(0, r.domain[-1][1] - 1.0))
+        w = r.read_window(t0, t0 + (1e-4 if k == 4 else 1.0))  # k == 4: (almost surely) no spikes
+        if k % 4 == 0:
+            keep = None
+        elif k % 4 == 1:
+            keep = np.sort(rng.choice(n, 1 + k, replace=False))
+        elif k % 4 == 2:
+            keep = rng.random(n) < 0.5
+        else:
+            keep = np.zeros(n, dtype=bool)  # every unit dropped: no tokens at all
+        items.append((w, r, keep))
+    b = tok.pack(items)
+    lo = 0
+    for (w, r, keep), n_in in zip(items, b.input_lens):
+        gids = model.unit_emb.lookup(r.unit_ids)
+        local = np.arange(len(r.unit_ids)) if keep is None else (
+            np.flatnonzero(keep) if keep.dtype == bool else keep)
+        sel = np.isin(w.spike_units, local)
+        want_ids = np.concatenate([gids[w.spike_units[sel]], gids[local], gids[local]])
+        want_t = np.concatenate([w.spike_times[sel], np.zeros(len(local)), np.full(len(local), w.t_end - w.t_start)])
+        want_type = np.repeat([SPIKE, START, END], [sel.sum(), len(local), len(local)])
+        assert n_in == len(want_ids)
+        assert np.array_equal(b.unit_index[lo:lo + n_in], want_ids)
+        assert np.array_equal(b.input_time[lo:lo + n_in], want_t.astype(np.float32))
+        assert np.array_equal(b.token_type[lo:lo + n_in], want_type)
+        lo += n_in
+    assert lo == len(b.unit_index)
+    assert b.input_lens[3] == 0 and b.input_lens[4] == 2 * len(items[4][1].unit_ids)
