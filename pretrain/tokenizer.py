@@ -346,14 +346,12 @@ class Tokenizer:
         n_spk = np.fromiter((len(s) for s in spikes), dtype=np.int64, count=B)
         umap = cat(maps) if B else np.zeros(0, np.int64)
         t = cat(stimes) if B else np.zeros(0)
+        # every spike's unit as a position in the concatenated map
+        g = (cat(spikes) if B else np.zeros(0, np.int64)) + np.repeat(np.cumsum(n_units) - n_units, n_spk)
         if masks is None:
-            g = cat(spikes) if B else np.zeros(0, np.int64)
-            if B > 1:
-                g = g + np.repeat(np.cumsum(n_units) - n_units, n_spk)
             ks, nk, upos = n_spk, n_units, None
         else:
             kept = cat([np.ones(n, dtype=bool) if m is None else m for m, n in zip(masks, n_units.tolist())])
-            g = cat(spikes) + np.repeat(np.cumsum(n_units) - n_units, n_spk)
             hit = kept.take(g)
             sel = np.flatnonzero(hit)
             g, t = g.take(sel), t.take(sel)
