@@ -121,11 +121,18 @@ class XFormers:
                                                p=dropout_p if training else 0.0)[0]
 
 
+@functools.lru_cache(maxsize=1)
 def xformers_available() -> bool:
+    """True when xformers imports *and* runs a block-diagonal attention on CUDA in fp32 and bf16.
+    Importing is not enough: a wheel built for another torch imports, warns, and then has no
+    operator for any input (seen on an H200: xformers 0.0.35 for torch 2.10 under torch 2.11)."""
     try:
-        XFormers()
+        backend = XFormers()
+        for dtype in (torch.float32, torch.bfloat16):
+            q = torch.zeros(6, 2, 16, device="cuda", dtype=dtype)
+            backend(q, q, q, [2, 4], [2, 4])
         return True
-    except Exception:  # noqa: BLE001 - missing package, or kernels that do not load against this torch
+    except Exception:  # noqa: BLE001 - missing package, no CUDA, or kernels that do not load against this torch
         return False
 
 

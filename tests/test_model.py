@@ -139,6 +139,26 @@ def test_xformers_agrees_with_the_definition(dtype, tol):
         assert (a.float() - b.float()).abs().max() <= tol * 10
 
 
+def test_xformers_that_imports_but_cannot_run_is_not_available(monkeypatch):
+    """A wheel built for another torch imports and then has no operator (seen on an H200): `auto`
+    must not pick it."""
+    import pretrain.attention as attention
+
+    class Broken(attention.XFormers):
+        def __init__(self) -> None:  # imports fine
+            pass
+
+        def __call__(self, *a, **k):
+            raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+    monkeypatch.setattr(attention, "XFormers", Broken)
+    attention.xformers_available.cache_clear()
+    try:
+        assert not attention.xformers_available()
+    finally:
+        attention.xformers_available.cache_clear()
+
+
 def test_backend_selection():
     assert get_backend("auto", "cpu").name == "sdpa"
     with pytest.raises(ValueError, match="unknown attention backend"):
