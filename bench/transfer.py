@@ -4,21 +4,27 @@ pretrained POYO adapted by unit identification beat per-session decoders, and fr
 For each held-out real session S (the five monkey sessions of ../shared/data/real/, hand
 velocity, and the mouse, head direction: an angular readout the pretrained model does not have,
 added at adaptation and scored as R² on (cos, sin); its baselines decode the same):
-1. pretrain the demo recipe (configs/demo.yaml: poyo-1.3M, ridge warm start, locality prior) in this process on the demo's synthetic corpus plus every other
-   real monkey session (cached per S under runs/bench/transfer/; 300 steps by default);
+1. pretrain the demo recipe (configs/demo.yaml: poyo-1.3M, ridge warm start, locality prior) in
+   this process on the demo's synthetic corpus plus every other real monkey session (cached per
+   S under runs/bench/transfer/; 300 steps by default);
 2. adapt it to S with `popscale finetune`'s code path: `unit-id` and `full` at label budgets of
-   10 % (three seeded label draws) and 100 % of S's train split, `unit-id-then-full` at 100 %,
-   all with the same step budget (`--steps`);
-3. the same model and recipe trained from scratch on the labelled part of S alone (same steps);
-4. the baselines in the same harness: ridge (Wiener filter) and a GRU, same budgets and draws.
-Test R² (stitched windows over the test split, eval intervals) per arm; 10 %
-arms as mean ± sd over the three draws. Results are kept in runs/bench/transfer/results.json as
-they come, so a stopped run continues where it was.
+   10 % and 100 % of S's train split, `unit-id-then-full` at 100 %, all with the same step budget
+   (`--steps`) and validation schedule;
+3. scratch: the same model and recipe trained on the labelled part of S alone, same steps, same
+   validation schedule, the same model selection (best validation R²);
+4. the baselines in the same harness: ridge (Wiener filter) and a GRU, each causal and
+   non-causal (`pretrain/baselines.py`: POYO's stitched windows see the future, so the
+   non-causal ones are its like-for-like comparison), tuned on valid.
+Every arm: the same labels (a seed draws them), selection on the whole valid split (its seconds
+are printed: at 10 % that is more time than the labels themselves), test scored once. Test R²
+over the test split inside the eval intervals with a 95 % bootstrap interval over test trials
+or blocks; training arms (and label draws) over `--seeds` seeds; wall time of each arm. Results
+are kept in runs/bench/transfer/results-*.json as they come, so a stopped run continues.
 
     python bench/transfer.py [--quick] [--sessions chewie_demo,...] [--steps 100] [--pretrain-steps 300]
 
 --quick: one session (mihi_demo-te), a small pretraining (a 4-session synthetic corpus plus the
-other real sessions, 60 steps), 30 adaptation steps, one label draw: about 5 minutes on 2 cores
+other real sessions, 60 steps), 30 adaptation steps, one seed: about 5 minutes on 2 cores
 (the comparison cannot be made in under a minute: it needs a pretraining).
 """
 
@@ -41,7 +47,8 @@ MONKEY = ["mihi_demo-te", "chewie_demo", "m1_stevenson_2011", "s1_data", "mihi_d
 MOUSE = "A2929-200711"
 HD = "head_direction:angular:2=compass_direction[ry]"  # the mouse's behaviour: a new, angular readout
 SIBLINGS = {"mihi_demo-te": "mihi_demo-tr", "mihi_demo-tr": "mihi_demo-te"}  # same animal, in pretraining
-ARMS = ["unit-id", "full", "unit-id-then-full", "scratch", "ridge", "gru"]
+ARMS = ["unit-id", "full", "unit-id-then-full", "scratch", "ridge", "gru", "ridge-nc", "gru-nc"]
+EVAL_EVERY = 25  # validations every this many steps, for every trained arm (model selection)
 SPEED = "mihi_demo-te"  # the ~200-unit session the wall-time goal is measured on (and unit-id at 5x the steps)
 
 
@@ -87,8 +94,10 @@ def pretrained(out: Path, corpus: Path, held: str, steps: int) -> Path:
     return export_checkpoint(res.checkpoint, export, {"corpus_fingerprint": c.fingerprint, "bench": "transfer"})
 
 
-def scratch(out: Path, corpus: Path, held: str, labels: str, seed: int, steps: int) -> float:
-    """The demo recipe trained from nothing on the labelled part of `held` alone; test R2."""
+def scratch(out: Path, corpus: Path, held: str, labels: str, seed: int, steps: int) -> dict:
+    """The demo recipe trained from nothing on the labelled part of `held` alone, validated on the
+    same schedule as the adaptations and kept at its best validation; test R2 with its interval."""
+    from pretrain.adapt import BestValid
     from pretrain.evaluate import evaluate
     from pretrain.plan import build_plan
     from pretrain.run_config import load_config
@@ -96,49 +105,65 @@ def scratch(out: Path, corpus: Path, held: str, labels: str, seed: int, steps: i
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [
         f"data.corpus={corpus}", "data.synth=null", "data.loader=local", f"train.steps={steps}",
-        f"train.warmup_steps={max(1, steps // 10)}", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
-        f"data.sessions={json.dumps([held])}", f"data.labels={labels}", f"data.seed={seed}", "cluster.cpus_per_worker=2",
+        f"train.warmup_steps={max(1, steps // 10)}", f"train.eval_every={min(EVAL_EVERY, steps)}",
+        f"train.checkpoint_every={steps}", f"data.sessions={json.dumps([held])}", f"data.labels={labels}",
+        f"data.seed={seed}", f"train.seed={seed}", "cluster.cpus_per_worker=2",
         *(["data.readouts={head_direction: [compass_direction]}", "data.readout_kinds={head_direction: angular}",
            "data.readout_columns={head_direction: ry}"] if held == MOUSE else [])])
     if held == MOUSE:
         cfg.model_overrides = {**cfg.model_overrides, "readouts": {"head_direction": 2}}
     plan = build_plan(cfg)
-    res = train_in_process(plan, out / "scratch" / f"{held}-{labels.rstrip('%')}-{seed}")
-    r = evaluate(res.model, plan.make_tokenizer(), open_corpus(corpus), [held], "test")
-    return r[held].r2 if held in r else float("nan")
+    res = train_in_process(plan, out / "scratch" / f"{held}-{labels.rstrip('%')}-{seed}", wrap_evaluator=BestValid)
+    res.model.load_state_dict(res.evaluator.state)
+    c = open_corpus(corpus)
+    r = evaluate(res.model, plan.make_tokenizer(), c, [held], "test")
+    v = evaluate(res.model, plan.make_tokenizer(), c, [held], "valid")
+    return {"test_r2": r[held].r2 if held in r else float("nan"), "test_ci": list(r[held].ci) if held in r else None,
+            "valid_r2": v[held].r2 if held in v else float("nan"), "best_step": res.evaluator.best_step}
 
 
 def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int, steps: int, pre_steps: int,
             ) -> dict:
+    from pretrain.adapt import _scored_seconds
+
     t0 = time.time()
-    if arm in ("ridge", "gru"):
+    reader = open_corpus(corpus).session(held)
+    common = {"valid_s": _scored_seconds(reader, "valid")}
+    if arm.split("-nc")[0] in ("ridge", "gru"):
         from pretrain.baselines import run_baseline
         from pretrain.labels import LabelBudget
 
-        r = run_baseline(arm, open_corpus(corpus).session(held), LabelBudget.parse(labels), seed,
+        r = run_baseline(arm.split("-nc")[0], reader, LabelBudget.parse(labels), seed, causal=not arm.endswith("-nc"),
                          **({"behaviour": "compass_direction[ry]", "kind": "angular"} if held == MOUSE else {}))
-        return {"test_r2": r.test_r2, "valid_r2": r.valid_r2, "params": r.params, "seconds": time.time() - t0}
+        return {"test_r2": r.test_r2, "test_ci": list(r.test_ci), "valid_r2": r.valid_r2, "params": r.params,
+                "labelled_s": r.labelled_s, "seconds": time.time() - t0, **common}
     if arm == "scratch":
-        return {"test_r2": scratch(out, corpus, held, labels, seed, steps), "seconds": time.time() - t0}
+        return {**scratch(out, corpus, held, labels, seed, steps), "seconds": time.time() - t0, **common}
     from pretrain.adapt import FinetuneConfig, finetune
 
     src = pretrained(out, corpus, held, pre_steps)
     if arm == "unit-id-x5":
         arm, steps = "unit-id", 5 * steps
     r = finetune(FinetuneConfig(model=str(src), corpus=str(corpus), sessions=[held], mode=arm, labels=labels,
-                                steps=steps, seed=seed, tracking_uri=f"sqlite:///{out / 'mlflow.db'}",
-                                out=str(out / "finetune"), name=f"{held}-{arm}-{steps}-{labels.rstrip('%')}-{seed}",
+                                steps=steps, seed=seed, eval_every=min(EVAL_EVERY, steps),
+                                tracking_uri=f"sqlite:///{out / 'mlflow.db'}", out=str(out / "finetune"),
+                                name=f"{held}-{arm}-{steps}-{labels.rstrip('%')}-{seed}",
                                 readouts=[HD] if held == MOUSE else []),
                  notify=lambda m: None, show_progress=False)
-    return {"test_r2": r.test_r2, "valid_r2": r.valid_r2, "best_step": r.best_step, "seconds": r.seconds}
+    per = r.per_session[held]
+    return {"test_r2": r.test_r2, "test_ci": per["test_ci"], "valid_r2": r.valid_r2, "best_step": r.best_step,
+            "labelled_s": r.labelled_s[held], "seconds": r.seconds, **common}
 
 
-def fmt(vals: list[float]) -> str:
-    if not vals:
+def cell(rows: list[dict]) -> str:
+    """Mean test R2 over seeds, the seeds' mean 95 % bootstrap bounds, and the spread over seeds."""
+    if not rows:
         return "-"
-    if len(vals) == 1:
-        return f"{vals[0]:.3f}"
-    return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
+    r2 = [r["test_r2"] for r in rows]
+    cis = np.array([r["test_ci"] for r in rows if r.get("test_ci")], dtype=np.float64).reshape(-1, 2)
+    ci = f" [{np.nanmean(cis[:, 0]):.2f}, {np.nanmean(cis[:, 1]):.2f}]" if len(cis) and np.isfinite(cis).any() else ""
+    sd = f" ±{np.std(r2, ddof=1):.3f}" if len(r2) > 1 else ""
+    return f"{np.mean(r2):.3f}{ci}{sd}"
 
 
 def main() -> None:
@@ -149,7 +174,7 @@ def main() -> None:
     ap.add_argument("--sessions", help=f"comma-separated (default: {','.join(MONKEY + [MOUSE])})")
     ap.add_argument("--steps", type=int, help="adaptation (and from-scratch) steps (default 100; quick 30)")
     ap.add_argument("--pretrain-steps", type=int, help="default 300; quick 60")
-    ap.add_argument("--seeds", type=int, help="label draws at 10 %% (default 3; quick 1)")
+    ap.add_argument("--seeds", type=int, help="seeds of every arm: the label draw and the training (default 2; quick 1)")
     ap.add_argument("--arms", help=f"comma-separated subset of {','.join(ARMS + ['unit-id-x5'])} (default: all)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "transfer"))
     a = ap.parse_args()
@@ -163,58 +188,65 @@ def main() -> None:
     sessions = a.sessions.split(",") if a.sessions else (["mihi_demo-te"] if a.quick else MONKEY[:3] + [MOUSE] + MONKEY[3:])
     steps = a.steps or (30 if a.quick else 100)
     pre = a.pretrain_steps or (60 if a.quick else 300)
-    seeds = a.seeds or (1 if a.quick else 3)
+    seeds = a.seeds or (1 if a.quick else 2)
     corpus = build_corpus(out, a.quick)
-    store = out / f"results-{pre}-{steps}.json"
+    store = out / f"results-v2-{pre}-{steps}.json"  # v2: the fixed harness (issue 25); v1 files are not mixed in
     results = json.loads(store.read_text()) if store.exists() else {}
-    plan = [(s, arm, lab, seed) for s in sessions for arm in ARMS for lab in ("10%", "100%")
-            for seed in (range(seeds) if lab == "10%" else [0]) if not (arm == "unit-id-then-full" and lab == "10%")]
-    if SPEED in sessions:
+    arms = a.arms.split(",") if a.arms else ARMS
+    plan = [(s, arm, lab, seed) for s in sessions for arm in arms if arm != "unit-id-x5" for lab in ("10%", "100%")
+            for seed in range(seeds) if not (arm == "unit-id-then-full" and lab == "10%")]
+    if SPEED in sessions and (not a.arms or "unit-id-x5" in arms):
         plan.append((SPEED, "unit-id-x5", "100%", 0))
-    if a.arms:
-        plan = [p for p in plan if p[1] in a.arms.split(",")]
     for s, arm, lab, seed in plan:
         key = f"{s}|{arm}|{lab}|{seed}"
         if key in results:
             continue
         results[key] = run_arm(out, corpus, s, arm, lab, seed, steps, pre)
         store.write_text(json.dumps(results, indent=1))
-        print(f"{s:18s} {arm:18s} {lab:>4s} seed {seed}: test R2 {results[key]['test_r2']:.3f} "
-              f"({results[key]['seconds']:.0f} s)", flush=True)
+        r = results[key]
+        print(f"{s:18s} {arm:18s} {lab:>4s} seed {seed}: test R2 {r['test_r2']:.3f} {r.get('test_ci')} "
+              f"({r['seconds']:.0f} s)", flush=True)
 
-    def vals(s, arm, lab):
-        return [v["test_r2"] for k, v in results.items() if k.startswith(f"{s}|{arm}|{lab}|")]
+    def rows(s, arm, lab):
+        return [v for k, v in results.items() if k.startswith(f"{s}|{arm}|{lab}|")]
+
+    def mean(s, arm, lab):
+        return float(np.mean([r["test_r2"] for r in rows(s, arm, lab)])) if rows(s, arm, lab) else float("nan")
 
     cols = [(arm, lab) for arm in ARMS for lab in ("10%", "100%") if not (arm == "unit-id-then-full" and lab == "10%")]
-    print(f"\ntest R2, pretraining {pre} steps, adaptation {steps} steps ({seeds} label draws at 10 %)")
-    print("| session | sibling in pretraining | " + " | ".join(f"{a} {lab}" for a, lab in cols) + " |")
-    print("|---|---|" + "---|" * len(cols))
+    print(f"\ntest R2 [95 % bootstrap over test trials or blocks, mean of the seeds' bounds] ±sd over {seeds} seeds; "
+          f"pretraining {pre} steps, adaptation and scratch {steps} steps, validation every {EVAL_EVERY}")
+    print("| session | sibling in pretraining | valid s (selection) | " + " | ".join(f"{a_} {lab}" for a_, lab in cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols))
     for s in sessions:
-        print(f"| {s} | {SIBLINGS.get(s, 'no')} | " + " | ".join(fmt(vals(s, a_, lab)) for a_, lab in cols) + " |")
-    mean = {c: float(np.mean([np.mean(vals(s, *c)) for s in sessions])) for c in cols}
-    uid10, ridge100 = mean[("unit-id", "10%")], mean[("ridge", "100%")]
+        vs = next((r["valid_s"] for k, r in results.items() if k.startswith(f"{s}|") and "valid_s" in r), float("nan"))
+        print(f"| {s} | {SIBLINGS.get(s, 'no')} | {vs:.0f} | " + " | ".join(cell(rows(s, a_, lab)) for a_, lab in cols) + " |")
+    print("\nwall time per run, s (mean over seeds; pretraining not included)")
+    print("| session | " + " | ".join(f"{a_} {lab}" for a_, lab in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for s in sessions:
+        print(f"| {s} | " + " | ".join(f"{np.mean([r['seconds'] for r in rows(s, a_, lab)]):.0f}" if rows(s, a_, lab)
+                                       else "-" for a_, lab in cols) + " |")
+    avg = {c: float(np.nanmean([mean(s, *c) for s in sessions])) for c in cols}
     monkeys = [s for s in sessions if s != MOUSE]
-    mean_m = {c: float(np.mean([np.mean(vals(s, *c)) for s in monkeys])) if monkeys else float("nan") for c in cols}
-    wins = sum(np.mean(vals(s, "unit-id", "10%")) >= np.mean(vals(s, "ridge", "100%")) for s in sessions)
-    beats_scratch = sum(np.mean(vals(s, "unit-id", "10%")) > np.mean(vals(s, "scratch", "10%")) for s in sessions)
-    best100 = max(mean_m[(a_, "100%")] for a_ in ("unit-id", "full", "unit-id-then-full"))
-    print(f"\ngoal: unit-id 10% >= ridge 100% on {wins}/{len(sessions)} sessions (goal: 4 of 6)")
-    print(f"goal: unit-id 10% > scratch 10% on {beats_scratch}/{len(sessions)} sessions (goal: all)")
-    print(f"goal: best pretrained 100% - ridge 100% over the monkey sessions = "
-          f"{best100 - mean_m[('ridge', '100%')]:+.3f} (goal: >= +0.05)")
-    print(f"goal: unit-id-then-full 100% - unit-id 100% = "
-          f"{mean[('unit-id-then-full', '100%')] - mean[('unit-id', '100%')]:+.3f} (goal: >= 0)")
-    low = min(v["test_r2"] for k, v in results.items() if k.split("|")[1] in ("unit-id", "full", "unit-id-then-full"))
-    print(f"goal: lowest test R2 of a pretrained arm {low:.3f} (goal: none below 0)")
-    speed = [(k, v) for k, v in results.items() if k.split("|")[1] == "unit-id" and k.split("|")[2] == "100%"
-             and k.split("|")[0] == SPEED]
+    best_base = {s: max(mean(s, b, "100%") for b in ("ridge", "gru", "ridge-nc", "gru-nc")) for s in sessions}
+    best_pre = {s: max(mean(s, x, "100%") for x in ("unit-id", "full", "unit-id-then-full")) for s in sessions}
+    print(f"\nbest pretrained 100% >= best per-session baseline 100% on "
+          f"{sum(best_pre[s] >= best_base[s] for s in sessions)}/{len(sessions)} sessions")
+    print(f"unit-id 10% > scratch 10% on {sum(mean(s, 'unit-id', '10%') > mean(s, 'scratch', '10%') for s in sessions)}"
+          f"/{len(sessions)} sessions; unit-id 10% >= ridge 10% on "
+          f"{sum(mean(s, 'unit-id', '10%') >= mean(s, 'ridge', '10%') for s in sessions)}/{len(sessions)}")
+    if monkeys:
+        print(f"best pretrained 100% - best baseline 100%, mean over the monkey sessions: "
+              f"{np.mean([best_pre[s] - best_base[s] for s in monkeys]):+.3f}")
     long = results.get(f"{SPEED}|unit-id-x5|100%|0")
-    if speed and long:
-        v = speed[0][1]
-        print(f"goal: unit-id on {SPEED} ({open_corpus(corpus).rows[SPEED]['n_units']} units) in {v['seconds']:.0f} s "
-              f"(goal <= 60 s), test R2 {v['test_r2']:.3f} vs {long['test_r2']:.3f} after 5x the steps "
-              f"(gap {long['test_r2'] - v['test_r2']:+.3f}; goal within 0.02)")
-    print(f"RESULT name=unit_id_10pct_test_r2 baseline=ridge_100pct ratio={uid10 / ridge100:.3f}")
+    short = rows(SPEED, "unit-id", "100%")
+    if short and long:
+        print(f"unit-id on {SPEED} ({open_corpus(corpus).rows[SPEED]['n_units']} units): {short[0]['seconds']:.0f} s, "
+              f"test R2 {short[0]['test_r2']:.3f} vs {long['test_r2']:.3f} after 5x the steps")
+    uid10, ridge100 = avg[("unit-id", "10%")], avg[("ridge", "100%")]
+    ratio = uid10 / ridge100 if ridge100 > 0 else float("nan")
+    print(f"RESULT name=unit_id_10pct_test_r2 baseline=ridge_100pct ratio={ratio:.3f}")
 
 
 if __name__ == "__main__":

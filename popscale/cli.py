@@ -338,7 +338,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                          **({"lr_full": a.lr} if a.lr and a.mode == "full" else {}))
     r = finetune(cfg, notify=say, show_progress=not a.no_progress)
     for s, v in r.per_session.items():
-        say(f"  {s}: test R2 {v['test']:.3f}, valid R2 {v['valid']:.3f} ({r.labelled_s[s]:.0f} s of labels)")
+        say(f"  {s}: test R2 {v['test']:.3f} [95 % {v['test_ci'][0]:.3f}, {v['test_ci'][1]:.3f}], valid R2 "
+            f"{v['valid']:.3f} ({r.labelled_s[s]:.0f} s of labels to train on; selection on {v['valid_s']:.0f} s of valid)")
     say(f"finetune {r.name}: {r.mode} in {r.seconds:.0f} s, best validation at step {r.best_step}; model {r.model_uri}")
     result(test_r2=f"{r.test_r2:.4f}", valid_r2=f"{r.valid_r2:.4f}", model_uri=r.model_uri, seconds=f"{r.seconds:.0f}",
            mode=r.mode, labels=r.labels, source=r.source)
@@ -380,18 +381,20 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             say(f"  {sid}: nothing to score in its {a.split} split (no behaviour the model decodes there)")
             continue
         results[sid] = r
-        rows += [(sid, b, v) for b, v in r.per_behaviour.items()]
+        rows += [(sid, b, v, r.per_behaviour_ci.get(b, (float("nan"),) * 2)) for b, v in r.per_behaviour.items()]
         plot_session(r, str(out / f"{sid}_{a.split}.png"), split=a.split)
-    t = Table(title=f"{a.model}: R2 on the {a.split} split")
-    for col in ("session", "behaviour", "R2"):
+    t = Table(title=f"{a.model}: R2 on the {a.split} split (95 % bootstrap interval over trials or 10 s blocks)")
+    for col in ("session", "behaviour", "R2", "95 % interval"):
         t.add_column(col)
-    for sid, b, v in rows:
-        t.add_row(sid, b, f"{v:.4f}")
+    for sid, b, v, (lo, hi) in rows:
+        t.add_row(sid, b, f"{v:.4f}", f"[{lo:.3f}, {hi:.3f}]")
     mean = float(sum(r.r2 for r in results.values()) / len(results)) if results else float("nan")
-    t.add_row("mean", "", f"{mean:.4f}")
+    t.add_row("mean", "", f"{mean:.4f}", "")
     Console(width=120).print(t)
     report = {"model": a.model, "path": str(path), "corpus": a.corpus, "split": a.split, "r2": mean,
-              "sessions": {s: {"r2": r.r2, "per_behaviour": r.per_behaviour, "samples": len(r.times)}
+              "sessions": {s: {"r2": r.r2, "ci95": list(r.ci), "per_behaviour": r.per_behaviour,
+                               "per_behaviour_ci95": {b: list(c) for b, c in r.per_behaviour_ci.items()},
+                               "samples": len(r.times)}
                            for s, r in results.items()}}
     (out / "evaluate.json").write_text(json.dumps(report, indent=1))
     say(f"table in {out / 'evaluate.json'}, plots of decoded vs true in {out}")
@@ -466,11 +469,15 @@ def cmd_baseline(a: argparse.Namespace) -> int:
     corpus = open_corpus(a.corpus)
     if a.session not in corpus.rows:
         raise CorpusError("session not in the corpus", file=a.corpus, session=a.session)
-    r = run_baseline(a.method, corpus.session(a.session), budget, a.seed, a.window, a.behaviour, a.kind)
-    say(f"{r.method} on {r.session} ({r.behaviour}, {budget} labels = {r.labelled_s:.0f} s): test R2 {r.test_r2:.4f}, "
-        f"valid R2 {r.valid_r2:.4f}, chosen on valid: {r.params} ({r.seconds:.0f} s)")
-    result(test_r2=f"{r.test_r2:.4f}", valid_r2=f"{r.valid_r2:.4f}", method=r.method, session=r.session,
-           labels=budget, seconds=f"{r.seconds:.0f}")
+    r = run_baseline(a.method, corpus.session(a.session), budget, a.seed, a.window, a.behaviour, a.kind,
+                     causal=not a.non_causal)
+    variant = "causal" if r.causal else "non-causal"
+    say(f"{r.method} ({variant}) on {r.session} ({r.behaviour}, {budget} labels = {r.labelled_s:.0f} s): test R2 "
+        f"{r.test_r2:.4f} [95 % {r.test_ci[0]:.3f}, {r.test_ci[1]:.3f}], valid R2 {r.valid_r2:.4f} (chosen on "
+        f"{r.valid_s:.0f} s of valid: {r.params}; {r.seconds:.0f} s)")
+    result(test_r2=f"{r.test_r2:.4f}", test_ci_low=f"{r.test_ci[0]:.4f}", test_ci_high=f"{r.test_ci[1]:.4f}",
+           valid_r2=f"{r.valid_r2:.4f}", method=r.method, variant=variant, session=r.session, labels=budget,
+           seconds=f"{r.seconds:.0f}")
     return 0
 
 
@@ -743,6 +750,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="angular: an angle in radians, scored as R2 on (cos, sin) like the model's angular readout")
     s.add_argument("--seed", type=int, default=0, help="seeds the label draw (and the GRU)")
     s.add_argument("--window", type=float, default=1.0, help="labels come in stretches of at least this (s)")
+    s.add_argument("--non-causal", action="store_true",
+                   help="also read 0.3 s of spikes after each sample (baselines.AFTER_S; POYO's stitched windows see the future "
+                        "too); the default reads only the past")
     s.set_defaults(fn=cmd_baseline)
 
     s = sub.add_parser("sweep", help="a scaling sweep: one pretraining run per point, on Ray, tracked in MLflow")

@@ -98,7 +98,9 @@ class FinetuneResult:
     labels: str
     test_r2: float
     valid_r2: float
-    per_session: dict[str, dict[str, float]]  # session -> {"test": r2, "valid": r2}
+    # session -> {"test": r2, "test_ci": [low, high] (95 % bootstrap over trials / blocks), "valid": r2,
+    # "valid_s": seconds of validation the model selection scored on (the whole valid split, whatever the budget)}
+    per_session: dict[str, dict]
     model_uri: str  # models:/NAME/VERSION when registered, else the exported directory
     source: str  # the source model's models:/ URI (or directory)
     export: Path
@@ -125,6 +127,15 @@ def parse_readout(spec: str) -> Readout:
         raise ConfigError(f"--readout {spec!r}: {e}") from None
 
 
+def improves(r2: float, best: float) -> bool:
+    """Whether a validation figure replaces the best so far: a NaN (a diverged model) never
+    replaces a finite best; while nothing finite has been seen (no validation data) the latest
+    weights are kept."""
+    if np.isfinite(best):
+        return bool(np.isfinite(r2) and r2 > best)
+    return True
+
+
 class BestValid:
     """Model selection on the validation split: stands in front of the loop's evaluator and keeps
     a copy of the weights whenever the validation R² is the best so far."""
@@ -136,7 +147,7 @@ class BestValid:
     def __call__(self, model, step: int, sink) -> dict[str, float]:
         m = self.evaluator(model, step, sink)
         r2 = m.get("valid_r2", float("nan"))
-        if self.state is None or not np.isfinite(r2) or r2 > self.best:  # no validation data: keep the latest
+        if self.state is None or improves(r2, self.best):
             self.best, self.best_step = r2, step + self.step_offset
             self.state = {k: v.detach().clone() if hasattr(v, "detach") else copy.deepcopy(v)
                           for k, v in model.state_dict().items()}
@@ -342,8 +353,11 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
         tokenizer = plan.make_tokenizer()
         test = evaluate(model, tokenizer, corpus, cfg.sessions, "test")
         valid = evaluate(model, tokenizer, corpus, cfg.sessions, "valid")
+        nan2 = (float("nan"), float("nan"))
         per = {s: {"test": test[s].r2 if s in test else float("nan"),
-                   "valid": valid[s].r2 if s in valid else float("nan")} for s in cfg.sessions}
+                   "test_ci": list(test[s].ci if s in test else nan2),
+                   "valid": valid[s].r2 if s in valid else float("nan"),
+                   "valid_s": _scored_seconds(corpus.session(s), "valid")} for s in cfg.sessions}
         test_r2 = float(np.nanmean([v["test"] for v in per.values()]))
         valid_r2 = float(np.nanmean([v["valid"] for v in per.values()]))
         metrics = {"test_r2": test_r2, "valid_r2_best": valid_r2, "best_step": float(selector.best_step),
@@ -374,6 +388,13 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
     return FinetuneResult(name=name, mode=cfg.mode, labels=cfg.labels, test_r2=test_r2, valid_r2=valid_r2,
                           per_session=per, model_uri=model_uri, source=src_uri, export=export,
                           seconds=time.time() - t0, best_step=selector.best_step, labelled_s=labelled_s)
+
+
+def _scored_seconds(reader, split: str) -> float:
+    """Seconds of `split` inside the session's eval intervals: what model selection scored on."""
+    rows = iv.normalize(reader.intervals.get(split, iv.EMPTY))
+    ev = reader.intervals.get("eval")
+    return float(iv.total(iv.intersect(rows, ev) if ev is not None else rows))
 
 
 class _Offset:

@@ -43,7 +43,7 @@ class Decoded:
     windows: np.ndarray  # (n,) windows averaged at each time
     kind: str = "continuous"
     raw: np.ndarray | None = None  # the averaged model outputs: (cos, sin) or class logits
-    column: int | None = None  # angular/categorical: the behaviour's column decoded
+    column: list[int] | None = None  # the behaviour's columns decoded (None: all of them)
 
 
 def window_starts(rows: np.ndarray, window: float, domain: tuple[float, float]) -> np.ndarray:
@@ -56,7 +56,11 @@ def window_starts(rows: np.ndarray, window: float, domain: tuple[float, float]) 
         else:
             s = np.arange(a, b - window, window / 2)
             starts.extend(s.tolist() + [b - window])
-    return np.unique(np.round(np.asarray(starts, dtype=np.float64), 9))
+    starts = np.sort(np.asarray(starts, dtype=np.float64))
+    # drop near-duplicates without moving any start: rounding them (as this once did) could move an
+    # interval's first window past its first sample, which then went unscored
+    keep = np.concatenate([[True], np.diff(starts) > 1e-9]) if len(starts) else np.zeros(0, bool)
+    return starts[keep]
 
 
 def _query_times(reader: SessionReader, behaviour: str, rows: np.ndarray, hz: float) -> np.ndarray:
@@ -89,6 +93,9 @@ def decode_session(model, tokenizer: Tokenizer, reader: SessionReader, rows: np.
     window = tok.cfg.geometry.window_s
     names = [r.name for r in tok.cfg.readouts]
     queries = {k: (b, _query_times(reader, b, rows, hz), dims, shift, scale) for k, b, dims, shift, scale in layout.outputs}
+    # placeholder values as wide as the recorded behaviour (the tokenizer picks a readout's columns from it)
+    width_in = {k: len(reader.attrs["behaviour"][b]["columns"]) if b in reader.behaviour_names else dims
+                for k, (b, _, dims, _, _) in queries.items()}
     width = {k: tok.cfg.readouts[k].dims for k in queries}  # what the model outputs (logits: the classes)
     total = {k: np.zeros((len(q[1]), width[k])) for k, q in queries.items()}
     count = {k: np.zeros(len(q[1])) for k, q in queries.items()}
@@ -103,7 +110,7 @@ def decode_session(model, tokenizer: Tokenizer, reader: SessionReader, rows: np.
                 beh, span = {}, {}
                 for k, (b, times, dims, _, _) in queries.items():
                     lo, hi = np.searchsorted(times, (t0, t0 + window), side="left")
-                    beh[b] = SeriesWindow(times[lo:hi] - t0, np.zeros((hi - lo, dims)))
+                    beh[b] = SeriesWindow(times[lo:hi] - t0, np.zeros((hi - lo, width_in[k])))
                     span[k] = (lo, hi)
                 items.append((replace(w, behaviour=beh), reader, None))
                 spans.append(span)
@@ -216,7 +223,7 @@ def plot_decoded(decoded: dict[str, Decoded], path: str | Path, reader: SessionR
             m = (t >= t0) & (t < t0 + seconds)
             recorded = (t[m], np.asarray(v)[m].reshape(int(m.sum()), -1))
         for j in range(d.values.shape[1]):
-            col = j if d.column is None else d.column
+            col = j if d.column is None else d.column[j]
             panels.append((f"{d.behaviour}[{col}]", None if recorded is None else (recorded[0], recorded[1][:, col]),
                            (d.times[keep], d.values[keep, j])))
     sid = next(iter(decoded.values())).session_id if decoded else ""

@@ -1,9 +1,10 @@
 """Validation as the reference does it: 50 %-overlapping windows over whole validation intervals,
 predictions of a behaviour sample averaged over the windows that contain it (stitching), and R2
 per session over the samples inside both the split and the session's `eval` intervals (reach
-periods, ...), averaged uniformly over output dims; the headline is the mean over sessions.
-An angular readout is scored by R2 on (cos, sin), a categorical one by accuracy; a session's
-figure is the mean over its readouts.
+periods, ...), averaged uniformly over output dims (metrics.r2_score); the headline is the mean
+over sessions. An angular readout is scored by R2 on (cos, sin), a categorical one by accuracy; a
+session's figure is the mean over its readouts. Each figure carries a 95 % bootstrap interval over
+the split's trials (or 10 s blocks when the session has no trials): metrics.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from data_service import intervals as iv
 from data_service.reader import Corpus, SessionReader, open_corpus
 
 from .decode import decode_session
+from .metrics import bootstrap_r2, r2_score, sample_groups
 
 
 @dataclass
@@ -29,12 +31,10 @@ class SessionResult:
     target: np.ndarray  # (n, d), in the session's units
     prediction: np.ndarray  # (n, d), in the session's units
     per_behaviour: dict[str, float] = field(default_factory=dict)  # behaviour -> R2, every readout scored
-
-
-def r2_score(y: np.ndarray, p: np.ndarray) -> float:
-    ss_res = ((y - p) ** 2).sum(0)
-    ss_tot = ((y - y.mean(0)) ** 2).sum(0)
-    return float(np.mean(1 - ss_res / np.maximum(ss_tot, 1e-12)))
+    # 95 % bootstrap interval of `r2` over trials / blocks (NaN when fewer than two groups, or
+    # when several readouts are averaged), and of each behaviour's figure
+    ci: tuple[float, float] = (float("nan"), float("nan"))
+    per_behaviour_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def predict_session(model, tokenizer, reader: SessionReader, split: str = "valid", batch_size: int = 32,
@@ -57,23 +57,44 @@ def predict_session(model, tokenizer, reader: SessionReader, split: str = "valid
             continue
         target = np.asarray(reader.behaviour(d.behaviour)[1][ok], dtype=np.float64).reshape(int(ok.sum()), -1)
         if d.column is not None:
-            target = target[:, d.column:d.column + 1]
+            target = target[:, d.column]
         parts.append((d.behaviour, d.times[ok], target, d.values[ok], score(d, ok, target)))
     if not parts:
         return None
-    per = {b: sc for b, _, _, _, sc in parts}
+    trials = reader.intervals.get("trials")
+    per, per_ci = {}, {}
+    for b_, t_, _, _, (value, ys, ps, kind) in parts:
+        per[b_] = value
+        per_ci[b_] = interval(ys, ps, kind, sample_groups(t_, scored_in, trials))
     b, t, y, p, _ = parts[0]
-    return SessionResult(reader.session_id, float(np.mean(list(per.values()))), b, t, y, p, per)
+    ci = per_ci[b] if len(per) == 1 else (float("nan"), float("nan"))
+    return SessionResult(reader.session_id, float(np.mean(list(per.values()))), b, t, y, p, per, ci, per_ci)
 
 
-def score(d, ok: np.ndarray, target: np.ndarray) -> float:
-    """R2 for a continuous readout; R2 on (cos, sin) for an angle; accuracy for classes."""
+def score(d, ok: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, str]:
+    """(figure, scored targets, scored predictions, kind): R2 for a continuous readout; R2 on
+    (cos, sin) for an angle; accuracy for classes."""
     if d.kind == "angular":
         a = target[:, 0]
-        return r2_score(np.stack([np.cos(a), np.sin(a)], axis=1), d.raw[ok])
+        y, p = np.stack([np.cos(a), np.sin(a)], axis=1), d.raw[ok]
+        return r2_score(y, p), y, p, d.kind
     if d.kind == "categorical":
-        return float(np.mean(d.values[ok, 0] == np.round(target[:, 0])))
-    return r2_score(target, d.values[ok])
+        y, p = np.round(target[:, :1]), d.values[ok, :1]
+        return float(np.mean(p[:, 0] == y[:, 0])), y, p, d.kind
+    return r2_score(target, d.values[ok]), target, d.values[ok], d.kind
+
+
+def interval(y: np.ndarray, p: np.ndarray, kind: str, groups: np.ndarray) -> tuple[float, float]:
+    """95 % bootstrap interval over groups: of R2, or of accuracy for a categorical readout."""
+    if kind == "categorical":
+        hit = (p[:, 0] == y[:, 0]).astype(np.float64)
+        n = int(groups.max()) + 1 if len(groups) else 0
+        if n < 2:
+            return float("nan"), float("nan")
+        w = np.random.default_rng(0).multinomial(n, np.full(n, 1.0 / n), size=1000).astype(np.float64)
+        acc = (w @ np.bincount(groups, hit, n)) / (w @ np.bincount(groups, minlength=n))
+        return float(np.quantile(acc, 0.025)), float(np.quantile(acc, 0.975))
+    return bootstrap_r2(y, p, groups)
 
 
 def evaluate(model, tokenizer, corpus: Corpus, sessions: list[str], split: str = "valid",

@@ -62,7 +62,8 @@ def labelled_train(reader: SessionReader, behaviours: list[str] | None = None) -
     names = [b for b in (reader.behaviour_names if behaviours is None else behaviours) if b in reader.behaviour_names]
     if not names:
         return train
-    return iv.intersect(train, sampled_support([reader.behaviour(b)[0] for b in names], reader.domain))
+    series = [reader.behaviour(b) for b in names]
+    return iv.intersect(train, sampled_support([t for t, _ in series], reader.domain, values=[v for _, v in series]))
 
 
 def label_units(reader: SessionReader, window_s: float, block_s: float | None = None,

@@ -84,6 +84,9 @@ def target_stats(corpus: Corpus, sessions: list[str], readouts, fixed: dict[str,
                 check_classes(v, ro.dims, session=sid, behaviour=b, file=str(corpus.root))
             if kind != "continuous":
                 continue  # angles and class ids are learned as they are
+            idx = ro.select(list(r.attrs["behaviour"][b]["columns"]), sid, b) if hasattr(ro, "select") else None
+            if idx is not None:  # the columns the readout reads (x, y of a 3-D position)
+                v = np.asarray(v).reshape(len(t), -1)[:, idx]
             rows = within[sid] if within and sid in within else r.intervals.get(split, iv.EMPTY)
             out.setdefault(sid, {})[b] = behaviour_stats(t, v, rows, session=sid, behaviour=b, file=str(corpus.root))
     return out

@@ -84,20 +84,38 @@ class Readout:
     dims: int
     behaviours: list[str] = field(default_factory=list)
     kind: str = "continuous"
-    column: str | None = None  # angular/categorical: the behaviour's column to use (default: its only one)
+    # the behaviour's columns to use, by name: one for angular/categorical (default: the first); for a
+    # continuous readout a comma-separated list ("x,y" of a 3-D position; default: all of them)
+    column: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"readout {self.name}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        wanted = self.wanted_columns()
+        if wanted is not None and self.kind != "continuous" and len(wanted) != 1:
+            raise ValueError(f"readout {self.name}: a {self.kind} readout reads one column, got {self.column!r}")
+        if wanted is not None and self.kind == "continuous" and len(wanted) != self.dims:
+            raise ValueError(f"readout {self.name}: columns {self.column!r} are {len(wanted)}, its dims {self.dims}")
         if self.kind == "angular" and self.dims != 2:
             raise ValueError(f"readout {self.name}: an angular readout predicts (cos, sin): dims must be 2, "
                              f"got {self.dims}")
         if self.kind == "categorical" and self.dims < 2:
             raise ValueError(f"readout {self.name}: a categorical readout needs dims = number of classes >= 2")
 
-    def behaviour_columns(self) -> int | None:
-        """How many columns an accepted behaviour has (None: as many as the readout predicts)."""
-        return None if self.kind == "continuous" else 1
+    def wanted_columns(self) -> list[str] | None:
+        return [c.strip() for c in self.column.split(",")] if self.column else None
+
+    def select(self, names: list[str], session: str = "", behaviour: str = "") -> list[int] | None:
+        """Indices of the columns (of a behaviour with these column names) this readout reads; None:
+        all of them. An unknown column is an error naming the session and behaviour."""
+        wanted = self.wanted_columns()
+        if wanted is None:
+            return None if self.kind == "continuous" else [0]
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise ValueError(f"session {session}: behaviour {behaviour} has no column {missing[0]!r} (it has {names}) "
+                             f"for readout {self.name}")
+        return [names.index(c) for c in wanted]
 
 
 @dataclass
@@ -185,7 +203,7 @@ class Tokenizer:
         self.readout_names = [r.name for r in cfg.readouts]
         self.max_dim = max(r.dims for r in cfg.readouts)
         self._angular = {k for k, r in enumerate(cfg.readouts) if r.kind == "angular"}
-        self._column: dict[tuple[str, int], int] = {}  # (session, readout) -> the behaviour column it reads
+        self._column: dict[tuple[str, int], list[int]] = {}  # (session, readout) -> the behaviour columns it reads
         g = cfg.geometry
         self.latent_index = np.tile(np.arange(g.latents_per_step, dtype=np.int64), g.n_steps)
         centres = (np.arange(g.n_steps) + 0.5) * g.latent_step
@@ -201,18 +219,16 @@ class Tokenizer:
                 if b is None:
                     continue
                 names = list(reader.attrs["behaviour"][b]["columns"])
-                cols = len(names)
-                if ro.kind != "continuous":
-                    if ro.column is not None and ro.column not in names:
-                        raise ValueError(f"session {reader.session_id}: behaviour {b} has no column {ro.column!r} "
-                                         f"(it has {names}) for readout {ro.name}")
-                    idx = names.index(ro.column) if ro.column is not None else 0
+                idx = ro.select(names, reader.session_id, b)
+                if idx is not None and (ro.column is not None or len(names) > 1):
                     self._column[(reader.session_id, k)] = idx
-                    cols = 1 if ro.column is not None else cols
-                want = ro.behaviour_columns() or ro.dims
+                cols = len(names) if idx is None or (ro.kind != "continuous" and ro.column is None) else len(idx)
+                want = ro.dims if ro.kind == "continuous" else 1
                 if cols != want:
+                    hint = (f"; pick {ro.dims} of them with data.readout_columns ({ro.name}: "
+                            f"{','.join(names[:ro.dims])})" if ro.kind == "continuous" and cols > want else "")
                     raise ValueError(f"session {reader.session_id}: behaviour {b} has {cols} columns, the "
-                                     f"{ro.kind} readout {ro.name} takes {want}")
+                                     f"{ro.kind} readout {ro.name} takes {want}{hint}")
                 dims = ro.dims if ro.kind == "angular" else cols
                 outputs.append((k, b, dims, *self.cfg.normaliser(reader.session_id, b, dims, self.max_dim, ro.kind)))
             p = self._layouts[reader.session_id] = SessionLayout(
@@ -220,8 +236,8 @@ class Tokenizer:
                 unit_map=self.unit_vocab.lookup(reader.unit_ids), outputs=outputs)
         return p
 
-    def column(self, session: str, readout: int) -> int | None:
-        """The behaviour column an angular/categorical readout reads in this session (after `layout`)."""
+    def column(self, session: str, readout: int) -> list[int] | None:
+        """The behaviour columns a readout reads in this session (after `layout`); None: all."""
         return self._column.get((session, readout))
 
     def decoding_layout(self, reader: SessionReader) -> SessionLayout:
@@ -289,7 +305,7 @@ class Tokenizer:
                 y = s.values
                 col = self._column.get((reader.session_id, readout))
                 if col is not None:
-                    y = np.asarray(y)[:, col:col + 1]
+                    y = np.asarray(y)[:, col]
                 if readout in self._angular:  # an angle is learned as (cos, sin)
                     a = np.asarray(y, dtype=np.float64)[:, 0]
                     y = np.stack([np.cos(a), np.sin(a)], axis=1)

@@ -86,8 +86,10 @@ def _session_directions(r: SessionReader, columns: list[tuple[str, int, np.ndarr
         t, v = t[inside], np.asarray(v[inside], dtype=np.float64).reshape(int(inside.sum()), -1)
         if len(t) < 2:
             return None
+        if col is not None:
+            v = v[:, col]
         if kind == "angular":
-            v = np.stack([np.cos(v[:, col]), np.sin(v[:, col])], axis=1)
+            v = np.stack([np.cos(v[:, 0]), np.sin(v[:, 0])], axis=1)
         y = np.stack([np.interp(centres[use], t, v[:, d]) for d in range(dims)], axis=1)
         targets.append((y - shift[:dims]) / scale[:dims])  # the scale the model is trained on
     y = np.concatenate(targets, axis=1)
@@ -118,10 +120,9 @@ def unit_directions(corpus: Corpus, sessions: Iterable[str], tokenizer: Tokenize
         for ro in tokenizer.readouts:
             b = next((x for x in ro.behaviours if x in r.behaviour_names), None)
             if b is None:
-                columns.append((None, ro.dims, None, None, ro.kind, 0))
+                columns.append((None, ro.dims, None, None, ro.kind, None))
                 continue
-            names = list(r.attrs["behaviour"][b]["columns"])
-            col = names.index(ro.column) if ro.column in names else 0
+            col = ro.select(list(r.attrs["behaviour"][b]["columns"]), sid, b)
             columns.append((b, ro.dims, *tokenizer.normaliser(sid, b, ro.dims, ro.dims, ro.kind), ro.kind, col))
         train = within.get(sid) if within else None
         usable = any(c[0] is not None and c[4] != "categorical" for c in columns)

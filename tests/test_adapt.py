@@ -281,6 +281,8 @@ def _kinds_session(tmp_path):
                                         unit="radian", sampling_rate=100.0)
     s.behaviour["target_id"] = TimeSeries(t, (np.floor(t / 6.0) % 4)[:, None], ["id"], unit="class",
                                           sampling_rate=100.0)
+    s.behaviour["position"] = TimeSeries(t, np.stack([np.sin(t), 5 + 0 * t, 3 * np.cos(t)], 1), ["x", "y", "z"],
+                                         unit="cm", sampling_rate=100.0)  # a 3-D position whose y never moves
     make_splits(s)
     with CorpusStore(tmp_path / "k") as st:
         st.add(s)
@@ -296,12 +298,14 @@ def test_angular_and_categorical_readouts_train_and_score(tmp_path):
     cfg = load_config(None, [f"data.corpus={root}", "data.global_batch=4", "data.loader=local", "train.steps=3",
                              "train.eval_every=3", "train.checkpoint_every=3", "train.warmup_steps=1",
                              "cluster.cpus_per_worker=1", "train.warm_start.method=ridge",
-                             "data.readouts={velocity: [hand_vel], heading: [compass], target: [target_id]}",
+                             "data.readouts={velocity: [hand_vel], heading: [compass], target: [target_id], "
+                             "pos: [position]}",
                              "data.readout_kinds={heading: angular, target: categorical}",
-                             "data.readout_columns={heading: ry}"])
-    cfg.model_overrides = {**TINY, "readouts": {"velocity": 2, "heading": 2, "target": 4}}
+                             "data.readout_columns={heading: ry, pos: 'z,x'}"])
+    cfg.model_overrides = {**TINY, "readouts": {"velocity": 2, "heading": 2, "target": 4, "pos": 2}}
     plan = build_plan(cfg)
-    assert set(plan.tokenizer.target_stats["k"]) == {"hand_vel"}  # angles and classes are not rescaled
+    assert set(plan.tokenizer.target_stats["k"]) == {"hand_vel", "position"}  # angles and classes are not rescaled
+    assert len(plan.tokenizer.target_stats["k"]["position"].mean) == 2  # stats of the chosen columns (y is constant)
     tok = plan.make_tokenizer()
     r = open_corpus(root).session("k")
     w = r.read_window(10.0, 11.0)
@@ -310,19 +314,26 @@ def test_angular_and_categorical_readouts_train_and_score(tmp_path):
     want = w.behaviour["compass"].values[:, 1]
     assert np.allclose(ang, np.stack([np.cos(want), np.sin(want)], 1), atol=1e-6)  # (cos, sin) of column ry
     assert np.array_equal(b.target[b.output_readout == 2][:, 0], w.behaviour["target_id"].values[:, 0])
+    st = plan.tokenizer.target_stats["k"]["position"]
+    pos = (w.behaviour["position"].values[:, [2, 0]] - np.asarray(st.mean)) / (st.std / plan.tokenizer.target_rms)
+    assert np.allclose(b.target[b.output_readout == 3][:, :2], pos, atol=1e-5)  # columns z, x in that order
     model = plan.make_model()
     loss, per = weighted_mse(model(b.to("cpu")), b.to("cpu"), model.readout_names, [x.kind for x in tok.cfg.readouts])
     assert per["target"] > 1.0  # cross-entropy of 4 classes near chance (~log 4), not an MSE on ids
     res = train_in_process(plan, tmp_path / "ckpt")
     assert np.isfinite(res.metrics["valid_r2"])
     scored = predict_session(res.model, tok, r, "valid")
-    assert set(scored.per_behaviour) == {"hand_vel", "compass", "target_id"}
+    assert set(scored.per_behaviour) == {"hand_vel", "compass", "target_id", "position"}
     assert 0.0 <= scored.per_behaviour["target_id"] <= 1.0  # an accuracy
     bad = load_config(None, [f"data.corpus={root}", "data.readouts={target: [hand_vel]}",
                              "data.readout_kinds={target: categorical}"])
     bad.model_overrides = {**TINY, "readouts": {"target": 4}}
     with pytest.raises(CorpusError, match="not class ids"):
         build_plan(bad)
+    three = load_config(None, [f"data.corpus={root}", "data.readouts={pos: [position]}"])
+    three.model_overrides = {**TINY, "readouts": {"pos": 2}}
+    with pytest.raises(Exception, match="readout_columns|constant in the train split"):  # 3 columns for 2 dims
+        build_plan(three).make_tokenizer().layout(r)
 
 
 def test_unit_id_with_a_new_readout_changes_only_new_rows_and_the_new_head(env):

@@ -31,11 +31,18 @@ class IngestOptions:
     splits: SplitConfig = field(default_factory=SplitConfig)
 
     def merged(self, overrides: dict) -> "IngestOptions":
-        known = {f.name for f in fields(self)} - {"splits"}
+        """These options with `overrides` (metadata-file keys or flags); `eval_intervals` (the
+        interval set scoring and held-out data are confined to) goes into the split config."""
+        known = ({f.name for f in fields(self)} - {"splits"}) | {"eval_intervals"}
         unknown = set(overrides) - known
         if unknown:
             raise CorpusError(f"unknown metadata keys {sorted(unknown)}; known: {sorted(known)}")
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        out = replace(self, **{k: v for k, v in overrides.items() if v is not None and k != "eval_intervals"})
+        if overrides.get("eval_intervals") is not None:
+            if not isinstance(overrides["eval_intervals"], str):
+                raise CorpusError(f"eval_intervals: expected the name of an interval set, got {overrides['eval_intervals']!r}")
+            out = replace(out, splits=replace(out.splits, eval_intervals=overrides["eval_intervals"]))
+        return out
 
 
 def load_metadata_file(path: str | Path) -> dict[str, dict]:
