@@ -7,6 +7,7 @@ lent GPU has torch but no Ray, DeepSpeed or MLflow):
     python bench/single_session.py prepare OUT --corpus C --sessions m1_stevenson_2011,s1_data \
         [--base configs/demo.yaml] [--variants base,lr=5e-3,...] [--steps 2000] [--seeds 0]
     python bench/single_session.py train OUT [--device cuda] [--jobs 12] [--corpus C]
+    python bench/single_session.py baselines OUT --corpus C --sessions ... --seeds 0,1   # ridge, GRU
     python bench/single_session.py report OUT
     python bench/single_session.py --quick        # all three on one session, two variants, 30 steps
 
@@ -240,16 +241,52 @@ def train_all(out: Path, device: str, jobs: int, corpus: str | None, threads: in
         list(pool.map(one, todo))
 
 
+# ---- the per-session baselines beside it (here: the data stack) -------------------------------------------
+def baselines(out: Path, corpus: str, sessions: list[str], seeds: list[int], threads: int) -> None:
+    """Ridge and the GRU, causal and non-causal, tuned on valid (pretrain/baselines.py), test scored
+    once with its bootstrap interval; the GRU once per seed. Appends to OUT/baselines.jsonl."""
+    from data_service.reader import open_corpus
+    from pretrain.baselines import run_baseline
+    from pretrain.labels import LabelBudget
+
+    torch.set_num_threads(threads)
+    path = out / "baselines.jsonl"
+    done = {(r["session"], r["method"], r["causal"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())
+            } if path.exists() else set()
+    c = open_corpus(corpus)
+    for s in sessions:
+        for method in ("ridge", "gru"):
+            for causal in (True, False):
+                for seed in (seeds if method == "gru" else seeds[:1]):
+                    if (s, method, causal, seed) in done:
+                        continue
+                    r = run_baseline(method, c.session(s), LabelBudget.parse("100%"), seed, causal=causal)
+                    row = {"session": s, "method": method, "causal": causal, "seed": seed, "test_r2": r.test_r2,
+                           "test_ci": list(r.test_ci), "valid_r2": r.valid_r2, "params": r.params,
+                           "seconds": r.seconds, "threads": threads}
+                    with open(path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(f"{s} {method} {'causal' if causal else 'non-causal'} seed {seed}: test {r.test_r2:.3f} "
+                          f"{np.round(r.test_ci, 3).tolist()} valid {r.valid_r2:.3f} {r.params} ({r.seconds:.0f} s)",
+                          flush=True)
+
+
 # ---- report ----------------------------------------------------------------------------------------------
 def report(out: Path) -> list[dict]:
+    """A markdown table: best valid R² (and its step), the last one, training seconds and seconds a
+    step (on the device named), and the difference to the base of the same session and seed."""
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    rows.sort(key=lambda r: (r["session"], r["variant"] != "base", r["variant"], r["seed"]))
-    print(f"{'session':18s} {'variant':16s} {'seed':>4s} {'best valid R2':>13s} {'at step':>7s} "
-          f"{'last':>6s} {'train s':>8s} {'s/step':>7s}  device")
+    rank = {v: i for i, v in enumerate(VARIANTS)}
+    rows.sort(key=lambda r: (r["session"], rank.get(r["variant"], len(rank)), r["variant"], r["seed"]))
+    base = {(r["session"], r["seed"]): r["best_valid_r2"] for r in rows if r["variant"] == "base"}
+    print("| session | variant | seed | best valid R² | at step | last | vs base | train s | s/step | device |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         last = r["curve"][-1]["valid_r2"] if r["curve"] else float("nan")
-        print(f"{r['session']:18s} {r['variant']:16s} {r['seed']:4d} {r['best_valid_r2']:13.3f} {r['best_step']:7d} "
-              f"{last:6.3f} {r['train_s'] or 0:8.0f} {(r['train_s'] or 0) / r['steps']:7.3f}  {r['device']}")
+        d = r["best_valid_r2"] - base.get((r["session"], r["seed"]), float("nan"))
+        print(f"| {r['session']} | {r['variant']} | {r['seed']} | {r['best_valid_r2']:.3f} | {r['best_step']} | "
+              f"{last:.3f} | {d:+.3f} | {r['train_s'] or 0:.0f} | {(r['train_s'] or 0) / r['steps']:.2f} | "
+              f"{r['device']} |")
     return rows
 
 
@@ -277,7 +314,7 @@ def plot(out: Path, rows: list[dict]) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", nargs="?", choices=["prepare", "train", "train-one", "report"])
+    ap.add_argument("stage", nargs="?", choices=["prepare", "train", "train-one", "baselines", "report"])
     ap.add_argument("path", nargs="?", type=Path)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--corpus")
@@ -317,6 +354,8 @@ def main() -> None:
         with open(a.results, "a") as f:  # one line per run: appends of a line are atomic enough here
             f.write(json.dumps(r) + "\n")
         print(f"best valid R2 {r['best_valid_r2']:.3f} at step {r['best_step']}, {r['train_s']:.0f} s training")
+    elif a.stage == "baselines":
+        baselines(a.path, a.corpus, a.sessions.split(","), [int(x) for x in a.seeds.split(",")], a.threads)
     elif a.stage == "report":
         rows = report(a.path)
         print(f"plot: {plot(a.path, rows)}")

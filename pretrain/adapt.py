@@ -35,7 +35,7 @@ from data_service.errors import ConfigError, CorpusError
 from data_service.reader import Corpus, open_corpus
 from data_service.window_index import IndexConfig, index_fingerprint
 
-from .labels import LabelBudget, labelled_intervals
+from .labels import LabelBudget, labelled_intervals, window_stretches
 from .plan import Adaptation, RunPlan
 from .run_config import RunConfig, from_dict
 from .targets import target_stats
@@ -255,7 +255,8 @@ def plan_adaptation(cfg: FinetuneConfig, src: Path, corpus: Corpus, progress: bo
     units = list(model.unit_emb.ids) + [u for u in dict.fromkeys(new_units) if u not in model.unit_emb.index]
     sessions = list(model.session_emb.ids) + [s for s in cfg.sessions if s not in model.session_emb.index]
     index = IndexConfig(window_s=window, split="train", seed=run.data.seed, sessions=list(cfg.sessions),
-                        intervals={s: labelled[s].tolist() for s in cfg.sessions})
+                        intervals={s: window_stretches(corpus.session(s), labelled[s], window, decoded).tolist()
+                                   for s in cfg.sessions})
     table = None
     if warm == "ridge":
         from .warm_start import unit_directions

@@ -112,3 +112,24 @@ def labelled_intervals(reader: SessionReader, budget: LabelBudget, seed: int, wi
         raise CorpusError(f"a label budget of {budget} gives no stretch of labels as long as one window "
                           f"({window_s:g} s) in the session's {kind}; ask for more", **where)
     return chosen
+
+
+def window_stretches(reader: SessionReader, labelled: np.ndarray, window_s: float,
+                     behaviours: list[str] | None = None) -> np.ndarray:
+    """Where training windows may be drawn for a labelled part: its intervals, with each gap between
+    two of them closed when no behaviour sample lies in the gap and it is shorter than two windows
+    (a recording paused between trials, as in a BCI session of sub-second trials laid end to end).
+    A window may then span such a gap without any label outside the budget entering the loss; the
+    labelled part itself (targets' statistics, the warm start) is unchanged."""
+    rows = iv.normalize(labelled)
+    if len(rows) < 2:
+        return rows
+    names = [b for b in (reader.behaviour_names if behaviours is None else behaviours) if b in reader.behaviour_names]
+    times = np.sort(np.concatenate([np.asarray(reader.behaviour(b)[0], dtype=np.float64) for b in names])) \
+        if names else np.zeros(0)
+    gap_a, gap_b = rows[:-1, 1], rows[1:, 0]
+    empty = np.searchsorted(times, gap_a, side="right") == np.searchsorted(times, gap_b, side="left")
+    close = empty & (gap_b - gap_a < 2 * window_s)
+    keep_start = np.concatenate([[True], ~close])
+    keep_end = np.concatenate([~close, [True]])
+    return np.stack([rows[keep_start, 0], rows[keep_end, 1]], axis=1)

@@ -215,6 +215,14 @@ def labelled_parts(run: RunConfig, corpus: Corpus, sessions: list[str]) -> dict[
                                   behaviours=decoded) for s in sessions}
 
 
+def _stretches(run: RunConfig, corpus: Corpus, within: dict[str, np.ndarray]) -> dict[str, list]:
+    """The window index's intervals for labelled parts (labels.window_stretches)."""
+    from .labels import window_stretches
+
+    decoded = [b for bs in run.data.readouts.values() for b in bs]
+    return {s: window_stretches(corpus.session(s), r, run.data.window_s, decoded).tolist() for s, r in within.items()}
+
+
 def build_plan(run: RunConfig, *, previous: RunPlan | None = None, progress: bool = False) -> RunPlan:
     """The plan of `run` on its corpus. `previous` (a resumed run's plan) fixes the sessions, the
     target statistics and the warm start; the tokens and the window order must stay what they
@@ -242,7 +250,7 @@ def build_plan(run: RunConfig, *, previous: RunPlan | None = None, progress: boo
     valid = [s for s in sessions if len(corpus.session(s).intervals.get("valid", []))]
     valid = valid[: run.train.eval_sessions] if run.train.eval_sessions else valid
     index = IndexConfig(window_s=d.window_s, split="train", seed=d.seed, session_weights=d.session_weights,
-                        sessions=sessions, intervals=None if within is None else {s: r.tolist() for s, r in within.items()},
+                        sessions=sessions, intervals=None if within is None else _stretches(run, corpus, within),
                         block_windows=d.block_windows)
     fingerprint = index_fingerprint(corpus.fingerprint, index)
     if previous is not None and previous.index_fingerprint != fingerprint:

@@ -86,6 +86,26 @@ def test_label_budgets_parse_and_refuse_ambiguity():
             LabelBudget.parse(bad)
 
 
+def test_windows_span_sample_free_gaps_between_labelled_trials_only(tmp_path):
+    """Sub-second BCI trials laid end to end with 1 s pauses (no samples in them): a 1 s window fits
+    only across a pause. It may span one that holds no sample; never one that holds another's labels."""
+    from data_service.session import TimeSeries
+    from pretrain.labels import window_stretches
+
+    s = simple_session("bci", duration=60.0, n_units=5)
+    t = np.concatenate([np.arange(a, a + 0.5, 0.033) for a in np.arange(0.0, 60.0, 1.5)])  # 0.5 s trials, 1 s pauses
+    s.behaviour["hand_vel"] = TimeSeries(t, np.stack([np.sin(t), np.cos(t)], 1), ["x", "y"], unit="cm/s")
+    make_splits(s)
+    with CorpusStore(tmp_path / "c") as st:
+        st.add(s)
+    r = open_corpus(tmp_path / "c").session("bci")
+    pieces = iv.normalize(np.stack([np.arange(0.0, 9.0, 1.5), np.arange(0.0, 9.0, 1.5) + 0.5], 1))
+    merged = window_stretches(r, pieces, 1.0)
+    assert np.allclose(merged, [[0.0, 8.0]])  # every pause is sample-free: one stretch
+    sparse = pieces[::2]  # trials 0, 2, 4: the pauses between them hold trials 1, 3 (samples not labelled)
+    assert np.allclose(window_stretches(r, sparse, 1.0), sparse)
+
+
 def test_labels_are_whole_trials_inside_train_seeded_and_nested(tmp_path):
     s = simple_session("s1", duration=300.0, n_units=10)
     make_splits(s)
