@@ -66,6 +66,10 @@ VARIANTS: dict[str, list[str]] = {
     "dropout-ref": ["model_overrides.ffn_dropout=0.2", "model_overrides.lin_dropout=0.4",
                     "model_overrides.atn_dropout=0.2"],
     "wd=1e-2": ["train.optim.weight_decay=0.01"],
+    # combinations of the factors that helped one at a time
+    "lamb+window=2s": ["train.optim.algo=lamb", "train.optim.lr=0.004", "data.window_s=2.0"],
+    "lamb+window=2s+depth=2": ["train.optim.algo=lamb", "train.optim.lr=0.004", "data.window_s=2.0",
+                               "model_overrides.depth=2"],
 }
 
 
