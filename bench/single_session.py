@@ -70,6 +70,14 @@ VARIANTS: dict[str, list[str]] = {
     "lamb+window=2s": ["train.optim.algo=lamb", "train.optim.lr=0.004", "data.window_s=2.0"],
     "lamb+window=2s+depth=2": ["train.optim.algo=lamb", "train.optim.lr=0.004", "data.window_s=2.0",
                                "model_overrides.depth=2"],
+    "lamb+no-unit-dropout": ["train.optim.algo=lamb", "train.optim.lr=0.004", "data.augment.unit_dropout=false"],
+    "lamb+no-unit-dropout+depth=2": ["train.optim.algo=lamb", "train.optim.lr=0.004",
+                                     "data.augment.unit_dropout=false", "model_overrides.depth=2"],
+    "lamb+window=2s+no-unit-dropout": ["train.optim.algo=lamb", "train.optim.lr=0.004", "data.window_s=2.0",
+                                       "data.augment.unit_dropout=false"],
+    "lamb+window=2s+no-unit-dropout+depth=2": ["train.optim.algo=lamb", "train.optim.lr=0.004",
+                                               "data.window_s=2.0", "data.augment.unit_dropout=false",
+                                               "model_overrides.depth=2"],
 }
 
 
@@ -94,7 +102,7 @@ def prepare(out: Path, corpus: str, sessions: list[str], base: str, variants: li
                 plan = build_plan(cfg)
                 d.mkdir(parents=True, exist_ok=True)
                 plan.save(d)
-                (d / "variant.json").write_text(json.dumps({"session": s, "variant": v, "seed": seed,
+                (d / "variant.json").write_text(json.dumps({"session": s, "variant": v, "seed": seed, "base": base,
                                                             "overrides": extra}))
                 print(f"planned {s} {v} seed {seed}", flush=True)
 
@@ -201,6 +209,8 @@ def train_one(plan_dir: Path, device: str, corpus: str | None, threads: int, tes
         engine.module.eval()
         res = evaluate(engine.module, curve.tokenizer, open_corpus(plan.corpus), plan.sessions, "test", device=dev)
         out["test_r2"] = float(np.mean([r.r2 for r in res.values()])) if res else float("nan")
+        if len(res) == 1:  # the bootstrap interval over test trials / blocks (pretrain.metrics)
+            out["test_ci"] = [float(x) for x in next(iter(res.values())).ci]
     return out
 
 
@@ -276,40 +286,65 @@ def baselines(out: Path, corpus: str, sessions: list[str], seeds: list[int], thr
 
 
 # ---- report ----------------------------------------------------------------------------------------------
-def report(out: Path) -> list[dict]:
-    """A markdown table: best valid R² (and its step), the last one, training seconds and seconds a
-    step (on the device named), and the difference to the base of the same session and seed."""
+def report(out: Path, baselines: Path | None = None) -> list[dict]:
+    """Markdown tables: per run the best valid R² (and its step), the last one, the test R² with its
+    interval where `--test` scored it, training seconds and seconds a step (on the device named),
+    and the difference to the base of the same session and seed; then the baselines, if given."""
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     rank = {v: i for i, v in enumerate(VARIANTS)}
     rows.sort(key=lambda r: (r["session"], rank.get(r["variant"], len(rank)), r["variant"], r["seed"]))
     base = {(r["session"], r["seed"]): r["best_valid_r2"] for r in rows if r["variant"] == "base"}
-    print("| session | variant | seed | best valid R² | at step | last | vs base | train s | s/step | device |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| session | variant | seed | best valid R² | at step | last | vs base | test R² [95 % CI] | train s | s/step "
+          "| device |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|")
     for r in rows:
         last = r["curve"][-1]["valid_r2"] if r["curve"] else float("nan")
         d = r["best_valid_r2"] - base.get((r["session"], r["seed"]), float("nan"))
+        test = _with_ci(r["test_r2"], r.get("test_ci")) if "test_r2" in r else ""
         print(f"| {r['session']} | {r['variant']} | {r['seed']} | {r['best_valid_r2']:.3f} | {r['best_step']} | "
-              f"{last:.3f} | {d:+.3f} | {r['train_s'] or 0:.0f} | {(r['train_s'] or 0) / r['steps']:.2f} | "
+              f"{last:.3f} | {d:+.3f} | {test} | {r['train_s'] or 0:.0f} | {(r['train_s'] or 0) / r['steps']:.2f} | "
               f"{r['device']} |")
+    if baselines and baselines.exists():
+        print("\n| session | baseline | seed | test R² [95 % CI] | valid R² | chosen on valid | seconds |")
+        print("|---|---|---:|---|---:|---|---:|")
+        for b in sorted(map(json.loads, baselines.read_text().splitlines()),
+                        key=lambda b: (b["session"], b["method"], not b["causal"], b["seed"])):
+            name = f"{b['method']} {'causal' if b['causal'] else 'non-causal'}"
+            chosen = ", ".join(f"{k} {v:g}" for k, v in b["params"].items() if k != "bin_s")
+            print(f"| {b['session']} | {name} | {b['seed']} | {_with_ci(b['test_r2'], b['test_ci'])} | "
+                  f"{b['valid_r2']:.3f} | {chosen} | {b['seconds']:.0f} |")
     return rows
 
 
-def plot(out: Path, rows: list[dict]) -> Path:
+def _with_ci(r2: float, ci: list[float] | None) -> str:
+    return f"{r2:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{r2:.3f}"
+
+
+def plot(out: Path, rows: list[dict], baselines: Path | None = None) -> Path:
+    """Valid R² against steps (top) and training seconds (bottom), one column a session; the
+    tuned GRU's and ridge's valid R² as horizontal lines when `baselines` (a baselines.jsonl) is given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    base_rows = [json.loads(x) for x in baselines.read_text().splitlines()] if baselines and baselines.exists() else []
     sessions = sorted({r["session"] for r in rows})
-    fig, axes = plt.subplots(1, len(sessions), figsize=(6 * len(sessions), 4.5), squeeze=False)
-    for ax, s in zip(axes[0], sessions):
-        for r in (r for r in rows if r["session"] == s):
-            xs = [p["step"] for p in r["curve"]]
-            ax.plot(xs, [p["valid_r2"] for p in r["curve"]], lw=2.5 if r["variant"] == "base" else 1,
-                    label=f"{r['variant']} s{r['seed']}")
-        ax.set(title=s, xlabel="step", ylabel="valid R² (stitched)", ylim=(-0.2, 1.0))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+    fig, axes = plt.subplots(2, len(sessions), figsize=(6 * len(sessions), 8), squeeze=False)
+    for col, s in enumerate(sessions):
+        for row, (key, label) in enumerate((("step", "step"), ("train_s", f"training seconds ({rows[0]['device']})"))):
+            ax = axes[row][col]
+            ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+            for r in (r for r in rows if r["session"] == s):
+                ax.plot([p[key] for p in r["curve"]], [p["valid_r2"] for p in r["curve"]],
+                        lw=2.5 if r["variant"] in ("base", "recipe") else 1, label=f"{r['variant']} s{r['seed']}")
+            for b in (b for b in base_rows if b["session"] == s):
+                style = "-" if b["method"] == "gru" else ":"
+                ax.axhline(b["valid_r2"], color="k" if b["causal"] else "grey", ls=style, lw=0.8,
+                           label=f"{b['method']} {'causal' if b['causal'] else 'non-causal'} s{b['seed']} (valid)")
+            ax.set(title=s, xlabel=label, ylabel="valid R² (stitched)", ylim=(-0.2, 1.0))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, ncol=2)
     path = out / "curves.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -334,6 +369,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, help="start no new run after this many seconds")
     ap.add_argument("--test", action="store_true", help="also score test once, at the best validation step")
     ap.add_argument("--results", type=Path)
+    ap.add_argument("--baselines", type=Path, help="report: a baselines.jsonl whose valid R² to draw beside")
     a = ap.parse_args()
     if a.quick:
         out = ROOT / "runs" / "bench" / "single-quick"
@@ -361,8 +397,8 @@ def main() -> None:
     elif a.stage == "baselines":
         baselines(a.path, a.corpus, a.sessions.split(","), [int(x) for x in a.seeds.split(",")], a.threads)
     elif a.stage == "report":
-        rows = report(a.path)
-        print(f"plot: {plot(a.path, rows)}")
+        rows = report(a.path, a.baselines)
+        print(f"plot: {plot(a.path, rows, a.baselines)}")
     else:
         ap.error("a stage (prepare, train, report) or --quick")
 

@@ -81,7 +81,7 @@ def test_baselines_choose_on_valid_only(reader, method):
 
 @pytest.mark.parametrize("method", ["ridge", "gru"])
 def test_baselines_decode_and_respect_the_budget(reader, method):
-    kw = dict(hiddens=(32,), histories_s=(0.35,)) if method == "gru" else dict(histories_s=(0.1, 0.25))
+    kw = dict(hiddens=(32,), histories_s=(0.35,), max_epochs=5) if method == "gru" else dict(histories_s=(0.1, 0.25))
     full = run_baseline(method, reader, LabelBudget.parse("100%"), **kw)
     assert full.test_r2 > 0.3 and np.isfinite(full.valid_r2) and full.params
     nc = run_baseline(method, reader, LabelBudget.parse("100%"), causal=False, **kw)  # with 0.3 s after each sample

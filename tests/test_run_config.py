@@ -9,9 +9,11 @@ from data_service.errors import ConfigError
 from pretrain.run_config import RunConfig, from_dict, load_config
 
 
-def test_defaults_and_the_demo_config_round_trip():
-    for cfg in (RunConfig(), load_config(REPO / "configs" / "demo.yaml")):
+def test_defaults_and_every_shipped_config_round_trip():
+    for cfg in (RunConfig(), *(load_config(p) for p in (REPO / "configs").glob("*.yaml") if p.name != "real_recordings.yaml")):
         assert from_dict(cfg.to_dict()) == cfg
+    real = load_config(REPO / "configs" / "real.yaml")  # the single-session recipe (docs/model.md)
+    assert not real.data.augment.unit_dropout and real.train.optim.algo == "lamb"
     demo = load_config(REPO / "configs" / "demo.yaml")
     assert demo.train.warm_start.method == "ridge" and demo.model_overrides["locality"] == 6.0
 
