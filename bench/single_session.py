@@ -39,6 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # one factor at a time around the base; a variant is a list of run-config overrides
+LAMB = ["train.optim.algo=lamb", "train.optim.lr=0.004"]
+NO_UNIT_DROPOUT = ["data.augment.unit_dropout=false"]
+WINDOW_2S = ["data.window_s=2.0"]
+DEPTH_2 = ["model_overrides.depth=2"]
 VARIANTS: dict[str, list[str]] = {
     "base": [],
     "steps=6000": ["train.steps=6000"],
@@ -47,18 +51,18 @@ VARIANTS: dict[str, list[str]] = {
     "lr=5e-3": ["train.optim.lr=0.005"],
     "lr=1e-2": ["train.optim.lr=0.01"],
     "constant-lr": ["train.final_lr_ratio=1.0"],
-    "lamb-4e-3": ["train.optim.algo=lamb", "train.optim.lr=0.004"],
+    "lamb-4e-3": LAMB,
     "batch=8": ["data.global_batch=8"],
     "batch=32": ["data.global_batch=32"],
     "batch=64": ["data.global_batch=64"],
     "window=0.5s": ["data.window_s=0.5"],
-    "window=2s": ["data.window_s=2.0"],
+    "window=2s": WINDOW_2S,
     "latents=8": ["model_overrides.latents_per_step=8"],
     "latents=32": ["model_overrides.latents_per_step=32"],
     "dim=128": ["model_overrides.dim=128"],
-    "depth=2": ["model_overrides.depth=2"],
+    "depth=2": DEPTH_2,
     "depth=12": ["model_overrides.depth=12"],
-    "no-unit-dropout": ["data.augment.unit_dropout=false"],
+    "no-unit-dropout": NO_UNIT_DROPOUT,
     "no-warm-start": ["train.warm_start.method=none"],
     "no-locality": ["model_overrides.locality=0.0"],
     "t_min=1e-4": ["model_overrides.t_min=0.0001"],
@@ -67,17 +71,12 @@ VARIANTS: dict[str, list[str]] = {
                     "model_overrides.atn_dropout=0.2"],
     "wd=1e-2": ["train.optim.weight_decay=0.01"],
     # combinations of the factors that helped one at a time
-    "lamb+window=2s": ["train.optim.algo=lamb", "train.optim.lr=0.004", "data.window_s=2.0"],
-    "lamb+window=2s+depth=2": ["train.optim.algo=lamb", "train.optim.lr=0.004", "data.window_s=2.0",
-                               "model_overrides.depth=2"],
-    "lamb+no-unit-dropout": ["train.optim.algo=lamb", "train.optim.lr=0.004", "data.augment.unit_dropout=false"],
-    "lamb+no-unit-dropout+depth=2": ["train.optim.algo=lamb", "train.optim.lr=0.004",
-                                     "data.augment.unit_dropout=false", "model_overrides.depth=2"],
-    "lamb+window=2s+no-unit-dropout": ["train.optim.algo=lamb", "train.optim.lr=0.004", "data.window_s=2.0",
-                                       "data.augment.unit_dropout=false"],
-    "lamb+window=2s+no-unit-dropout+depth=2": ["train.optim.algo=lamb", "train.optim.lr=0.004",
-                                               "data.window_s=2.0", "data.augment.unit_dropout=false",
-                                               "model_overrides.depth=2"],
+    "lamb+window=2s": LAMB + WINDOW_2S,
+    "lamb+window=2s+depth=2": LAMB + WINDOW_2S + DEPTH_2,
+    "lamb+no-unit-dropout": LAMB + NO_UNIT_DROPOUT,
+    "lamb+no-unit-dropout+depth=2": LAMB + NO_UNIT_DROPOUT + DEPTH_2,
+    "lamb+window=2s+no-unit-dropout": LAMB + WINDOW_2S + NO_UNIT_DROPOUT,
+    "lamb+window=2s+no-unit-dropout+depth=2": LAMB + WINDOW_2S + NO_UNIT_DROPOUT + DEPTH_2,
 }
 
 

@@ -225,8 +225,8 @@ def gru(reader: SessionReader, budget: LabelBudget, seed: int = 0, window_s: flo
             params = list(net.parameters()) + list(head.parameters())
             opt = torch.optim.Adam(params, lr=lr)
 
-            def forward(inputs: torch.Tensor, at: int = h) -> torch.Tensor:
-                return head(net(inputs)[0][:, at])
+            def forward(inputs: torch.Tensor) -> torch.Tensor:
+                return head(net(inputs)[0][:, h])
 
             def predict(inputs: torch.Tensor) -> np.ndarray:
                 with torch.no_grad():
