@@ -176,6 +176,7 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, help="default 300; quick 60")
     ap.add_argument("--seeds", type=int, help="seeds of every arm: the label draw and the training (default 2; quick 1)")
     ap.add_argument("--arms", help=f"comma-separated subset of {','.join(ARMS + ['unit-id-x5'])} (default: all)")
+    ap.add_argument("--labels", default="10%,100%", help="label budgets to run (default 10%%,100%%)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "transfer"))
     a = ap.parse_args()
     if not REAL.is_dir():
@@ -193,7 +194,7 @@ def main() -> None:
     store = out / f"results-v2-{pre}-{steps}.json"  # v2: the fixed harness (issue 25); v1 files are not mixed in
     results = json.loads(store.read_text()) if store.exists() else {}
     arms = a.arms.split(",") if a.arms else ARMS
-    plan = [(s, arm, lab, seed) for s in sessions for arm in arms if arm != "unit-id-x5" for lab in ("10%", "100%")
+    plan = [(s, arm, lab, seed) for s in sessions for arm in arms if arm != "unit-id-x5" for lab in a.labels.split(",")
             for seed in range(seeds) if not (arm == "unit-id-then-full" and lab == "10%")]
     if SPEED in sessions and (not a.arms or "unit-id-x5" in arms):
         plan.append((SPEED, "unit-id-x5", "100%", 0))

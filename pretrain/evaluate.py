@@ -19,7 +19,7 @@ from data_service import intervals as iv
 from data_service.reader import Corpus, SessionReader, open_corpus
 
 from .decode import decode_session
-from .metrics import bootstrap_r2, r2_score, sample_groups
+from .metrics import bootstrap_accuracy, bootstrap_r2, r2_score, sample_groups
 
 
 @dataclass
@@ -87,13 +87,7 @@ def score(d, ok: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray, np.
 def interval(y: np.ndarray, p: np.ndarray, kind: str, groups: np.ndarray) -> tuple[float, float]:
     """95 % bootstrap interval over groups: of R2, or of accuracy for a categorical readout."""
     if kind == "categorical":
-        hit = (p[:, 0] == y[:, 0]).astype(np.float64)
-        n = int(groups.max()) + 1 if len(groups) else 0
-        if n < 2:
-            return float("nan"), float("nan")
-        w = np.random.default_rng(0).multinomial(n, np.full(n, 1.0 / n), size=1000).astype(np.float64)
-        acc = (w @ np.bincount(groups, hit, n)) / (w @ np.bincount(groups, minlength=n))
-        return float(np.quantile(acc, 0.025)), float(np.quantile(acc, 0.975))
+        return bootstrap_accuracy(y, p, groups)
     return bootstrap_r2(y, p, groups)
 
 

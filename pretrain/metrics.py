@@ -7,7 +7,7 @@
 - `sample_groups`: the units a bootstrap resamples: the trial holding each scored sample when the
   session has trials, else blocks of time (`block_s`) inside each held-out interval. Samples of
   one trial or block are correlated; resampling them one by one would make intervals too narrow.
-- `bootstrap_r2`: a percentile interval for R² over those groups.
+- `bootstrap_r2`, `bootstrap_accuracy`: a percentile interval over those groups (`group_bootstrap`).
 """
 
 from __future__ import annotations
@@ -68,29 +68,61 @@ def sample_groups(times: np.ndarray, rows: np.ndarray, trials: np.ndarray | None
     return dense.reshape(-1).astype(np.int64)
 
 
+def group_bootstrap(sums: np.ndarray, statistic, n_boot: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> tuple[float, float]:
+    """(low, high) percentile interval of `statistic` when whole groups are resampled with
+    replacement. `sums` holds each group's additive statistics, shape (groups, k); `statistic`
+    maps their totals (..., k) to the figure (...), so a replicate costs O(groups). NaN with
+    fewer than two groups."""
+    sums = np.asarray(sums, dtype=np.float64)
+    n = len(sums)
+    if n < 2:
+        return float("nan"), float("nan")
+    w = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+    stats = statistic(w @ sums)
+    alpha = (1.0 - level) / 2
+    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+
+
+def _r2_from_sums(tot: np.ndarray) -> np.ndarray:
+    """R² (mean over dims) from totals laid out as [sum (y - mean y)² (D), sum (y - p)² (D)]."""
+    d = tot.shape[-1] // 2
+    ss_tot, sse = tot[..., :d], tot[..., d:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = np.where(ss_tot > 0, 1.0 - sse / ss_tot, np.where(sse == 0, 1.0, 0.0))
+    return r2.mean(-1)
+
+
 def bootstrap_r2(y: np.ndarray, p: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float]:
-    """(low, high) percentile interval of R² when whole groups are resampled with replacement.
-    Each replicate's R² is computed from per-group sums, so a replicate costs O(groups)."""
+    """(low, high) interval of R² over resampled groups (trials or blocks).
+
+    A replicate is R² as a ratio of two group sums, squared error over squared deviation from the
+    scored samples' mean, that mean held at its full-sample value. Re-centring every replicate
+    on its own mean (R² recomputed from scratch) shrinks its variance by about 1/groups, which
+    biases replicates low: with a near-constant prediction on 16 trials the percentile interval
+    lay wholly below its own estimate (0.012 [-0.12, 0.01]), and in simulation it covered the
+    true R² 57-59 % of the time at 6 groups, 81-83 % at 12 (this: 70-83 %, 84-90 % at 16, 90-94 %
+    at 40; BCa did no better). Few groups still under-cover: read an interval over under ~15
+    trials or blocks as optimistic."""
     y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
     p = np.asarray(p, dtype=np.float64).reshape(len(p), -1)
     g = np.asarray(groups)
     n_groups = int(g.max()) + 1 if len(g) else 0
     if n_groups < 2:
         return float("nan"), float("nan")
-    # per group: count, sum y, sum y^2, sum of squared error (per dim)
-    cnt = np.bincount(g, minlength=n_groups).astype(np.float64)
-    sy = np.stack([np.bincount(g, y[:, d], n_groups) for d in range(y.shape[1])], 1)
-    syy = np.stack([np.bincount(g, y[:, d] ** 2, n_groups) for d in range(y.shape[1])], 1)
-    sse = np.stack([np.bincount(g, (y[:, d] - p[:, d]) ** 2, n_groups) for d in range(y.shape[1])], 1)
-    rng = np.random.default_rng(seed)
-    w = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot).astype(np.float64)  # draws per group
-    n = w @ cnt
-    ss_tot = w @ syy - (w @ sy) ** 2 / n[:, None]
-    ss_res = w @ sse
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r2 = np.where(ss_tot > 1e-12 * np.maximum(w @ syy, 1e-300), 1.0 - ss_res / ss_tot,
-                      np.where(ss_res == 0, 1.0, 0.0))
-    stats = r2.mean(1)
-    alpha = (1.0 - level) / 2
-    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+    cols = [*((y - y.mean(0)) ** 2).T, *((y - p) ** 2).T]
+    sums = np.stack([np.bincount(g, c, n_groups) for c in cols], 1)
+    return group_bootstrap(sums, _r2_from_sums, n_boot, seed, level)
+
+
+def bootstrap_accuracy(y: np.ndarray, p: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """(low, high) interval of the fraction of samples whose class `p` equals `y`, over groups."""
+    g = np.asarray(groups)
+    n_groups = int(g.max()) + 1 if len(g) else 0
+    if n_groups < 2:
+        return float("nan"), float("nan")
+    hit = (np.asarray(p).reshape(len(p), -1)[:, 0] == np.asarray(y).reshape(len(y), -1)[:, 0]).astype(np.float64)
+    sums = np.stack([np.bincount(g, minlength=n_groups).astype(np.float64), np.bincount(g, hit, n_groups)], 1)
+    return group_bootstrap(sums, lambda t: t[..., 1] / t[..., 0], n_boot, seed, level)

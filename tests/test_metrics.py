@@ -39,13 +39,37 @@ def test_bootstrap_agrees_with_a_direct_resampling():
     y = rng.normal(size=(84, 2))
     p = y + rng.normal(size=y.shape)
     lo, hi = bootstrap_r2(y, p, groups, n_boot=4000, seed=3)
-    direct = []
+    direct = []  # whole trials drawn with replacement; R2 about the scored samples' mean
     for _ in range(4000):
         pick = rng.integers(0, 12, 12)
         idx = np.concatenate([np.flatnonzero(groups == g) for g in pick])
-        direct.append(r2_score(y[idx], p[idx]))
+        direct.append(np.mean(1 - ((y[idx] - p[idx]) ** 2).sum(0) / ((y[idx] - y.mean(0)) ** 2).sum(0)))
     assert lo == pytest.approx(np.quantile(direct, 0.025), abs=0.06)
     assert hi == pytest.approx(np.quantile(direct, 0.975), abs=0.06)
+
+
+def _trials(rng, n, signal, offset=0.0):
+    """n trials of 20 samples, trial-level structure in target and error; the model is fixed."""
+    g = np.repeat(np.arange(n), 20)
+    y = rng.normal(size=(20 * n, 2)) + rng.normal(size=(n, 2))[g]
+    p = offset + signal * y + 0.5 * rng.normal(size=y.shape) + 0.3 * rng.normal(size=(n, 2))[g]
+    return y, p, g
+
+
+def test_bootstrap_interval_holds_its_estimate_and_covers_the_true_r2():
+    # a near-constant prediction at the targets' mean on 16 trials (an adaptation that has barely
+    # moved): recomputing each replicate's mean put the whole interval below the estimate
+    rng = np.random.default_rng(4)
+    y, _, g = _trials(rng, 16, 0.0)
+    p = y.mean(0) + 0.01 * (y - y.mean(0)) + 0.01 * rng.normal(size=y.shape)
+    lo, hi = bootstrap_r2(y, p, g)
+    assert lo < r2_score(y, p) < hi
+    # coverage of the population R2 by the interval over 40 trials, for a weak and a good decoder
+    for signal, offset in ((0.1, 0.2), (0.9, 0.3)):
+        y, p, g = _trials(rng, 20_000, signal, offset)
+        true = r2_score(y, p)
+        hits = [lo <= true <= hi for lo, hi in (bootstrap_r2(*_trials(rng, 40, signal, offset)) for _ in range(200))]
+        assert 0.88 <= np.mean(hits) <= 0.99, (signal, np.mean(hits))
 
 
 def test_sample_groups_by_trial_else_by_block():
