@@ -5,8 +5,9 @@ For each held-out real session S (the five monkey sessions of ../shared/data/rea
 velocity, and the mouse, head direction: an angular readout the pretrained model does not have,
 added at adaptation and scored as R² on (cos, sin); its baselines decode the same):
 1. pretrain the demo recipe (configs/demo.yaml: poyo-1.3M, ridge warm start, locality prior) in
-   this process on the demo's synthetic corpus plus every other real monkey session (cached per
-   S under runs/bench/transfer/; 300 steps by default);
+   this process on the demo's synthetic corpus plus every other session of `MONKEY` (the rat,
+   mouse and BCI files of the real folder stay out, as in issue 10's table; cached per S under
+   runs/bench/transfer/; 300 steps by default);
 2. adapt it to S with `popscale finetune`'s code path: `unit-id` and `full` at label budgets of
    10 % and 100 % of S's train split, `unit-id-then-full` at 100 %, all with the same step budget
    (`--steps`) and validation schedule;
@@ -24,7 +25,7 @@ are kept in runs/bench/transfer/results-*.json as they come, so a stopped run co
     python bench/transfer.py [--quick] [--sessions chewie_demo,...] [--steps 100] [--pretrain-steps 300]
 
 --quick: one session (mihi_demo-te), a small pretraining (a 4-session synthetic corpus plus the
-other real sessions, 60 steps), 30 adaptation steps, one seed: about 5 minutes on 2 cores
+other real monkey sessions, 60 steps), 30 adaptation steps, one seed: about 5 minutes on 2 cores
 (the comparison cannot be made in under a minute: it needs a pretraining).
 """
 
@@ -82,7 +83,7 @@ def pretrained(out: Path, corpus: Path, held: str, steps: int) -> Path:
     if (export / "plan.json").exists():
         return export
     c = open_corpus(corpus)
-    sessions = [s for s in c.session_ids if s != held and s != MOUSE]
+    sessions = [s for s in c.session_ids if s != held and (c.rows[s]["source_format"] == "synthetic" or s in MONKEY)]
     cfg = load_config(ROOT / "configs" / "demo.yaml", [
         f"data.corpus={corpus}", "data.synth=null", "data.loader=local", f"train.steps={steps}",
         f"train.warmup_steps={max(1, steps // 10)}", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
@@ -177,6 +178,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, help="seeds of every arm: the label draw and the training (default 2; quick 1)")
     ap.add_argument("--arms", help=f"comma-separated subset of {','.join(ARMS + ['unit-id-x5'])} (default: all)")
     ap.add_argument("--labels", default="10%,100%", help="label budgets to run (default 10%%,100%%)")
+    ap.add_argument("--report", action="store_true", help="print the tables from the results kept so far; run nothing")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "transfer"))
     a = ap.parse_args()
     if not REAL.is_dir():
@@ -190,7 +192,7 @@ def main() -> None:
     steps = a.steps or (30 if a.quick else 100)
     pre = a.pretrain_steps or (60 if a.quick else 300)
     seeds = a.seeds or (1 if a.quick else 2)
-    corpus = build_corpus(out, a.quick)
+    corpus = out / "corpus" if a.report else build_corpus(out, a.quick)
     store = out / f"results-v2-{pre}-{steps}.json"  # v2: the fixed harness (issue 25); v1 files are not mixed in
     results = json.loads(store.read_text()) if store.exists() else {}
     arms = a.arms.split(",") if a.arms else ARMS
@@ -200,7 +202,7 @@ def main() -> None:
         plan.append((SPEED, "unit-id-x5", "100%", 0))
     for s, arm, lab, seed in plan:
         key = f"{s}|{arm}|{lab}|{seed}"
-        if key in results:
+        if key in results or a.report:
             continue
         results[key] = run_arm(out, corpus, s, arm, lab, seed, steps, pre)
         store.write_text(json.dumps(results, indent=1))
