@@ -234,8 +234,8 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     say(f"run {r.name}: {r.steps} steps in {r.seconds / 60:.1f} min, validation R2 {r.valid_r2:.3f}")
     if r.registration == "registered":
         alias = a.alias or cfg.tracking.alias
-        moved = f"; @{alias} now points at it" if alias else \
-            f" (no alias moved: `popscale promote {cfg.tracking.registered_model} {r.model_version} ALIAS`)"
+        moved = (f"; @{alias} now points at it" if alias else
+                 f" (no alias moved: `popscale promote {cfg.tracking.registered_model} {r.model_version} ALIAS`)")
         say(f"registered {r.model_uri} in {r.tracking_uri}{moved}")
     # Training succeeded, so the exit status is 0 even when the tracking server was away at the end:
     # then registered=pending, model_uri is the export's path and the warning above gives the command.
@@ -512,7 +512,7 @@ def cmd_scaling_fit(a: argparse.Namespace) -> int:
 # ---- push: a corpus onto shared object storage -------------------------------------------------------------
 def cmd_push(a: argparse.Namespace) -> int:
     from data_service.manifest import read_manifest
-    from data_service.remote import push_corpus
+    from data_service.push import push_corpus
 
     n = len(read_manifest(Path(a.corpus)))
     with _progress() as p:

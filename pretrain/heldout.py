@@ -13,7 +13,8 @@ from dataclasses import replace
 
 import torch
 
-from data_service.service import AugmentConfig, build_batch, window_index
+from data_service.augment import AugmentConfig
+from data_service.service import build_batch, window_index
 
 from .loss import weighted_mse
 from .plan import RunPlan

@@ -125,8 +125,8 @@ def window_stretches(reader: SessionReader, labelled: np.ndarray, window_s: floa
     if len(rows) < 2:
         return rows
     names = [b for b in (reader.behaviour_names if behaviours is None else behaviours) if b in reader.behaviour_names]
-    times = np.sort(np.concatenate([np.asarray(reader.behaviour(b)[0], dtype=np.float64) for b in names])) \
-        if names else np.zeros(0)
+    times = (np.sort(np.concatenate([np.asarray(reader.behaviour(b)[0], dtype=np.float64) for b in names]))
+             if names else np.zeros(0))
     gap_a, gap_b = rows[:-1, 1], rows[1:, 0]
     empty = np.searchsorted(times, gap_a, side="right") == np.searchsorted(times, gap_b, side="left")
     close = empty & (gap_b - gap_a < 2 * window_s)

@@ -73,8 +73,8 @@ def unfinished_runs(storage: str, config_name: str) -> list[str]:
         return []
     out = []
     for n in names:
-        if n.startswith(f"{config_name}-") and exists(join(storage, n, RUN_FILE)) \
-                and not exists(join(storage, n, "export", "model.safetensors")):
+        if (n.startswith(f"{config_name}-") and exists(join(storage, n, RUN_FILE))
+                and not exists(join(storage, n, "export", "model.safetensors"))):
             out.append(n)
     return out[-3:]
 

@@ -165,14 +165,9 @@ class POYO(nn.Module):
         emb = nn.Embedding(len(self.readout_names), d).to(device)
         with torch.no_grad():
             emb.weight[: len(old)] = old
-            emb.weight[len(old):] = torch.randn(len(self.readout_names) - len(old), d, device=device) * \
-                self.cfg.emb_init_scale
+            emb.weight[len(old):] = (torch.randn(len(self.readout_names) - len(old), d, device=device)
+                                     * self.cfg.emb_init_scale)
         self.readout_emb = emb
-
-    def add_session(self, session_id: str, unit_ids) -> None:
-        """Grow the vocabularies for a new session (its rows start random; rebuild the optimizer)."""
-        self.unit_emb.extend(unit_ids)
-        self.session_emb.extend([session_id])
 
 
 def locality_prior(omega: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

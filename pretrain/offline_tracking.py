@@ -173,8 +173,8 @@ def pending(run_dir: str) -> bool:
 
 def run_tracking_uri(run_dir: str, uri: str | None = None) -> str:
     """The store a run logs to: `uri`, else the one it recorded, else the default (tracking.tracking_uri)."""
-    recorded = _read_json(join(str(run_dir), RUN_FILE)).get("tracking_uri") or \
-        _read_json(join(offline_dir(run_dir), "run.json")).get("tracking_uri")
+    recorded = (_read_json(join(str(run_dir), RUN_FILE)).get("tracking_uri")
+                or _read_json(join(offline_dir(run_dir), "run.json")).get("tracking_uri"))
     return uri or recorded or tracking_uri(TrackingConfig())
 
 
@@ -242,9 +242,9 @@ def _sync(run_dir: str, uri: str, meta: dict, record: dict) -> SyncReport:
 
 
 def _caught_up(rep: SyncReport) -> str:
-    parts = ([f"created run {rep.run_id} from its offline record"] if rep.created else []) + \
-        ([f"sent {rep.metrics} metric records kept while the server was away"] if rep.metrics else []) + \
-        ([f"set it {rep.ended}"] if rep.ended else [])
+    parts = (([f"created run {rep.run_id} from its offline record"] if rep.created else [])
+             + ([f"sent {rep.metrics} metric records kept while the server was away"] if rep.metrics else [])
+             + ([f"set it {rep.ended}"] if rep.ended else []))
     return f"MLflow at {redact(rep.tracking_uri)}: " + ", ".join(parts) if parts else ""
 
 

@@ -25,17 +25,6 @@ def quantized_p(p: float) -> float:
     return round(p * _I16_SPAN) / _I16_SPAN
 
 
-def drop_mask(shape: tuple[int, ...], p: float, device: torch.device | None = None,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Bool mask, True with probability p (drop); from `generator`, else the default generator
-    (so torch.manual_seed fixes it)."""
-    n = math.prod(shape)
-    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=device,
-                          generator=generator)
-    r = words.view(torch.int16)[:n]
-    return (r < -(1 << 15) + round(p * _I16_SPAN)).view(shape)
-
-
 class _MaskStream:
     """Float keep-masks (0 or 1) drawn from a seeded SFC64 stream: ~2x cheaper per element than
     torch.randint's mt19937 here, and a float mask multiplies ~10x faster than masked_fill with a

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from data_service.errors import ConfigError
-from data_service.service import AugmentConfig
+from data_service.augment import AugmentConfig
 from data_service.synth import SynthConfig
 
 from .config import ModelConfig, preset

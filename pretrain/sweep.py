@@ -226,8 +226,3 @@ def run_sweep(cfg: SweepConfig, tracking_uri: str | None = None, notify: Callabl
             raise RuntimeError(f"{len(failures)} of {len(todo)} sweep points failed ({', '.join(k for k, _ in failures)});"
                                " the same command resumes them") from failures[0][1]
     return SweepResult(cfg.name, parent, uri, len(points), len(todo), skipped, sweep_dir, time.time() - t0)
-
-
-def finished_points(sweep_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((sweep_dir / "points").glob("*.json"))
-            if not p.name.endswith(".pretrained.json")]

@@ -71,7 +71,7 @@ def ray_worker(config: dict) -> None:
 
         # with the server away its metrics are kept (and journaled in the run directory) until it is back;
         # with no run id (the server was away at the start) they go to the journal only: offline_tracking.py
-        run_dir = getattr(args, "run_dir", None)
+        run_dir = args.run_dir
         sink = Sinks(MLflowSink(plan.run.tracking, args.mlflow_run_id, buffer=True, run_dir=run_dir)
                      if args.mlflow_run_id or run_dir else None,
                      ProgressSink(args.progress) if args.progress is not None else None)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from data_service.reader import open_corpus
-from data_service.service import AugmentConfig, ServiceSpec, rate_factor, read_window
+from data_service.augment import AugmentConfig, rate_factor
+from data_service.service import ServiceSpec, read_window
 from data_service.synth import SynthConfig, synth_corpus
 from data_service.window_index import IndexConfig, WindowRef
 from pretrain.config import preset
