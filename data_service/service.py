@@ -13,7 +13,7 @@ training worker.
 
 Both yield identical `ServedBatch`es. The loader's state is the number of global batches
 consumed. The service knows nothing of the model: the tokenizer is anything with the two
-methods of `BatchTokenizer` (pretrain.tokenizer.Tokenizer is the one popscale uses).
+methods of `BatchTokenizer` (pretrain.tokens.tokenizer.Tokenizer is the one popscale uses).
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def readout_report(rows: list[dict], config: str | None) -> dict:
     """Which sessions feed which readout (the first accepted behaviour a session has), and the
     sessions no readout decodes (they would not be trained on)."""
-    from pretrain.run_config import load_config
+    from pretrain.run.config import load_config
 
     readouts = load_config(config).data.readouts
     fed: dict[str, dict[str, list[str]]] = {r: {} for r in readouts}
@@ -223,8 +223,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 # ---- pretrain -----------------------------------------------------------------------------------------
 def cmd_pretrain(a: argparse.Namespace) -> int:
-    from pretrain.launch import pretrain
-    from pretrain.run_config import load_config
+    from pretrain.run.config import load_config
+    from pretrain.run.launch import pretrain
 
     cfg = load_config(a.config, a.set or [])
     keys = {o.partition("=")[0].strip() for o in a.set or []}
@@ -247,14 +247,14 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
 # ---- the registry: models, promote, pull --------------------------------------------------------------------
 def _tracking(a: argparse.Namespace) -> str:
-    from pretrain.run_config import TrackingConfig
-    from pretrain.tracking import tracking_uri
+    from pretrain.tracking.config import TrackingConfig
+    from pretrain.tracking.mlflow_runs import tracking_uri
 
     return tracking_uri(TrackingConfig(uri=a.tracking_uri))
 
 
 def cmd_models(a: argparse.Namespace) -> int:
-    from pretrain.registry import versions
+    from pretrain.tracking.registry import versions
 
     uri = _tracking(a)
     rows, aliases = versions(uri, a.name)
@@ -273,7 +273,7 @@ def cmd_models(a: argparse.Namespace) -> int:
 
 
 def cmd_promote(a: argparse.Namespace) -> int:
-    from pretrain.registry import promote
+    from pretrain.tracking.registry import promote
 
     before = promote(_tracking(a), a.name, a.version, a.alias)
     say(f"@{a.alias} of {a.name}: version {before or '(none)'} -> {a.version}")
@@ -282,7 +282,7 @@ def cmd_promote(a: argparse.Namespace) -> int:
 
 
 def cmd_pull(a: argparse.Namespace) -> int:
-    from pretrain.registry import pull
+    from pretrain.tracking.registry import pull
 
     uri = a.model if a.model.startswith("models:/") else f"models:/{a.model}"
     ref, path = pull(uri, _tracking(a), a.cache)
@@ -298,7 +298,7 @@ def cmd_pull(a: argparse.Namespace) -> int:
 
 # ---- with the tracking server back: tracking-sync, register ----------------------------------------------
 def cmd_tracking_sync(a: argparse.Namespace) -> int:
-    from pretrain.offline_tracking import register_command, sync_run
+    from pretrain.tracking.offline import register_command, sync_run
 
     rep = sync_run(a.run_dir, a.tracking_uri)
     done = [f"created its MLflow run {rep.run_id}" if rep.created else f"MLflow run {rep.run_id}",
@@ -314,7 +314,7 @@ def cmd_tracking_sync(a: argparse.Namespace) -> int:
 
 
 def cmd_register(a: argparse.Namespace) -> int:
-    from pretrain.offline_tracking import register_export
+    from pretrain.tracking.offline import register_export
 
     version, uri, run_id, rep = register_export(a.export, a.run, name=a.name, alias=a.alias, uri=a.tracking_uri)
     if rep is not None and (rep.created or rep.metrics or rep.ended):
@@ -327,7 +327,7 @@ def cmd_register(a: argparse.Namespace) -> int:
 
 # ---- finetune -----------------------------------------------------------------------------------------
 def cmd_finetune(a: argparse.Namespace) -> int:
-    from pretrain.adapt import FinetuneConfig, finetune
+    from pretrain.finetune.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(model=a.model, corpus=a.corpus, sessions=a.session or [], mode=a.mode, labels=a.labels,
                          steps=a.steps, unfreeze_after=a.unfreeze_after, batch=a.batch, seed=a.seed,
@@ -348,14 +348,14 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
 # ---- evaluate, decode ---------------------------------------------------------------------------------
 def _load_model(a: argparse.Namespace):
-    from pretrain.registry import load
+    from pretrain.tracking.registry import load
 
     return load(a.model, _tracking(a) if a.model.startswith("models:/") else None, a.cache)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from data_service.reader import open_corpus
-    from pretrain.evaluate import plot_session, predict_session
+    from pretrain.decoding.evaluate import plot_session, predict_session
 
     corpus = open_corpus(a.corpus)  # a mistyped corpus fails before a model is pulled from the registry
     model, tok, path = _load_model(a)
@@ -365,7 +365,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         raise CorpusError(f"no session of the corpus is in the model's vocabulary ({len(known)} sessions); "
                           "name one with --session after adapting the model to it (popscale finetune)",
                           file=a.corpus)
-    from pretrain.decode import UnknownRecording
+    from pretrain.decoding.stitch import UnknownRecording
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -429,7 +429,7 @@ def _input_session(a: argparse.Namespace, tmp: str):
 def cmd_decode(a: argparse.Namespace) -> int:
     import tempfile
 
-    from pretrain.decode import decode_session, plot_decoded, write_csv, write_nwb
+    from pretrain.decoding.stitch import decode_session, plot_decoded, write_csv, write_nwb
 
     out = Path(a.out)
     if out.suffix not in (".csv", ".nwb"):
@@ -462,8 +462,8 @@ def cmd_decode(a: argparse.Namespace) -> int:
 # ---- baseline -----------------------------------------------------------------------------------------
 def cmd_baseline(a: argparse.Namespace) -> int:
     from data_service.reader import open_corpus
-    from pretrain.baselines import run_baseline
-    from pretrain.labels import LabelBudget
+    from pretrain.decoding.baselines import run_baseline
+    from pretrain.tokens.labels import LabelBudget
 
     budget = LabelBudget.parse(a.labels)
     corpus = open_corpus(a.corpus)
@@ -483,8 +483,8 @@ def cmd_baseline(a: argparse.Namespace) -> int:
 
 # ---- scaling sweeps ---------------------------------------------------------------------------------------
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from pretrain.sweep import run_sweep
-    from pretrain.sweep_plan import load_sweep
+    from pretrain.scaling.plan import load_sweep
+    from pretrain.scaling.sweep import run_sweep
 
     cfg = load_sweep(a.config, a.set or [])
     r = run_sweep(cfg, a.tracking_uri, notify=say, show_progress=not a.no_progress, only=a.point)
@@ -496,7 +496,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_scaling_fit(a: argparse.Namespace) -> int:
-    from pretrain.scaling_report import scaling_fit
+    from pretrain.scaling.report import scaling_fit
 
     rep, md, parent = scaling_fit(a.sweep, a.tracking_uri, a.storage, a.resamples, a.budget, a.out)
     console.print(md.read_text(), markup=False, highlight=False)

@@ -20,12 +20,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from conftest import result_line
+
 from popscale.cli import build_parser, main
-from pretrain.offline_tracking import Journal, finish, journals, resume_tracking, start_run_or_offline
-from pretrain.run_config import RunConfig, TrackingConfig
-from pretrain.tracking import HTTP_DEFAULTS, MLflowSink, http_defaults, store_client
+from pretrain.run.config import RunConfig
+from pretrain.tracking.config import TrackingConfig
+from pretrain.tracking.journal import Journal, journals
+from pretrain.tracking.mlflow_runs import HTTP_DEFAULTS, MLflowSink, http_defaults, store_client
+from pretrain.tracking.offline import finish, resume_tracking, start_run_or_offline
 
 
 def closed_port() -> int:
@@ -73,10 +75,10 @@ def mlflow_server(port: int, root: Path):
 def tiny_export(out: Path) -> Path:
     import torch
 
-    from pretrain.config import ModelConfig
-    from pretrain.model import POYO
-    from pretrain.registry import export_model
-    from pretrain.tokenizer import TokenizerConfig
+    from pretrain.model.config import ModelConfig
+    from pretrain.model.poyo import POYO
+    from pretrain.tokens.tokenizer import TokenizerConfig
+    from pretrain.tracking.export import export_model
 
     cfg = ModelConfig(dim=32, depth=1, dim_head=16, cross_heads=1, self_heads=2, latents_per_step=4)
     torch.manual_seed(0)
@@ -155,7 +157,8 @@ def run_while_away(tmp_path: Path, uri: str) -> dict:
     run_dir = tmp_path / "runs" / "faults-1"
     said: list[str] = []
     t = time.monotonic()
-    assert start_run_or_offline(cfg, {"ray_run": "faults-1"}, str(run_dir), "faults-1", said.append) is None
+    assert start_run_or_offline(cfg.tracking, cfg.name, cfg.to_dict(), {"ray_run": "faults-1"}, str(run_dir), "faults-1",
+                                said.append) is None
     assert time.monotonic() - t < 5
     assert len(said) == 1 and said[0].startswith(f"warning: MLflow at {uri} is unreachable (connection refused")
     assert "popscale pretrain --resume faults-1" in said[0]

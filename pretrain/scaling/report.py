@@ -16,7 +16,7 @@ import numpy as np
 
 from data_service.errors import ConfigError
 
-from .scaling import PARAMS, FitReport, fit_sweep, power_law
+from .fit import PARAMS, FitReport, fit_sweep, power_law
 
 
 @dataclass
@@ -196,8 +196,8 @@ def scaling_fit(sweep: str, tracking_uri: str | None, storage: str = "runs/sweep
     parent, known_uri = resolve_sweep(sweep, storage)
     uri = tracking_uri or known_uri
     if uri is None:
-        from .run_config import TrackingConfig
-        from .tracking import tracking_uri as default_uri
+        from ..tracking.config import TrackingConfig
+        from ..tracking.mlflow_runs import tracking_uri as default_uri
 
         uri = default_uri(TrackingConfig())
     points, _ = load_points(uri, parent)

@@ -23,8 +23,8 @@ import torch
 from data_service import intervals as iv
 from data_service.reader import SeriesWindow, SessionReader
 
-from .tokenizer import Tokenizer
-from .vocab import VocabMismatch
+from ..model.vocab import VocabMismatch
+from ..tokens.tokenizer import Tokenizer
 
 
 class UnknownRecording(ValueError):

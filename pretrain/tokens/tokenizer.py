@@ -26,8 +26,8 @@ import numpy as np
 from data_service import intervals as iv
 from data_service.reader import SessionReader, Window
 
-from .batch import END, SPIKE, START, PackedBatch
-from .config import ModelConfig
+from ..model.batch import END, SPIKE, START, PackedBatch
+from ..model.config import ModelConfig
 from .targets import TargetStats
 
 _NO_ROWS = np.zeros((0, 2))

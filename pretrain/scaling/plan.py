@@ -35,8 +35,8 @@ from data_service import intervals as iv
 from data_service.errors import ConfigError
 from data_service.reader import Corpus
 
-from .config import PRESETS
-from .run_config import RunConfig, _build, _set, load_config, read_yaml
+from ..model.config import PRESETS
+from ..run.config import RunConfig, _build, _set, load_config, read_yaml
 
 AXES = ("model", "subjects", "sessions", "session_fraction", "subset", "steps", "seed")
 
@@ -275,7 +275,7 @@ def data_figures(corpus: Corpus, sessions: list[str], within: dict[str, np.ndarr
 
 
 def _tokens(run: RunConfig):
-    from .tokenizer import TokenizerConfig
+    from ..tokens.tokenizer import TokenizerConfig
 
     d = run.data
     return TokenizerConfig.build(run.model_config(), d.window_s, d.readouts, {}, {}, 0.5, d.readout_kinds,
@@ -284,8 +284,8 @@ def _tokens(run: RunConfig):
 
 def expand(cfg: SweepConfig, corpus: Corpus) -> tuple[list[Point], list[str]]:
     """The sweep's points (in config order) and the sessions set aside for the adaptation figure."""
-    from .flops import parameters, train_flops
-    from .plan import labelled_parts, training_sessions
+    from ..model.flops import parameters, train_flops
+    from ..run.plan import labelled_parts, training_sessions
 
     base = cfg.base_run()
     tok = _tokens(base)

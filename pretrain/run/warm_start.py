@@ -11,7 +11,7 @@ once; everything, these coordinates included, is then trained as usual.
     table = unit_directions(corpus, sessions, plan.tokenizer, WarmStartConfig("ridge"))
     apply_warm_start(model, table)
 
-(`pretrain.plan.build_plan` does this once on the driver; the table travels in the plan.)
+(`pretrain.run.plan.build_plan` does this once on the driver; the table travels in the plan.)
 
 The decoder is a ridge regression per session on square-rooted spike counts in `bin_s` bins,
 summed over the `history_s` before each bin (activity leads movement), fitted only on bins
@@ -33,7 +33,7 @@ import torch
 from data_service import intervals as iv
 from data_service.reader import Corpus, SessionReader
 
-from .tokenizer import TokenizerConfig
+from ..tokens.tokenizer import TokenizerConfig
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import Any, Callable, NamedTuple
 
 from data_service.service import LocalBatches, RayBatches, ServiceSpec
 
+from ..decoding.evaluate import Evaluator
 from .checkpoint import DirCheckpointer, RayCheckpointer
 from .engine import build_engine, placement
-from .evaluate import Evaluator
 from .hooks import LoopHooks
 from .loop import Dist, TrainStep, run_loop
 from .plan import RunPlan
@@ -67,10 +67,10 @@ def ray_worker(config: dict) -> None:
     dist = p.dist
     sink: MetricsSink = NullSink()
     if dist.rank == 0:
-        from .tracking import MLflowSink
+        from ..tracking.mlflow_runs import MLflowSink
 
         # with the server away its metrics are kept (and journaled in the run directory) until it is back;
-        # with no run id (the server was away at the start) they go to the journal only: offline_tracking.py
+        # with no run id (the server was away at the start) they go to the journal only: pretrain/tracking/offline.py
         run_dir = args.run_dir
         sink = Sinks(MLflowSink(plan.run.tracking, args.mlflow_run_id, buffer=True, run_dir=run_dir)
                      if args.mlflow_run_id or run_dir else None,

@@ -24,23 +24,29 @@ backoff for about a minute, then left for later with the one command that does i
 from __future__ import annotations
 
 import json
-import os
-import re
 import shlex
-import socket
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from data_service.remote import as_path, exists, filesystem, is_url, join, listdir, read_text, redact, write_text
+from data_service.remote import exists, join, redact, write_text
 
-from .run_config import RunConfig, TrackingConfig
-from .tracking import (experiment_id, flatten, log_records, reason, start_run, store_client, tracking_uri,
-                       transient, unreachable)
+from .config import TrackingConfig
+from .journal import journals, now_ms, offline_dir, read_json, remove
+from .mlflow_runs import (
+    experiment_id,
+    flatten,
+    log_records,
+    reason,
+    start_run,
+    store_client,
+    tracking_uri,
+    transient,
+    unreachable,
+)
 
-OFFLINE = "mlflow_offline"
 RUN_FILE = "popscale_run.json"  # launch.RUN_FILE: the run's name and MLflow run id
 KEY_TAG = "popscale_run_key"
 
@@ -49,101 +55,31 @@ class TrackingUnavailable(RuntimeError):
     """The tracking server cannot be reached (now): nothing was lost, try again later."""
 
 
-def offline_dir(run_dir: str) -> str:
-    return join(str(run_dir), OFFLINE)
-
-
-def _read_json(path: str) -> dict:
-    return json.loads(read_text(path)) if exists(path) else {}
-
-
-def _remove(path: str) -> None:
-    if is_url(path):
-        if filesystem(path).exists(path):
-            filesystem(path).rm_file(path)
-    else:
-        as_path(path).unlink(missing_ok=True)
-
-
 def storable_uri(uri: str) -> str | None:
     """A tracking URI as it may be written into a run directory: never one with a password."""
     return uri if redact(uri) == uri else None
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-# ---- the journal of metric records ---------------------------------------------------------------------
-class Journal:
-    """One writer's metric records in a run's offline directory (see the module docstring)."""
-
-    def __init__(self, run_dir: str, writer: str | None = None) -> None:
-        self.run_dir, self.dir = str(run_dir), offline_dir(str(run_dir))
-        raw = writer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.writer = re.sub(r"[^A-Za-z0-9-]", "-", raw)
-        self.count, self.segment = 0, 0
-
-    def append(self, records: list[dict]) -> None:
-        if not records:
-            return
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        if is_url(self.dir):
-            self.segment += 1
-            write_text(join(self.dir, f"metrics-{self.writer}.{self.segment:06d}.jsonl"), text)
-        else:
-            d = as_path(self.dir)
-            d.mkdir(parents=True, exist_ok=True)
-            with open(d / f"metrics-{self.writer}.jsonl", "a") as f:
-                f.write(text)
-        self.count += len(records)
-
-    def mark_sent(self, n: int | None = None) -> None:
-        """The first `n` records (default: all written) are in MLflow."""
-        write_text(join(self.dir, f"metrics-{self.writer}.sent"), json.dumps({"records": self.count if n is None else n}))
-
-
-def journals(run_dir: str) -> dict[str, tuple[list[dict], int]]:
-    """{writer: (its records in order, how many were sent)} of a run directory."""
-    d = offline_dir(run_dir)
-    parts: dict[str, list[tuple[int, str]]] = {}
-    for name in listdir(d):
-        m = re.fullmatch(r"metrics-([A-Za-z0-9-]+)(?:\.(\d+))?\.jsonl", name)
-        if m:
-            parts.setdefault(m[1], []).append((int(m[2] or 0), name))
-    out = {}
-    for writer, files in parts.items():
-        records = []
-        for _, name in sorted(files):
-            for line in read_text(join(d, name)).splitlines():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:  # the last line of a process that died writing it
-                    pass
-        out[writer] = (records, int(_read_json(join(d, f"metrics-{writer}.sent")).get("records", 0)))
-    return out
-
-
 # ---- the start: a run that could not be created ----------------------------------------------------------
-def start_run_or_offline(run: RunConfig, tags: dict[str, str], run_dir: str, name: str,
-                         notify: Callable[[str], None] = print) -> str | None:
-    """tracking.start_run, or, with the server away (one warning), the run kept in `run_dir` for
-    `sync_run` to create later; returns the run id, or None."""
+def start_run_or_offline(cfg: TrackingConfig, run_name: str, config: dict, tags: dict[str, str], run_dir: str,
+                         name: str, notify: Callable[[str], None] = print) -> str | None:
+    """mlflow_runs.start_run, or, with the server away (one warning), the run kept in `run_dir`
+    for `sync_run` to create later; returns the run id, or None. `name`: what resumes it."""
     key = uuid.uuid4().hex
     tags = {**tags, KEY_TAG: key}
-    uri = tracking_uri(run.tracking)
+    uri = tracking_uri(cfg)
     why = unreachable(uri)
     if why is None:
         try:
-            return start_run(run, tags)
+            return start_run(cfg, run_name, config, tags)
         except Exception as e:  # noqa: BLE001 - a server that is away does not stop training
             if not transient(e):
                 raise
             why = reason(e)
-    record = {"key": key, "tracking_uri": storable_uri(uri), "experiment": run.tracking.experiment,
-              "artifact_location": run.tracking.artifact_location, "run_name": run.name, "tags": tags,
-              "params": {k: redact(v) for k, v in flatten(run.to_dict()).items()},
-              "note": f"popscale pretrain {run.name}", "start_time": _now_ms()}
+    record = {"key": key, "tracking_uri": storable_uri(uri), "experiment": cfg.experiment,
+              "artifact_location": cfg.artifact_location, "run_name": run_name, "tags": tags,
+              "params": {k: redact(v) for k, v in flatten(config).items()},
+              "note": f"popscale pretrain {run_name}", "start_time": now_ms()}
     write_text(join(offline_dir(run_dir), "run.json"), json.dumps(record))
     notify(f"warning: MLflow at {redact(uri)} is unreachable ({why}): training goes on without it; the run's "
            f"params and metrics are kept in {offline_dir(run_dir)} and sent by `popscale tracking-sync {run_dir}` "
@@ -164,7 +100,7 @@ class SyncReport:
 
 def pending(run_dir: str) -> bool:
     """Whether something of the run is not in MLflow yet (registration aside)."""
-    if not _read_json(join(str(run_dir), RUN_FILE)).get("mlflow_run_id"):
+    if not read_json(join(str(run_dir), RUN_FILE)).get("mlflow_run_id"):
         return True
     if exists(join(offline_dir(run_dir), "end.json")):
         return True
@@ -173,16 +109,16 @@ def pending(run_dir: str) -> bool:
 
 def run_tracking_uri(run_dir: str, uri: str | None = None) -> str:
     """The store a run logs to: `uri`, else the one it recorded, else the default (tracking.tracking_uri)."""
-    recorded = (_read_json(join(str(run_dir), RUN_FILE)).get("tracking_uri")
-                or _read_json(join(offline_dir(run_dir), "run.json")).get("tracking_uri"))
+    recorded = (read_json(join(str(run_dir), RUN_FILE)).get("tracking_uri")
+                or read_json(join(offline_dir(run_dir), "run.json")).get("tracking_uri"))
     return uri or recorded or tracking_uri(TrackingConfig())
 
 
 def sync_run(run_dir: str, uri: str | None = None) -> SyncReport:
     """Send what the run kept (see the module docstring); raises TrackingUnavailable with the server away."""
     run_dir = str(run_dir)
-    meta = _read_json(join(run_dir, RUN_FILE))
-    record = _read_json(join(offline_dir(run_dir), "run.json"))
+    meta = read_json(join(run_dir, RUN_FILE))
+    record = read_json(join(offline_dir(run_dir), "run.json"))
     if not meta and not record:
         raise FileNotFoundError(f"{run_dir}: not a popscale run directory (no {RUN_FILE})")
     uri = run_tracking_uri(run_dir, uri)
@@ -232,12 +168,12 @@ def _sync(run_dir: str, uri: str, meta: dict, record: dict) -> SyncReport:
             if sent != start:
                 write_text(join(d, f"metrics-{writer}.sent"), json.dumps({"records": sent}))
                 rep.metrics += sent - start
-    end = _read_json(join(d, "end.json"))
+    end = read_json(join(d, "end.json"))
     if end:
         c.set_terminated(rep.run_id, end["status"], end_time=end["end_time"])
-        _remove(join(d, "end.json"))
+        remove(join(d, "end.json"))
         rep.ended = end["status"]
-    rep.registration = _read_json(join(d, "register.json")) or None
+    rep.registration = read_json(join(d, "register.json")) or None
     return rep
 
 
@@ -293,7 +229,7 @@ def finish(run_dir: str, uri: str, run_id: str | None, *, terminate: bool, expor
     command that does the rest (`popscale register ...`, or `popscale tracking-sync RUN_DIR`)."""
     from .registry import register
 
-    t0, since_ms, delay, slept = time.monotonic(), _now_ms(), 3.0, 0.0
+    t0, since_ms, delay, slept = time.monotonic(), now_ms(), 3.0, 0.0
     synced = bool(run_id) and not pending(run_dir)
     if synced and export is None and not terminate:
         return Finished(run_id)  # nothing to send
@@ -323,7 +259,7 @@ def finish(run_dir: str, uri: str, run_id: str | None, *, terminate: bool, expor
         slept, delay = slept + delay, delay * 2
     d = offline_dir(run_dir)
     if terminate:
-        write_text(join(d, "end.json"), json.dumps({"status": "FINISHED", "end_time": _now_ms()}))
+        write_text(join(d, "end.json"), json.dumps({"status": "FINISHED", "end_time": now_ms()}))
     waited = f" (tried for {time.monotonic() - t0:.0f} s)" if export is not None and not version else ""
     if export is not None and not version:
         write_text(join(d, "register.json"), json.dumps({
@@ -358,7 +294,7 @@ def register_export(export: str | Path, run: str, *, name: str | None = None, al
     kept, rep = {}, None
     is_dir = exists(join(str(run), RUN_FILE)) or exists(join(offline_dir(str(run)), "run.json"))
     if is_dir:
-        kept = _read_json(join(offline_dir(str(run)), "register.json"))
+        kept = read_json(join(offline_dir(str(run)), "register.json"))
         rep = sync_run(str(run), uri or kept.get("tracking_uri"))
         run_id, uri = rep.run_id, rep.tracking_uri
     else:
@@ -378,5 +314,5 @@ def register_export(export: str | Path, run: str, *, name: str | None = None, al
             raise TrackingUnavailable(f"MLflow at {redact(uri)} is unreachable ({reason(e)})") from e
         raise
     if same:
-        _remove(join(offline_dir(str(run)), "register.json"))
+        remove(join(offline_dir(str(run)), "register.json"))
     return version, model_uri, run_id, rep

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import yaml
 
-from data_service.errors import ConfigError
 from data_service.augment import AugmentConfig
+from data_service.errors import ConfigError
 from data_service.synth import SynthConfig
 
-from .config import ModelConfig, preset
+from ..model.config import ModelConfig, preset
+from ..tokens.tokenizer import DEFAULT_BEHAVIOURS, DEFAULT_INTERVAL_WEIGHTS
+from ..tracking.config import TrackingConfig
 from .optim import OptimConfig
-from .tokenizer import DEFAULT_BEHAVIOURS, DEFAULT_INTERVAL_WEIGHTS
 from .warm_start import WarmStartConfig
 
 
@@ -41,7 +42,7 @@ class DataConfig:
     readout_kinds: dict[str, str] = field(default_factory=dict)
     readout_columns: dict[str, str] = field(default_factory=dict)  # angular/categorical: the column to read
     # behaviour -> a fixed divisor for its targets; a behaviour not here is centred and scaled per session
-    # with its own train-split statistics to an RMS of target_rms (pretrain/targets.py)
+    # with its own train-split statistics to an RMS of target_rms (pretrain/tokens/targets.py)
     target_scale: dict[str, float] = field(default_factory=dict)
     target_rms: float = 0.5
     interval_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_INTERVAL_WEIGHTS))
@@ -80,7 +81,7 @@ class TrainConfig:
     seed: int = 0
     eval_sessions: int | None = None  # validate on at most this many sessions (default: all)
     stop_at: int | None = None  # stop (after checkpointing) at this step, as a pre-emption would; resume later
-    # unit embeddings initialised from per-session linear decoders (pretrain/warm_start.py); none = random
+    # unit embeddings initialised from per-session linear decoders (pretrain/run/warm_start.py); none = random
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
 
@@ -92,19 +93,6 @@ class ClusterConfig:
     use_gpu: bool = False
     local_cpus: int | None = None  # logical CPUs of the embedded Ray (default: 2 x cores, so data tasks fit)
     storage_path: str = "runs/ray"
-
-
-@dataclass
-class TrackingConfig:
-    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a local sqlite store under runs/
-    experiment: str = "popscale-pretrain"
-    registered_model: str = "popscale-poyo"
-    # moved to each new version only when set (`popscale pretrain --alias` does too); "latest" is MLflow's
-    alias: str | None = None
-    # where a new experiment keeps its artifacts (models, plots): e.g. s3://bucket/mlflow, so every node and
-    # the registry's users reach them (endpoint: $MLFLOW_S3_ENDPOINT_URL or $AWS_ENDPOINT_URL). None: the
-    # store's default (beside a local sqlite store: runs/mlartifacts). An existing experiment keeps its own.
-    artifact_location: str | None = None
 
 
 @dataclass

@@ -36,9 +36,9 @@ from data_service import intervals as iv
 from data_service.errors import ConfigError, CorpusError
 from data_service.reader import SessionReader
 
-from .labels import LabelBudget, labelled_intervals
+from ..tokens.labels import LabelBudget, labelled_intervals
+from ..tokens.tokenizer import DEFAULT_BEHAVIOURS
 from .metrics import bootstrap_r2, r2_score, sample_groups
-from .tokenizer import DEFAULT_BEHAVIOURS
 
 METHODS = ("ridge", "gru")
 RIDGE_HISTORIES_S = (0.1, 0.25, 0.5, 0.7, 1.0)

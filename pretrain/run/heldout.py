@@ -16,7 +16,7 @@ import torch
 from data_service.augment import AugmentConfig
 from data_service.service import build_batch, window_index
 
-from .loss import weighted_mse
+from ..model.loss import weighted_mse
 from .plan import RunPlan
 
 

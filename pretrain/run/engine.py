@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .build import build_model
 from .optim import build_optimizer, warmup_cosine
 from .plan import RunPlan
 
@@ -64,7 +65,7 @@ def build_engine(plan: RunPlan, where: Placement):
         torch.set_num_threads(max(1, int(plan.run.cluster.cpus_per_worker)))
         skip_cpu_shm_kernel()
     torch.manual_seed(t.seed)
-    model = plan.make_model(where.device)
+    model = build_model(plan, where.device)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=build_optimizer(model, t.optim), config=deepspeed_config(plan, where.world, where.bf16),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(

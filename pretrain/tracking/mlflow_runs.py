@@ -6,7 +6,7 @@ local sqlite file `runs/mlflow.db` (artifacts next to it in `runs/mlartifacts`, 
 config; training rank 0 appends metrics to the same run (by id), so a restarted worker group
 keeps writing into it.
 
-An unreachable server never stops training (pretrain/offline_tracking.py): popscale's own MLflow
+An unreachable server never stops training (pretrain/tracking/offline.py): popscale's own MLflow
 calls give up in seconds (`http_defaults`), a run that could not be created at the start is kept
 locally, and `MLflowSink(..., buffer=True)` keeps what it could not send and sends it when the
 server is back.
@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from .run_config import RunConfig, TrackingConfig
+from data_service.remote import redact
+
+from .config import TrackingConfig
+from .journal import Journal
 
 LOCAL_DB = "runs/mlflow.db"
 LOCAL_ARTIFACTS = "runs/mlartifacts"
@@ -126,19 +129,17 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def start_run(cfg: RunConfig, tags: dict[str, str]) -> str:
-    """Create the run, log the whole config as params; returns the run id."""
+def start_run(cfg: TrackingConfig, name: str, config: dict, tags: dict[str, str]) -> str:
+    """Create the run `name`, log the whole `config` (nested dicts) as params; returns the run id."""
     from mlflow.entities import Param, RunTag
 
-    c = client(cfg.tracking)
-    run = c.create_run(experiment_id(cfg.tracking), run_name=cfg.name, tags=tags)
-    from data_service.remote import redact
-
+    c = client(cfg)
+    run = c.create_run(experiment_id(cfg), run_name=name, tags=tags)
     # a URI's password (tracking.uri = http://user:pw@host) is never stored in the run's params
-    params = [Param(k, redact(v)) for k, v in flatten(cfg.to_dict()).items()]
+    params = [Param(k, redact(v)) for k, v in flatten(config).items()]
     for i in range(0, len(params), 100):
         c.log_batch(run.info.run_id, params=params[i:i + 100])
-    c.log_batch(run.info.run_id, tags=[RunTag("mlflow.note.content", f"popscale pretrain {cfg.name}")])
+    c.log_batch(run.info.run_id, tags=[RunTag("mlflow.note.content", f"popscale pretrain {name}")])
     return run.info.run_id
 
 
@@ -172,7 +173,7 @@ class MLflowSink:
     (tried at most every `retry_s`, doubling to a minute; a TCP probe first, so a server that is
     away costs no timeouts), with one warning when it goes away and one line when it is back.
     `run_dir` (a path or URL) also writes what is kept to the run's offline journal
-    (offline_tracking.py), so `popscale tracking-sync RUN_DIR` sends it if the process ends first;
+    (offline.py), so `popscale tracking-sync RUN_DIR` sends it if the process ends first;
     with `run_id=None` (the run could not be created at the start) everything goes there only."""
 
     MAX_KEPT = 100_000  # records kept in memory; beyond, the oldest are in the journal only
@@ -184,8 +185,6 @@ class MLflowSink:
         self.buffered = buffer or run_dir is not None
         if run_id is None and run_dir is None:
             raise ValueError("MLflowSink: no run to log into (run_id) and no run directory to keep metrics in")
-        from .offline_tracking import Journal
-
         self.journal = Journal(run_dir) if run_dir is not None else None
         self.notify = notify or _stderr
         self.kept: list[dict] = []  # records {step, timestamp, metrics} not sent yet
@@ -199,7 +198,7 @@ class MLflowSink:
         if not self.buffered:
             self._send([record])
             return
-        if self.run_id is None:  # no run yet: the journal is where it goes (offline_tracking.sync_run sends it)
+        if self.run_id is None:  # no run yet: the journal is where it goes (offline.sync_run sends it)
             self.journal.append([record])
             return
         self.kept.append(record)
@@ -270,6 +269,4 @@ class MLflowSink:
 
 
 def _shown(uri: str) -> str:
-    from data_service.remote import redact
-
     return redact(uri)

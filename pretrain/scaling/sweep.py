@@ -35,7 +35,7 @@ from data_service.errors import ConfigError
 from data_service.reader import open_corpus
 from data_service.remote import resolve
 
-from .sweep_plan import Point, SweepConfig, expand, with_storage
+from .plan import Point, SweepConfig, expand, with_storage
 
 
 @dataclass
@@ -60,8 +60,8 @@ def _parent_run(cfg: SweepConfig, sweep_dir: Path, tracking_uri: str, points: li
     """The sweep's MLflow parent run: made once, found again by state.json."""
     from mlflow.entities import Param, RunTag
 
-    from .run_config import TrackingConfig
-    from .tracking import client, experiment_id
+    from ..tracking.config import TrackingConfig
+    from ..tracking.mlflow_runs import client, experiment_id
 
     state_file = sweep_dir / "state.json"
     if state_file.exists():
@@ -106,11 +106,11 @@ def run_point(point: Point, cfg: SweepConfig, held: list[str], sweep_dir: str, p
 
 def _run_point(point: Point, cfg: SweepConfig, held: list[str], sweep_dir: str, parent_run_id: str,
                tracking_uri: str) -> dict:
-    from .heldout import heldout_loss
-    from .launch import pretrain
-    from .plan import RunPlan
-    from .registry import load_exported
-    from .tracking import MLflowSink, client
+    from ..run.heldout import heldout_loss
+    from ..run.launch import pretrain
+    from ..run.plan import RunPlan
+    from ..tracking.export import load_exported
+    from ..tracking.mlflow_runs import MLflowSink, client
 
     root = Path(sweep_dir)
     log = (root / "logs" / f"{point.key}.log").open("a")
@@ -139,7 +139,7 @@ def _run_point(point: Point, cfg: SweepConfig, held: list[str], sweep_dir: str, 
     note(f"held-out loss {loss:.4f} over {windows} windows of the valid split")
     metrics = {"heldout_loss": loss, "heldout_windows": float(windows), "valid_r2_final": pre["valid_r2"]}
     if held:
-        from .adapt import FinetuneConfig, finetune
+        from ..finetune.finetune import FinetuneConfig, finetune
 
         ft = finetune(FinetuneConfig(model=str(export), corpus=run.data.corpus, sessions=list(held), mode="unit-id",
                                      labels=cfg.eval.labels, steps=cfg.eval.steps, batch=cfg.eval.batch,
@@ -151,7 +151,7 @@ def _run_point(point: Point, cfg: SweepConfig, held: list[str], sweep_dir: str, 
         metrics.update({"eval_r2": ft.test_r2, "eval_valid_r2": ft.valid_r2,
                         **{f"eval_r2.{s}": v["test"] for s, v in ft.per_session.items()}})
         note(f"unit-id on {', '.join(held)}: test R2 {ft.test_r2:.4f}")
-    from .run_config import TrackingConfig
+    from ..tracking.config import TrackingConfig
 
     tracking = TrackingConfig(uri=tracking_uri, experiment=cfg.experiment)
     MLflowSink(tracking, run_id).log(metrics, int(point.figures["steps"]))
@@ -170,9 +170,9 @@ def run_sweep(cfg: SweepConfig, tracking_uri: str | None = None, notify: Callabl
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .launch import ensure_corpus, init_ray
-    from .run_config import TrackingConfig
-    from .tracking import tracking_uri as resolve_uri
+    from ..run.launch import ensure_corpus, init_ray
+    from ..tracking.config import TrackingConfig
+    from ..tracking.mlflow_runs import tracking_uri as resolve_uri
 
     t0 = time.time()
     base = cfg.base_run()

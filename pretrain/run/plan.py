@@ -5,7 +5,7 @@ sessions are streamed, the unit and session vocabularies (in embedding-row order
 sessions are validated, the readouts with the behaviours they decode and every session's
 target statistics (targets.py), the window and latent geometry, the window index and its
 fingerprint, and the warm-start weights. Workers, the data service and the exporter read the plan; none of them re-derives any
-of it, and none needs a model object (the tokenizer is built on the plan's frozen vocabularies).
+of it, and the plan holds no model: build.py makes one from it (the tokenizer is built on the plan's frozen vocabularies).
 
 The plan is a plain dataclass: it crosses Ray's serialisation as it is, and `save`/`load`
 write it into each checkpoint and the run directory as JSON (`to_dict`/`from_dict`), so a
@@ -13,7 +13,7 @@ checkpoint can be exported, resumed or adapted with nothing else.
 
     plan = build_plan(load_config("configs/demo.yaml"))
     spec = plan.service_spec()            # what the data service needs
-    model = plan.make_model()             # vocabularies and warm start applied
+    model = build_model(plan)             # build.py: vocabularies and warm start applied
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from data_service.remote import join, read_text, write_text
 from data_service.service import ServiceSpec
 from data_service.window_index import IndexConfig, index_fingerprint
 
-from .config import ModelConfig
-from .run_config import RunConfig, from_dict
-from .targets import target_stats
-from .tokenizer import Tokenizer, TokenizerConfig
-from .vocab import StaticVocab
+from ..model.config import ModelConfig
+from ..model.vocab import StaticVocab
+from ..tokens.targets import target_stats
+from ..tokens.tokenizer import Tokenizer, TokenizerConfig
+from .config import RunConfig, from_dict
 
 PLAN_FILE = "plan.json"
 FORMAT_VERSION = 1
@@ -89,63 +89,6 @@ class RunPlan:
         return ServiceSpec(corpus=self.corpus, index=self.index, tokenizer=self.make_tokenizer(),
                            global_batch=d.global_batch, seed=d.seed, augment=d.augment,
                            index_fingerprint=self.index_fingerprint, skip_bad_windows=d.skip_bad_windows)
-
-    def make_model(self, device="cpu"):
-        """The model this plan trains, warm start applied (seed torch first: rows start random)."""
-        from .model import POYO
-        from .warm_start import apply_warm_start
-
-        if self.adapt is None:
-            model = POYO(self.model, self.unit_vocab, self.session_vocab, device=device)
-        else:
-            model = self._adapted_model(device)
-        if self.warm_start is not None:
-            apply_warm_start(model, self.warm_start)
-        return model
-
-    def _adapted_model(self, device):
-        """The source model with the plan's sessions added (new rows ~ N(0, init scale), old rows
-        untouched); with `trainable=new`, everything else frozen and only those rows take gradients."""
-        import torch
-
-        from .registry import load_exported
-
-        a = self.adapt
-        model, _ = load_exported(a.source, device=device)
-        model.train()
-        if a.reinit:
-            with torch.no_grad():
-                for emb, ids in ((model.unit_emb, a.units), (model.session_emb, self.sessions)):
-                    known = [i for i in ids if i in emb.index]
-                    rows = torch.as_tensor(emb.lookup(known), device=emb.weight.device)
-                    emb.weight[rows] = torch.randn(len(known), emb.dim, device=emb.weight.device) * emb.init_scale
-        for name in a.new_readouts:
-            if name not in model.readouts:
-                model.add_readout(name, self.model.readouts[name])
-        if model.readout_names != list(self.model.readouts):
-            raise PlanMismatch(f"the model at {a.source} has readouts {model.readout_names}, the plan "
-                               f"{list(self.model.readouts)}")
-        model.unit_emb.extend(self.unit_vocab)
-        model.session_emb.extend(self.session_vocab)
-        if model.unit_emb.ids != self.unit_vocab or model.session_emb.ids != self.session_vocab:
-            raise PlanMismatch(f"the model at {a.source} does not have the plan's vocabularies in the plan's order")
-        if a.trainable == "new":
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for emb, ids in ((model.unit_emb, a.units), (model.session_emb, self.sessions)):
-                mask = torch.zeros(len(emb), 1, device=emb.weight.device)
-                mask[torch.as_tensor(emb.lookup(ids), device=mask.device)] = 1.0
-                emb.weight.requires_grad_(True)
-                emb.weight.register_hook(lambda g, m=mask: g * m)  # other rows: exactly zero gradient
-            for name in a.new_readouts:
-                model.readouts[name].requires_grad_(True)
-            if a.new_readouts:
-                emb = model.readout_emb
-                mask = torch.zeros(emb.weight.shape[0], 1, device=emb.weight.device)
-                mask[[model.readout_names.index(n) for n in a.new_readouts]] = 1.0
-                emb.weight.requires_grad_(True)
-                emb.weight.register_hook(lambda g, m=mask: g * m)
-        return model
 
     # ---- serialisation --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -205,7 +148,7 @@ def training_sessions(run: RunConfig, corpus: Corpus, tok: TokenizerConfig) -> l
 
 def labelled_parts(run: RunConfig, corpus: Corpus, sessions: list[str]) -> dict[str, np.ndarray] | None:
     """Each session's labelled part under `data.labels` (None: the whole train split)."""
-    from .labels import LabelBudget, labelled_intervals
+    from ..tokens.labels import LabelBudget, labelled_intervals
 
     budget = LabelBudget.parse(run.data.labels)
     if budget.everything:
@@ -217,7 +160,7 @@ def labelled_parts(run: RunConfig, corpus: Corpus, sessions: list[str]) -> dict[
 
 def _stretches(run: RunConfig, corpus: Corpus, within: dict[str, np.ndarray]) -> dict[str, list]:
     """The window index's intervals for labelled parts (labels.window_stretches)."""
-    from .labels import window_stretches
+    from ..tokens.labels import window_stretches
 
     decoded = [b for bs in run.data.readouts.values() for b in bs]
     return {s: window_stretches(corpus.session(s), r, run.data.window_s, decoded).tolist() for s, r in within.items()}

@@ -35,12 +35,12 @@ from data_service.errors import ConfigError, CorpusError
 from data_service.reader import Corpus, open_corpus
 from data_service.window_index import IndexConfig, index_fingerprint
 
-from .labels import LabelBudget, labelled_intervals, window_stretches
-from .plan import Adaptation, RunPlan
-from .run_config import RunConfig, from_dict
-from .targets import target_stats
-from .tokenizer import Readout, TokenizerConfig
-from .warm_start import WarmStartConfig
+from ..run.config import RunConfig, from_dict
+from ..run.plan import Adaptation, RunPlan
+from ..run.warm_start import WarmStartConfig
+from ..tokens.labels import LabelBudget, labelled_intervals, window_stretches
+from ..tokens.targets import target_stats
+from ..tokens.tokenizer import Readout, TokenizerConfig
 
 MODES = ("unit-id", "full", "unit-id-then-full")
 
@@ -190,7 +190,7 @@ def _check_sessions(corpus: Corpus, cfg: FinetuneConfig, tok: TokenizerConfig, k
 
 def _base_run(src: Path) -> RunConfig:
     """The run config the source model was trained with (its plan), else the defaults."""
-    from .plan import PLAN_FILE
+    from ..run.plan import PLAN_FILE
 
     if (src / PLAN_FILE).exists():
         return copy.deepcopy(RunPlan.load(src).run)
@@ -224,7 +224,7 @@ def plan_adaptation(cfg: FinetuneConfig, src: Path, corpus: Corpus, progress: bo
                     ) -> tuple[RunPlan, dict[str, np.ndarray]]:
     """The plan of the first phase, and the labelled intervals of each session. Raises on any bad
     input before anything is written."""
-    from .registry import load_exported
+    from ..tracking.export import load_exported
 
     model, source_tok = load_exported(src)
     tok = copy.deepcopy(source_tok.cfg)
@@ -259,7 +259,7 @@ def plan_adaptation(cfg: FinetuneConfig, src: Path, corpus: Corpus, progress: bo
                                    for s in cfg.sessions})
     table = None
     if warm == "ridge":
-        from .warm_start import unit_directions
+        from ..run.warm_start import unit_directions
 
         rows = unit_directions(corpus, cfg.sessions, tok, run.train.warm_start, progress=progress, within=labelled)
         table = np.full((len(units), rows.shape[1]), np.nan, dtype=np.float32)
@@ -277,7 +277,7 @@ def plan_adaptation(cfg: FinetuneConfig, src: Path, corpus: Corpus, progress: bo
 # ---- running it ---------------------------------------------------------------------------------------------
 def _source(cfg: FinetuneConfig, tracking_uri: str) -> tuple[str, str, str, Path]:
     """(name, version, uri, local directory) of the source model."""
-    from .registry import locate
+    from ..tracking.registry import locate
 
     ref, path = locate(cfg.model, tracking_uri, cfg.cache)
     return ref.name, ref.version, ref.uri, path
@@ -288,12 +288,13 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .evaluate import evaluate, plot_session
-    from .registry import export_model, model_card, provenance, register
-    from .run_config import TrackingConfig
-    from .sinks import MemorySink, Sinks
-    from .tracking import MLflowSink, client, experiment_id, flatten, tracking_uri
-    from .train import train_in_process
+    from ..decoding.evaluate import evaluate, plot_session
+    from ..run.sinks import MemorySink, Sinks
+    from ..run.train import train_in_process
+    from ..tracking.config import TrackingConfig
+    from ..tracking.export import export_model, model_card, provenance
+    from ..tracking.mlflow_runs import MLflowSink, client, experiment_id, flatten, tracking_uri
+    from ..tracking.registry import register
 
     t0 = time.time()
     tracking = TrackingConfig(uri=cfg.tracking_uri, experiment=cfg.experiment)

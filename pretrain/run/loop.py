@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .batch import PackedBatch
+from ..model.batch import PackedBatch
+from ..model.loss import weighted_mse
 from .hooks import LoopHooks
-from .loss import weighted_mse
 from .plan import RunPlan
 from .sinks import MetricsSink
 

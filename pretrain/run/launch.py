@@ -21,9 +21,9 @@ from typing import Callable
 from data_service.errors import CorpusError, find_corpus_error
 from data_service.remote import exists, is_url, join, listdir, pyarrow_filesystem, read_text, resolve, storage_arg, write_text
 
+from .config import RunConfig
 from .hooks import FaultAndRecord, LoopHooks
 from .plan import PlanMismatch, RunPlan, build_plan
-from .run_config import RunConfig
 from .train import WorkerArgs, ray_worker
 
 RUN_FILE = "popscale_run.json"
@@ -193,9 +193,10 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .offline_tracking import finish, resume_tracking, start_run_or_offline, storable_uri
-    from .registry import export_checkpoint, model_card, provenance
-    from .tracking import tracking_uri
+    from ..tracking.export import model_card, provenance
+    from ..tracking.mlflow_runs import tracking_uri
+    from ..tracking.offline import finish, resume_tracking, start_run_or_offline, storable_uri
+    from .export import export_checkpoint
 
     t0 = time.time()
     alias = alias or run.tracking.alias
@@ -227,7 +228,7 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
            f"(if it stops, the same command with --resume {name} continues it)")
     init_ray(run)
     if not meta:
-        from .flops import forward_flops, parameters
+        from ..model.flops import forward_flops, parameters
 
         tags = {"corpus": run.data.corpus, "corpus_fingerprint": plan.corpus_fingerprint, "ray_run": name,
                 "n_sessions": str(len(plan.sessions)), "n_units": str(len(plan.unit_vocab)),
@@ -235,8 +236,8 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
                 "train_gflops_per_sample_2k_spikes":
                     f"{3 * forward_flops(plan.model, 2000, 100, plan.tokenizer.geometry.n_latents) / 1e9:.2f}",
                 **(tags or {})}
-        # with the server away: no run id yet, the run is kept in run_dir (pretrain/offline_tracking.py)
-        meta = {"name": name, "mlflow_run_id": start_run_or_offline(run, tags, str(run_dir), name, notify),
+        # with the server away: no run id yet, the run is kept in run_dir (pretrain/tracking/offline.py)
+        meta = {"name": name, "mlflow_run_id": start_run_or_offline(run.tracking, run.name, run.to_dict(), tags, str(run_dir), name, notify),
                 "tracking_uri": storable_uri(run.tracking.uri)}
         plan.save(run_dir)
         write_text(join(run_dir, RUN_FILE), json.dumps(meta))
@@ -288,7 +289,7 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
                                      "ray_run": name}}
     # Register, and set the run FINISHED when it is complete (a stopped one stays RUNNING until
     # resumed). With the server away registration is tried for about a minute, then it and the
-    # run's end are left to the one command printed (offline_tracking.finish); the export stays.
+    # run's end are left to the one command printed (offline.finish); the export stays.
     fin = finish(str(run_dir), uri, meta["mlflow_run_id"], terminate=not stopped_early,
                  export=export if register_model else None, notify=notify, **registration)
     model_uri = fin.model_uri or (str(export) if export is not None else "")
