@@ -293,8 +293,8 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
     from ..run.train import train_in_process
     from ..tracking.config import TrackingConfig
     from ..tracking.export import export_model, model_card, provenance
-    from ..tracking.mlflow_runs import MLflowSink, client, experiment_id, flatten, tracking_uri
-    from ..tracking.registry import register
+    from ..tracking.mlflow_runs import tracking_uri
+    from ..tracking.tracked_run import TrackedRun
 
     t0 = time.time()
     tracking = TrackingConfig(uri=cfg.tracking_uri, experiment=cfg.experiment)
@@ -312,16 +312,12 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
            f"({len(plan.adapt.units)} new units; labels {cfg.labels}: "
            + ", ".join(f"{s} {v:.0f} s" for s, v in labelled_s.items()) + ")")
 
-    c = client(tracking)
-    run = c.create_run(experiment_id(tracking), run_name=name,
-                       tags={"source_model": src_name, "source_version": src_version, "source_uri": src_uri,
-                             "mode": cfg.mode, "labels": cfg.labels, "sessions": ",".join(cfg.sessions),
-                             **cfg.tags})
-    run_id = run.info.run_id
-    from mlflow.entities import Param
-
-    params = [Param(k, v) for k, v in flatten(asdict(cfg)).items()]
-    c.log_batch(run_id, params=params)
+    # with the server away the run is kept in `out` and sent later (`popscale tracking-sync OUT`)
+    run = TrackedRun.start(tracking, out, name, asdict(cfg), "finetune", notify=notify,
+                           tags={"source_model": src_name, "source_version": src_version, "source_uri": src_uri,
+                                 "mode": cfg.mode, "labels": cfg.labels, "sessions": ",".join(cfg.sessions),
+                                 **cfg.tags})
+    tracked = run.sink()
     memory = MemorySink()
     phases = [plan]
     if cfg.mode == "unit-id-then-full":
@@ -342,7 +338,7 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
                     p = replace(p, warm_start=None, index=replace(p.index, seed=p.run.data.seed),
                                 adapt=Adaptation(str(start), p.adapt.units, "all", False, p.adapt.new_readouts))
                     p.index_fingerprint = index_fingerprint(p.corpus_fingerprint, p.index)
-                sink = Sinks(memory, MLflowSink(tracking, run_id), _Bar(bar, task))
+                sink = Sinks(memory, tracked, _Bar(bar, task))
 
                 def select(evaluator, prev=selector, off=offset):
                     return BestValid(evaluator, prev.best if prev else -np.inf, prev.state if prev else None, off)
@@ -364,12 +360,12 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
         valid_r2 = float(np.nanmean([v["valid"] for v in per.values()]))
         metrics = {"test_r2": test_r2, "valid_r2_best": valid_r2, "best_step": float(selector.best_step),
                    **{f"test_r2.{s}": v["test"] for s, v in per.items()}}
-        MLflowSink(tracking, run_id).log(metrics, cfg.steps)
+        tracked.log(metrics, cfg.steps)
         with tempfile.TemporaryDirectory() as tmp:
             for s, r in test.items():
-                c.log_artifact(run_id, plot_session(r, f"{tmp}/test_decoded_vs_true_{s}.png", split="test"), "plots")
+                run.artifact(plot_session(r, f"{tmp}/test_decoded_vs_true_{s}.png", split="test"), "plots")
         final = plan if len(phases) == 1 else replace(plan, adapt=replace(plan.adapt, trainable="all"))
-        prov = provenance({"corpus": plan.corpus, "corpus_fingerprint": plan.corpus_fingerprint, "mlflow_run_id": run_id,
+        prov = provenance({"corpus": plan.corpus, "corpus_fingerprint": plan.corpus_fingerprint, "mlflow_run_id": run.run_id or "",
                            "source_model": src_uri, "mode": cfg.mode, "labels": cfg.labels,
                            "adapted_sessions": list(cfg.sessions)})
         export = export_model(model, plan.tokenizer, out / "export", prov)
@@ -378,15 +374,16 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
                    data=f"Adapted ({cfg.mode}, {cfg.steps} steps) to {', '.join(cfg.sessions)} of {plan.corpus} with "
                         f"{cfg.labels} of the train split's labels.", metrics={"test_r2": test_r2, "valid_r2": valid_r2},
                    lineage=f"from {src_uri}")
-        model_uri = str(export)
-        if cfg.register:
-            _, model_uri = register(uri, run_id, export, cfg.register, cfg.alias,
-                                    tags={"kind": "finetuned", "source_model": src_uri, "mode": cfg.mode,
-                                          "labels": cfg.labels, "sessions": ",".join(cfg.sessions),
-                                          "test_r2": f"{test_r2:.4f}", "git_commit": prov["git_commit"]})
+        # registered and the run set FINISHED; with the server away, both left to the one command printed
+        fin = run.finish(export=export if cfg.register else None, model_name=cfg.register or "", alias=cfg.alias,
+                         tags={"kind": "finetuned", "source_model": src_uri, "mode": cfg.mode, "labels": cfg.labels,
+                               "sessions": ",".join(cfg.sessions), "test_r2": f"{test_r2:.4f}",
+                               "git_commit": prov["git_commit"]})
+        model_uri = fin.model_uri or str(export)
         ok = True
     finally:
-        c.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+        if not ok:
+            run.failed()
     return FinetuneResult(name=name, mode=cfg.mode, labels=cfg.labels, test_r2=test_r2, valid_r2=valid_r2,
                           per_session=per, model_uri=model_uri, source=src_uri, export=export,
                           seconds=time.time() - t0, best_step=selector.best_step, labelled_s=labelled_s)

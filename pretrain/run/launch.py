@@ -237,7 +237,8 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
                     f"{3 * forward_flops(plan.model, 2000, 100, plan.tokenizer.geometry.n_latents) / 1e9:.2f}",
                 **(tags or {})}
         # with the server away: no run id yet, the run is kept in run_dir (pretrain/tracking/offline.py)
-        meta = {"name": name, "mlflow_run_id": start_run_or_offline(run.tracking, run.name, run.to_dict(), tags, str(run_dir), name, notify),
+        meta = {"name": name, "mlflow_run_id": start_run_or_offline(run.tracking, run.name, run.to_dict(), tags, str(run_dir),
+                                                              f"popscale pretrain --resume {name}", notify),
                 "tracking_uri": storable_uri(run.tracking.uri)}
         plan.save(run_dir)
         write_text(join(run_dir, RUN_FILE), json.dumps(meta))

@@ -129,8 +129,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def start_run(cfg: TrackingConfig, name: str, config: dict, tags: dict[str, str]) -> str:
-    """Create the run `name`, log the whole `config` (nested dicts) as params; returns the run id."""
+def start_run(cfg: TrackingConfig, name: str, config: dict, tags: dict[str, str], command: str = "pretrain") -> str:
+    """Create the run `name` of `popscale COMMAND`, log the whole `config` (nested dicts) as params;
+    returns the run id."""
     from mlflow.entities import Param, RunTag
 
     c = client(cfg)
@@ -139,7 +140,7 @@ def start_run(cfg: TrackingConfig, name: str, config: dict, tags: dict[str, str]
     params = [Param(k, redact(v)) for k, v in flatten(config).items()]
     for i in range(0, len(params), 100):
         c.log_batch(run.info.run_id, params=params[i:i + 100])
-    c.log_batch(run.info.run_id, tags=[RunTag("mlflow.note.content", f"popscale pretrain {name}")])
+    c.log_batch(run.info.run_id, tags=[RunTag("mlflow.note.content", f"popscale {command} {name}")])
     return run.info.run_id
 
 

@@ -62,16 +62,18 @@ def storable_uri(uri: str) -> str | None:
 
 # ---- the start: a run that could not be created ----------------------------------------------------------
 def start_run_or_offline(cfg: TrackingConfig, run_name: str, config: dict, tags: dict[str, str], run_dir: str,
-                         name: str, notify: Callable[[str], None] = print) -> str | None:
+                         resume: str | None = None, notify: Callable[[str], None] = print,
+                         command: str = "pretrain") -> str | None:
     """mlflow_runs.start_run, or, with the server away (one warning), the run kept in `run_dir`
-    for `sync_run` to create later; returns the run id, or None. `name`: what resumes it."""
+    for `sync_run` to create later; returns the run id, or None. `resume`: the command that
+    continues the run (and sends what it kept), when there is one."""
     key = uuid.uuid4().hex
     tags = {**tags, KEY_TAG: key}
     uri = tracking_uri(cfg)
     why = unreachable(uri)
     if why is None:
         try:
-            return start_run(cfg, run_name, config, tags)
+            return start_run(cfg, run_name, config, tags, command)
         except Exception as e:  # noqa: BLE001 - a server that is away does not stop training
             if not transient(e):
                 raise
@@ -79,11 +81,11 @@ def start_run_or_offline(cfg: TrackingConfig, run_name: str, config: dict, tags:
     record = {"key": key, "tracking_uri": storable_uri(uri), "experiment": cfg.experiment,
               "artifact_location": cfg.artifact_location, "run_name": run_name, "tags": tags,
               "params": {k: redact(v) for k, v in flatten(config).items()},
-              "note": f"popscale pretrain {run_name}", "start_time": now_ms()}
+              "note": f"popscale {command} {run_name}", "start_time": now_ms()}
     write_text(join(offline_dir(run_dir), "run.json"), json.dumps(record))
     notify(f"warning: MLflow at {redact(uri)} is unreachable ({why}): training goes on without it; the run's "
            f"params and metrics are kept in {offline_dir(run_dir)} and sent by `popscale tracking-sync {run_dir}` "
-           f"(or `popscale pretrain --resume {name}`) once it is back")
+           + (f" (or `{resume}`)" if resume else "") + " once it is back")
     return None
 
 
