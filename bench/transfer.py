@@ -97,7 +97,7 @@ def pretrained(out: Path, corpus: Path, held: str, steps: int) -> Path:
 def scratch(out: Path, corpus: Path, held: str, labels: str, seed: int, steps: int) -> dict:
     """The demo recipe trained from nothing on the labelled part of `held` alone, validated on the
     same schedule as the adaptations and kept at its best validation; test R2 with its interval."""
-    from pretrain.finetune.finetune import BestValid
+    from pretrain.finetune.select import BestValid
     from pretrain.decoding.evaluate import evaluate
     from pretrain.run.plan import build_plan
     from pretrain.run.config import load_config
@@ -139,7 +139,8 @@ def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int
                 "labelled_s": r.labelled_s, "seconds": time.time() - t0, **common}
     if arm == "scratch":
         return {**scratch(out, corpus, held, labels, seed, steps), "seconds": time.time() - t0, **common}
-    from pretrain.finetune.finetune import FinetuneConfig, finetune
+    from pretrain.finetune.config import FinetuneConfig
+    from pretrain.finetune.finetune import finetune
 
     src = pretrained(out, corpus, held, pre_steps)
     if arm == "unit-id-x5":

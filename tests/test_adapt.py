@@ -25,7 +25,9 @@ from data_service.reader import open_corpus  # noqa: E402
 from data_service.splits import make_splits  # noqa: E402
 from data_service.store import CorpusStore  # noqa: E402
 from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
-from pretrain.finetune.finetune import FinetuneConfig, finetune, plan_adaptation  # noqa: E402
+from pretrain.finetune.config import FinetuneConfig  # noqa: E402
+from pretrain.finetune.finetune import finetune
+from pretrain.finetune.plan import plan_adaptation
 from pretrain.run.config import load_config  # noqa: E402
 from pretrain.run.export import export_checkpoint
 from pretrain.run.train import train_in_process  # noqa: E402

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from pretrain.decoding.metrics import bootstrap_r2, r2_score, sample_groups
-from pretrain.finetune.finetune import improves
+from pretrain.finetune.select import improves
 
 
 def test_r2_matches_sklearns_definition_including_constant_targets():

@@ -212,7 +212,8 @@ def finetune_while_away(tmp_path: Path, uri: str) -> dict:
     metrics kept in its run directory."""
     from data_service.reader import open_corpus
     from data_service.synth import SynthConfig, synth_corpus
-    from pretrain.finetune.finetune import FinetuneConfig, finetune
+    from pretrain.finetune.config import FinetuneConfig
+    from pretrain.finetune.finetune import finetune
     from pretrain.run.config import load_config
     from pretrain.run.export import export_checkpoint
     from pretrain.run.plan import build_plan

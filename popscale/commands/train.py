@@ -70,7 +70,8 @@ def add_finetune(sub) -> None:
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
-    from pretrain.finetune.finetune import FinetuneConfig, finetune
+    from pretrain.finetune.config import FinetuneConfig
+    from pretrain.finetune.finetune import finetune
 
     cfg = FinetuneConfig(model=a.model, corpus=a.corpus, sessions=a.session or [], mode=a.mode, labels=a.labels,
                          steps=a.steps, unfreeze_after=a.unfreeze_after, batch=a.batch, seed=a.seed,

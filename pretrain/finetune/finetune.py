@@ -19,139 +19,23 @@ with the best validation R² (validation split only; test is scored once, at the
 
 from __future__ import annotations
 
-import copy
-import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from data_service import intervals as iv
-from data_service.errors import ConfigError, CorpusError
-from data_service.reader import Corpus, open_corpus
-from data_service.window_index import IndexConfig, index_fingerprint
+from data_service.reader import open_corpus
+from data_service.window_index import index_fingerprint
 
-from ..run.config import RunConfig, from_dict
-from ..run.plan import Adaptation, RunPlan
-from ..run.warm_start import WarmStartConfig
-from ..tokens.labels import LabelBudget, labelled_intervals, window_stretches
-from ..tokens.targets import target_stats
-from ..tokens.tokenizer import Readout, TokenizerConfig
-
-MODES = ("unit-id", "full", "unit-id-then-full")
-
-
-@dataclass
-class FinetuneConfig:
-    model: str  # models:/NAME@ALIAS, models:/NAME/VERSION, or an exported model directory
-    corpus: str
-    sessions: list[str]
-    mode: str = "unit-id"  # unit-id | full | unit-id-then-full
-    labels: str = "100%"  # a fraction of the labelled train time (10%) or a duration (2m, 90s)
-    steps: int = 100
-    unfreeze_after: int | None = None  # unit-id-then-full: steps of unit-id first (default: half)
-    lr_unit_id: float = 1e-2  # new embedding rows alone can move fast
-    lr_full: float = 1e-3
-    batch: int = 16
-    seed: int = 0  # the label draw and the training
-    eval_every: int = 25
-    warm_start: str = "auto"  # auto: as the source model was pretrained | ridge | none
-    replace_session: bool = False  # adapt to a session already in the model (its rows start afresh)
-    register: str | None = None  # register the adapted model under this name
-    alias: str | None = None  # and point this alias at it
-    tracking_uri: str | None = None
-    experiment: str = "popscale-finetune"
-    out: str = "runs/finetune"
-    name: str | None = None
-    cache: str = "runs/models"
-    # readouts to add, for behaviours the model was not pretrained on: NAME:KIND:DIMS=BEHAVIOUR[,BEHAVIOUR...]
-    readouts: list[str] = field(default_factory=list)
-    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow run tags (a sweep nests it: mlflow.parentRunId)
-
-    def __post_init__(self) -> None:
-        for spec in self.readouts:
-            parse_readout(spec)
-        if self.mode not in MODES:
-            raise ConfigError(f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
-        if self.steps < 1 or self.batch < 1 or self.eval_every < 1:
-            raise ConfigError("--steps, --batch and --eval-every must be at least 1")
-        if self.warm_start not in ("auto", "ridge", "none"):
-            raise ConfigError(f"--warm-start {self.warm_start!r}: expected auto, ridge or none")
-        if self.mode == "unit-id-then-full":
-            k = self.steps // 2 if self.unfreeze_after is None else self.unfreeze_after
-            if not 0 < k < self.steps:
-                raise ConfigError(f"--unfreeze-after {k}: must be between 1 and --steps - 1 ({self.steps - 1})")
-        elif self.unfreeze_after is not None:
-            raise ConfigError("--unfreeze-after applies to --mode unit-id-then-full only")
-        if not self.sessions:
-            raise ConfigError("name at least one --session to adapt to")
-
-
-@dataclass
-class FinetuneResult:
-    name: str
-    mode: str
-    labels: str
-    test_r2: float
-    valid_r2: float
-    # session -> {"test": r2, "test_ci": [low, high] (95 % bootstrap over trials / blocks), "valid": r2,
-    # "valid_s": seconds of validation the model selection scored on (the whole valid split, whatever the budget)}
-    per_session: dict[str, dict]
-    model_uri: str  # models:/NAME/VERSION when registered, else the exported directory
-    source: str  # the source model's models:/ URI (or directory)
-    export: Path
-    seconds: float
-    best_step: int
-    labelled_s: dict[str, float] = field(default_factory=dict)
-
-
-def parse_readout(spec: str) -> Readout:
-    """`head_direction:angular:2=compass_direction` -> Readout (kinds: tokenizer.KINDS)."""
-    head, eq, behaviours = spec.partition("=")
-    parts = head.split(":")
-    if not eq or len(parts) != 3 or not behaviours or not parts[2].strip().isdigit():
-        raise ConfigError(f"--readout {spec!r}: expected NAME:KIND:DIMS=BEHAVIOUR[,BEHAVIOUR...], e.g. "
-                          "head_direction:angular:2=compass_direction[ry] or target:categorical:8=target_id")
-    names, column = [], None
-    for b in (x.strip() for x in behaviours.split(",") if x.strip()):
-        if b.endswith("]") and "[" in b:  # compass_direction[ry]: one column of a multi-column behaviour
-            b, column = b[:-1].split("[", 1)
-        names.append(b)
-    try:
-        return Readout(parts[0].strip(), int(parts[2]), names, parts[1].strip(), column)
-    except ValueError as e:
-        raise ConfigError(f"--readout {spec!r}: {e}") from None
-
-
-def improves(r2: float, best: float) -> bool:
-    """Whether a validation figure replaces the best so far: a NaN (a diverged model) never
-    replaces a finite best; while nothing finite has been seen (no validation data) the latest
-    weights are kept."""
-    if np.isfinite(best):
-        return bool(np.isfinite(r2) and r2 > best)
-    return True
-
-
-class BestValid:
-    """Model selection on the validation split: stands in front of the loop's evaluator and keeps
-    a copy of the weights whenever the validation R² is the best so far."""
-
-    def __init__(self, evaluator, best: float = -np.inf, state: dict | None = None, step_offset: int = 0) -> None:
-        self.evaluator, self.best, self.state, self.best_step = evaluator, best, state, 0
-        self.step_offset = step_offset
-
-    def __call__(self, model, step: int, sink) -> dict[str, float]:
-        m = self.evaluator(model, step, sink)
-        r2 = m.get("valid_r2", float("nan"))
-        if self.state is None or improves(r2, self.best):
-            self.best, self.best_step = r2, step + self.step_offset
-            self.state = {k: v.detach().clone() if hasattr(v, "detach") else copy.deepcopy(v)
-                          for k, v in model.state_dict().items()}
-        return m
+from ..run.plan import Adaptation
+from .config import FinetuneConfig, FinetuneResult
+from .plan import phase_run, plan_adaptation
+from .select import BestValid
 
 
 class _Bar:
@@ -167,111 +51,6 @@ class _Bar:
 
     def artifact(self, path: str, folder: str) -> None:
         pass
-
-
-# ---- checking what was asked, before anything is written -------------------------------------------------
-def _check_sessions(corpus: Corpus, cfg: FinetuneConfig, tok: TokenizerConfig, known: set[str]) -> None:
-    missing = [s for s in cfg.sessions if s not in corpus.rows]
-    if missing:
-        raise CorpusError(f"session(s) {missing} are not in the corpus (it has {corpus.session_ids[:8]}"
-                          f"{' ...' if len(corpus.session_ids) > 8 else ''})", file=str(corpus.root))
-    seen = [s for s in cfg.sessions if s in known]
-    if seen and not cfg.replace_session:
-        raise ConfigError(f"session(s) {seen} are already in the model's vocabulary: it was trained on them "
-                          "(--replace-session adapts afresh, replacing their rows)")
-    wanted = {r.name: r.behaviours for r in tok.readouts}
-    for sid in cfg.sessions:
-        have = corpus.session(sid).behaviour_names
-        if not any(b in have for bs in wanted.values() for b in bs):
-            raise CorpusError(f"the session has no behaviour the model decodes (readouts {wanted}; the session "
-                              f"has {have or 'none'}); add a readout for one: --readout NAME:KIND:DIMS=BEHAVIOUR",
-                              file=str(corpus.root), session=sid, field="behaviour")
-
-
-def _base_run(src: Path) -> RunConfig:
-    """The run config the source model was trained with (its plan), else the defaults."""
-    from ..run.plan import PLAN_FILE
-
-    if (src / PLAN_FILE).exists():
-        return copy.deepcopy(RunPlan.load(src).run)
-    return from_dict({})
-
-
-def _phase_run(base: RunConfig, cfg: FinetuneConfig, tok: TokenizerConfig, corpus: str, steps: int, lr: float,
-               seed_offset: int, warm: str) -> RunConfig:
-    run = copy.deepcopy(base)
-    run.name = cfg.name or "finetune"
-    d, t = run.data, run.train
-    d.corpus, d.synth, d.sessions, d.loader = corpus, None, list(cfg.sessions), "local"
-    d.window_s, d.global_batch, d.seed = tok.geometry.window_s, cfg.batch, cfg.seed + seed_offset
-    d.readouts = {r.name: list(r.behaviours) for r in tok.readouts}
-    d.readout_kinds = {r.name: r.kind for r in tok.readouts if r.kind != "continuous"}
-    d.readout_columns = {r.name: r.column for r in tok.readouts if r.column is not None}
-    run.model_overrides = {**run.model_overrides, "readouts": {r.name: r.dims for r in tok.readouts}}
-    d.target_scale, d.target_rms, d.interval_weights = dict(tok.target_scale), tok.target_rms, dict(tok.interval_weights)
-    d.session_weights = {}
-    t.steps, t.stop_at, t.grad_accum, t.seed = steps, None, 1, cfg.seed
-    t.optim = replace(t.optim, lr=lr)
-    t.warmup_steps = min(10, max(1, steps // 10))
-    t.eval_every, t.checkpoint_every, t.log_every = cfg.eval_every, steps, max(1, min(5, steps // 10))
-    t.eval_sessions = None
-    t.warm_start = replace(t.warm_start, method=warm) if warm != "none" else WarmStartConfig("none")
-    run.cluster = replace(run.cluster, num_workers=1, cpus_per_worker=float(os.cpu_count() or 1), use_gpu=False)
-    return run
-
-
-def plan_adaptation(cfg: FinetuneConfig, src: Path, corpus: Corpus, progress: bool = False
-                    ) -> tuple[RunPlan, dict[str, np.ndarray]]:
-    """The plan of the first phase, and the labelled intervals of each session. Raises on any bad
-    input before anything is written."""
-    from ..tracking.export import load_exported
-
-    model, source_tok = load_exported(src)
-    tok = copy.deepcopy(source_tok.cfg)
-    added = [parse_readout(x) for x in cfg.readouts]
-    clash = [r.name for r in added if r.name in model.readouts]
-    if clash:
-        raise ConfigError(f"--readout: the model already has readout(s) {clash}")
-    tok.readouts += added
-    model_cfg = replace(model.cfg, readouts={**model.cfg.readouts, **{r.name: r.dims for r in added}})
-    _check_sessions(corpus, cfg, tok, set(model.session_emb.ids))
-    budget = LabelBudget.parse(cfg.labels)
-    window = tok.geometry.window_s
-    decoded = [b for r in tok.readouts for b in r.behaviours]
-    labelled = {s: labelled_intervals(corpus.session(s), budget, cfg.seed, window, file=str(corpus.root),
-                                      behaviours=decoded) for s in cfg.sessions}
-    tok.target_stats.update(target_stats(corpus, cfg.sessions, tok.readouts, tok.target_scale, within=labelled))
-    base = _base_run(src)
-    warm = cfg.warm_start if cfg.warm_start != "auto" else base.train.warm_start.method
-    first_mode = "new" if cfg.mode.startswith("unit-id") else "all"
-    if cfg.mode == "unit-id":
-        steps, lr = cfg.steps, cfg.lr_unit_id
-    elif cfg.mode == "full":
-        steps, lr = cfg.steps, cfg.lr_full
-    else:
-        steps, lr = (cfg.steps // 2 if cfg.unfreeze_after is None else cfg.unfreeze_after), cfg.lr_unit_id
-    run = _phase_run(base, cfg, tok, str(corpus.root), steps, lr, 0, warm)
-    new_units = [u for s in cfg.sessions for u in corpus.session(s).unit_ids.tolist()]
-    units = list(model.unit_emb.ids) + [u for u in dict.fromkeys(new_units) if u not in model.unit_emb.index]
-    sessions = list(model.session_emb.ids) + [s for s in cfg.sessions if s not in model.session_emb.index]
-    index = IndexConfig(window_s=window, split="train", seed=run.data.seed, sessions=list(cfg.sessions),
-                        intervals={s: window_stretches(corpus.session(s), labelled[s], window, decoded).tolist()
-                                   for s in cfg.sessions})
-    table = None
-    if warm == "ridge":
-        from ..run.warm_start import unit_directions
-
-        rows = unit_directions(corpus, cfg.sessions, tok, run.train.warm_start, progress=progress, within=labelled)
-        table = np.full((len(units), rows.shape[1]), np.nan, dtype=np.float32)
-        pos = {u: k for k, u in enumerate(units)}
-        table[[pos[u] for u in new_units]] = rows
-    valid = [s for s in cfg.sessions if len(corpus.session(s).intervals.get("valid", []))]
-    plan = RunPlan(run=run, model=model_cfg, tokenizer=tok, corpus_fingerprint=corpus.fingerprint,
-                   sessions=list(cfg.sessions), unit_vocab=units, session_vocab=sessions, valid_sessions=valid,
-                   index=index, index_fingerprint=index_fingerprint(corpus.fingerprint, index), warm_start=table,
-                   adapt=Adaptation(source=str(src), units=new_units, trainable=first_mode,
-                                    reinit=cfg.replace_session, new_readouts=[r.name for r in added]))
-    return plan, labelled
 
 
 # ---- running it ---------------------------------------------------------------------------------------------
@@ -322,7 +101,7 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
     phases = [plan]
     if cfg.mode == "unit-id-then-full":
         k = plan.run.train.steps
-        phases.append(replace(plan, run=_phase_run(plan.run, cfg, plan.tokenizer, plan.corpus, cfg.steps - k,
+        phases.append(replace(plan, run=phase_run(plan.run, cfg, plan.tokenizer, plan.corpus, cfg.steps - k,
                                                    cfg.lr_full, 1, "none")))
     ok = False
     try:

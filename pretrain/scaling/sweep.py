@@ -139,7 +139,8 @@ def _run_point(point: Point, cfg: SweepConfig, held: list[str], sweep_dir: str, 
     note(f"held-out loss {loss:.4f} over {windows} windows of the valid split")
     metrics = {"heldout_loss": loss, "heldout_windows": float(windows), "valid_r2_final": pre["valid_r2"]}
     if held:
-        from ..finetune.finetune import FinetuneConfig, finetune
+        from ..finetune.config import FinetuneConfig
+        from ..finetune.finetune import finetune
 
         ft = finetune(FinetuneConfig(model=str(export), corpus=run.data.corpus, sessions=list(held), mode="unit-id",
                                      labels=cfg.eval.labels, steps=cfg.eval.steps, batch=cfg.eval.batch,
