@@ -1,5 +1,5 @@
 """What every command shares: the console, one line to the user, the closing RESULT line, an
-error as one line, the progress bar, and the flags several commands take."""
+error as one line, and the flags several commands take."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import argparse
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from data_service.remote import redact
 
@@ -18,10 +17,6 @@ def say(message: str) -> None:
     """One line to the user (stderr; never wrapped, so a script can grep it); URL passwords masked."""
     console.print(escape(redact(message)), soft_wrap=True)
 
-
-def progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=False)
 
 
 def result(**kv) -> None:

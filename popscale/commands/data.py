@@ -15,8 +15,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from data_service.errors import ConfigError, CorpusError
+from pretrain.run.progress import progress_bar
 
-from .common import console, progress, result, say
+from .common import console, result, say
 
 
 def add_synth(sub) -> None:
@@ -39,10 +40,9 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
     cfg = SynthConfig(sessions=a.sessions, subjects=a.subjects, minutes=a.minutes, seed=a.seed,
                       pool_size=a.pool_size, min_units=a.min_units, max_units=a.max_units)
-    with progress() as p:
-        task = p.add_task(f"synth → {a.corpus}", total=cfg.sessions)
+    with progress_bar(f"synth → {a.corpus}", cfg.sessions, console=console) as bar:
         counts = synth_corpus(cfg, a.corpus, workers=a.workers, replace=a.replace,
-                              on_session=lambda sid, st: p.advance(task))
+                              on_session=lambda sid, st: bar.advance())
     console.print(f"synthetic corpus {a.corpus}: {counts['added']} added, {counts['replaced']} replaced, "
                   f"{counts['unchanged']} already present")
     result(corpus=a.corpus, sessions=cfg.sessions, **counts)
@@ -114,10 +114,9 @@ def cmd_ingest(a: argparse.Namespace) -> int:
     sources = expand_sources(a.sources)
     if a.session_id and len(sources) > 1:
         raise ConfigError("--session-id applies to a single source file")
-    with progress() as p:
-        task = p.add_task(f"ingest → {a.corpus}", total=len(sources))
+    with progress_bar(f"ingest → {a.corpus}", len(sources), console=console) as bar:
         report = ingest(sources, a.corpus, lambda path: options_for(path, base, meta, cli), replace=a.replace,
-                        on_file=lambda path, st: p.advance(task))
+                        on_file=lambda path, st: bar.advance())
     for note in report.recovered:
         console.print(f"[yellow]recovered:[/yellow] {escape(note)}")
     for f, sid, status in report.results:
@@ -236,9 +235,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
         total = len(a.session) if a.session else len(read_manifest(Path(a.corpus)))
     except ValueError:  # an unreadable manifest: verify() reports it
         total = 0
-    with progress() as p:
-        task = p.add_task(f"verify {a.corpus}", total=total or None)
-        report = verify(a.corpus, sessions=a.session, on_session=lambda sid: p.advance(task))
+    with progress_bar(f"verify {a.corpus}", total or None, console=console) as bar:
+        report = verify(a.corpus, sessions=a.session, on_session=lambda sid: bar.advance())
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
     for prob in report.problems:
@@ -263,9 +261,8 @@ def cmd_push(a: argparse.Namespace) -> int:
     from data_service.push import push_corpus
 
     n = len(read_manifest(Path(a.corpus)))
-    with progress() as p:
-        task = p.add_task(f"push → {a.url}", total=n)
-        counts = push_corpus(a.corpus, a.url, replace=a.replace, on_session=lambda sid, st: p.advance(task))
+    with progress_bar(f"push → {a.url}", n, console=console) as bar:
+        counts = push_corpus(a.corpus, a.url, replace=a.replace, on_session=lambda sid, st: bar.advance())
     say(f"{a.url}: {counts['uploaded']} sessions uploaded, {counts['replaced']} replaced, {counts['unchanged']} "
         f"already there; train from it with --set data.corpus={a.url}")
     result(url=a.url, sessions=n, **counts)

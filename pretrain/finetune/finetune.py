@@ -33,6 +33,7 @@ from data_service.reader import open_corpus
 from data_service.window_index import index_fingerprint
 
 from ..run.plan import Adaptation
+from ..run.progress import progress_bar
 from .config import FinetuneConfig, FinetuneResult
 from .plan import phase_run, plan_adaptation
 from .select import BestValid
@@ -41,13 +42,13 @@ from .select import BestValid
 class _Bar:
     """A metrics sink that moves a rich progress bar (in-process runs have no progress actor)."""
 
-    def __init__(self, bar, task) -> None:
-        self.bar, self.task, self.info = bar, task, {}
+    def __init__(self, bar) -> None:
+        self.bar, self.info = bar, {}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.info.update({k: v for k, v in metrics.items() if k in ("train_loss", "valid_r2")})
         text = "  ".join(f"{k} {v:.3f}" for k, v in self.info.items())
-        self.bar.update(self.task, completed=step, info=text)
+        self.bar.update(completed=step, info=text)
 
     def artifact(self, path: str, folder: str) -> None:
         pass
@@ -64,8 +65,6 @@ def _source(cfg: FinetuneConfig, tracking_uri: str) -> tuple[str, str, str, Path
 
 def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_progress: bool = True
              ) -> FinetuneResult:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..decoding.evaluate import evaluate, plot_session
     from ..run.sinks import MemorySink, Sinks
@@ -105,10 +104,8 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
                                                    cfg.lr_full, 1, "none")))
     ok = False
     try:
-        with Progress(TextColumn(f"finetune ({cfg.mode})"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=Console(stderr=True),
-                      disable=not show_progress) as bar:
-            task = bar.add_task("", total=cfg.steps, info="starting")
+        with progress_bar(f"finetune ({cfg.mode})", cfg.steps, info="starting", remaining=False,
+                          show=show_progress) as bar:
             selector, offset, model = None, 0, None
             for i, p in enumerate(phases):
                 if i:  # the next phase starts from the best weights so far, everything trainable
@@ -117,7 +114,7 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
                     p = replace(p, warm_start=None, index=replace(p.index, seed=p.run.data.seed),
                                 adapt=Adaptation(str(start), p.adapt.units, "all", False, p.adapt.new_readouts))
                     p.index_fingerprint = index_fingerprint(p.corpus_fingerprint, p.index)
-                sink = Sinks(memory, tracked, _Bar(bar, task))
+                sink = Sinks(memory, tracked, _Bar(bar))
 
                 def select(evaluator, prev=selector, off=offset):
                     return BestValid(evaluator, prev.best if prev else -np.inf, prev.state if prev else None, off)

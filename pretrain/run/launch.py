@@ -24,6 +24,7 @@ from data_service.remote import exists, is_url, join, listdir, pyarrow_filesyste
 from .config import RunConfig
 from .hooks import FaultAndRecord, LoopHooks
 from .plan import PlanMismatch, RunPlan, build_plan
+from .progress import progress_bar
 from .train import WorkerArgs, ray_worker
 
 RUN_FILE = "popscale_run.json"
@@ -147,9 +148,6 @@ def _progress_actor():
 
 def _fit_with_progress(trainer, progress, total: int, show: bool):
     import ray
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     out: dict = {}
 
     def fit() -> None:
@@ -160,9 +158,7 @@ def _fit_with_progress(trainer, progress, total: int, show: bool):
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    with Progress(TextColumn("pretraining"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), disable=not show) as bar:
-        task = bar.add_task("", total=total, info="starting workers")
+    with progress_bar("pretraining", total, info="starting workers", show=show) as bar:
         while thread.is_alive():
             thread.join(timeout=2.0)
             try:
@@ -174,7 +170,7 @@ def _fit_with_progress(trainer, progress, total: int, show: bool):
                 info += f"  {m['samples_per_s']:.1f} samples/s"
             if "valid_r2" in m:
                 info += f"  valid R2 {m['valid_r2']:.3f}"
-            bar.update(task, completed=step, info=info)
+            bar.update(completed=step, info=info)
     if "error" in out:
         raise out["error"]
     return out["result"]

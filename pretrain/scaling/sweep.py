@@ -35,6 +35,7 @@ from data_service.errors import ConfigError
 from data_service.reader import open_corpus
 from data_service.remote import resolve
 
+from ..run.progress import progress_bar
 from .plan import Point, SweepConfig, expand, with_storage
 
 
@@ -168,8 +169,6 @@ def run_sweep(cfg: SweepConfig, tracking_uri: str | None = None, notify: Callabl
               show_progress: bool = True, only: list[str] | None = None) -> SweepResult:
     """Run every unfinished point of the sweep (or those in `only`), `max_concurrent` at a time."""
     import ray
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..run.launch import ensure_corpus, init_ray
     from ..tracking.config import TrackingConfig
@@ -200,15 +199,13 @@ def run_sweep(cfg: SweepConfig, tracking_uri: str | None = None, notify: Callabl
     if todo:
         init_ray(base)
         task = ray.remote(num_cpus=0, max_retries=0)(run_point)
-        with Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                      TimeElapsedColumn(), console=Console(stderr=True), disable=not show_progress) as bar:
-            tid = bar.add_task("", total=len(todo), info="")
+        with progress_bar("sweep", len(todo), remaining=False, show=show_progress) as bar:
             pending, inflight, failures = list(todo), {}, []
             while pending or inflight:
                 while pending and len(inflight) < cfg.max_concurrent:
                     p = pending.pop(0)
                     inflight[task.remote(p, cfg, held, str(sweep_dir), parent, uri)] = p
-                    bar.update(tid, info=f"running {', '.join(q.key for q in inflight.values())}")
+                    bar.update(info=f"running {', '.join(q.key for q in inflight.values())}")
                 done, _ = ray.wait(list(inflight), num_returns=1)
                 p = inflight.pop(done[0])
                 try:
@@ -222,7 +219,7 @@ def run_sweep(cfg: SweepConfig, tracking_uri: str | None = None, notify: Callabl
                     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
                     notify(f"  {p.key}: FAILED ({lines[-1][:300]}); see {sweep_dir / 'logs' / p.key}.log;"
                            " run the sweep again to resume it")
-                bar.advance(tid)
+                bar.advance()
         if failures:
             raise RuntimeError(f"{len(failures)} of {len(todo)} sweep points failed ({', '.join(k for k, _ in failures)});"
                                " the same command resumes them") from failures[0][1]
