@@ -52,3 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{message} (popscale --debug {args.command} ... shows the whole error)"
         fail(message, type(e).__name__)
         return 2 if isinstance(e, ConfigError) else 1  # 2: asked wrongly (usage); 1: input or job failed
+
+
+if __name__ == "__main__":
+    sys.exit(main())
