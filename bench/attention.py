@@ -8,7 +8,7 @@ before it is timed; forms take turns and the median of several rounds is reporte
 Without dropout (fine-tuning, evaluation): per-sample loop of SDPA, one padded batch with a key
 mask, one block-diagonal boolean mask over all tokens, nested (jagged) tensors.
 With attention dropout 0.2 (pretraining, as the reference): SDPA (math path: the CPU flash kernel
-has no dropout) padded, vs popscale's blocked kernel (pretrain/ops.py).
+has no dropout) padded, vs popscale's blocked kernel (pretrain/model/ops.py).
 
     python bench/attention.py [--quick]
 """
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pretrain.attention import SDPA, naive  # noqa: E402
-from pretrain.ops import packed_dropout_attention  # noqa: E402
+from pretrain.model.attention import SDPA, naive  # noqa: E402
+from pretrain.model.ops import packed_dropout_attention  # noqa: E402
 
 
 def timed(fn, reps: int) -> float:

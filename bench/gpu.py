@@ -17,7 +17,7 @@ Correctness (model in eval mode, no dropout; ||out - ref|| / ||ref||, fresh rand
 Throughput (training mode, dropouts on, AdamW with popscale's lazy embedding updates, batches
 already on the device): samples/s as the median of interleaved rounds (each variant timed
 once per round, rounds repeated), peak allocated memory over the timed steps, and MFU: the
-analytic training FLOPs (pretrain/flops.py) over the time, against a bf16 matmul measured in
+analytic training FLOPs (pretrain/model/flops.py) over the time, against a bf16 matmul measured in
 the same run and against the datasheet's dense bf16 rate (989 TFLOP/s for H100/H200 SXM).
 bf16 is autocast with fp32 master weights.
 
@@ -40,13 +40,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pretrain.attention import get_backend, naive, xformers_available  # noqa: E402
-from pretrain.batch import ARRAYS, LISTS, PackedBatch, concat  # noqa: E402
-from pretrain.config import preset  # noqa: E402
-from pretrain.flops import train_flops  # noqa: E402
-from pretrain.loss import weighted_mse  # noqa: E402
-from pretrain.model import POYO, count_parameters  # noqa: E402
-from pretrain.optim import OptimConfig, build_optimizer  # noqa: E402
+from pretrain.model.attention import get_backend, naive, xformers_available  # noqa: E402
+from pretrain.model.batch import ARRAYS, LISTS, PackedBatch, concat  # noqa: E402
+from pretrain.model.config import preset  # noqa: E402
+from pretrain.model.flops import train_flops  # noqa: E402
+from pretrain.model.loss import weighted_mse  # noqa: E402
+from pretrain.model.poyo import POYO, count_parameters  # noqa: E402
+from pretrain.run.optim import OptimConfig, build_optimizer  # noqa: E402
 
 PRESETS = ("poyo-11.8M", "poyo-76M")
 BATCH = {"poyo-11.8M": 256, "poyo-76M": 64}  # windows a step: the larger model's activations need ~0.5 GB a window in fp32
@@ -60,7 +60,7 @@ def prepare(path: Path, quick: bool) -> None:
     preset's latent grid, saved as one compressed npz with the vocabularies."""
     from data_service.reader import open_corpus
     from data_service.synth import SynthConfig, synth_corpus
-    from pretrain.tokenizer import Tokenizer, TokenizerConfig
+    from pretrain.tokens.tokenizer import Tokenizer, TokenizerConfig
 
     corpus = ROOT / "runs" / "bench" / "gpu-corpus"
     if not (corpus / "manifest.json").exists():

@@ -12,7 +12,7 @@ peak-RSS counter is reset, and the figure is the peak over the warm-up and timed
 RSS before them: what training needs on top of the model and the data (activations, gradients,
 optimizer state; the last is the same for both).
 
-Achieved FLOP/s: the analytical training FLOPs of the timed batches (`pretrain/flops.py`: the
+Achieved FLOP/s: the analytical training FLOPs of the timed batches (`pretrain/model/flops.py`: the
 matmuls of every projection, attention and feed-forward, x3 for forward + backward; popscale's
 packed tokens for both, so padding the reference computes is not counted as work) over the timed
 seconds, beside an fp32 matmul of the model's own shape ([4096, dim] @ [dim, 8 dim]) measured in
@@ -43,13 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from data_service.reader import open_corpus  # noqa: E402
 from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
-from pretrain.batch import concat  # noqa: E402
-from pretrain.config import preset  # noqa: E402
-from pretrain.flops import train_flops  # noqa: E402
-from pretrain.loss import weighted_mse  # noqa: E402
-from pretrain.model import POYO, count_parameters  # noqa: E402
-from pretrain.optim import OptimConfig, build_optimizer  # noqa: E402
-from pretrain.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
+from pretrain.model.batch import concat  # noqa: E402
+from pretrain.model.config import preset  # noqa: E402
+from pretrain.model.flops import train_flops  # noqa: E402
+from pretrain.model.loss import weighted_mse  # noqa: E402
+from pretrain.model.poyo import POYO, count_parameters  # noqa: E402
+from pretrain.run.optim import OptimConfig, build_optimizer  # noqa: E402
+from pretrain.tokens.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 
 CORPUS = ROOT / "runs" / "bench" / "model-corpus"
 WINDOW_S = 1.0  # seconds per sample, both models

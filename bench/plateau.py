@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from data_service.reader import Corpus, open_corpus  # noqa: E402
 from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
-from pretrain.config import preset  # noqa: E402
-from pretrain.loss import weighted_mse  # noqa: E402
-from pretrain.model import POYO  # noqa: E402
-from pretrain.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
-from pretrain.warm_start import WarmStartConfig, apply_warm_start, unit_directions  # noqa: E402
+from pretrain.model.config import preset  # noqa: E402
+from pretrain.model.loss import weighted_mse  # noqa: E402
+from pretrain.model.poyo import POYO  # noqa: E402
+from pretrain.tokens.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
+from pretrain.run.warm_start import WarmStartConfig, apply_warm_start, unit_directions  # noqa: E402
 
 ARMS = {"reference": (0.0, False), "locality": (6.0, False), "warm": (0.0, True), "both": (6.0, True)}
 M1 = ROOT.parent / "shared" / "data" / "real" / "m1_stevenson_2011.mat"
@@ -79,7 +79,7 @@ def r2(model, tok: Tokenizer, c: Corpus, n: int = 200, seed: int = 1) -> float:
 def lagged_ridge_r2(counts: np.ndarray, y: np.ndarray, lags: int = 6) -> float:
     """Test R2 of a lagged ridge: fitted on the first 70 % of bins, its penalty chosen on the next
     10 % (valid), scored once on the last 20 % (test)."""
-    from pretrain.metrics import r2_score
+    from pretrain.decoding.metrics import r2_score
 
     x = np.sqrt(counts)
     z = np.zeros((len(x), x.shape[1] * lags))

@@ -2,7 +2,7 @@
 
 Losses are drawn from a known law, L = 0.2 + 30 / N^0.35 + 200 / D^0.3, times log-normal noise
 (sd 0.02 in log L), on a 4 x 4 grid of N (1e5..1e7) and D (1e6..1e9), as a small sweep would
-give; each replicate is fitted (pretrain/scaling.py, Huber on log L, L-BFGS-B from a grid of
+give; each replicate is fitted (pretrain/scaling/fit.py, Huber on log L, L-BFGS-B from a grid of
 starts) and bootstrapped. The figure is the share of replicates whose 90 % interval holds the
 true exponent; the baseline is the nominal 0.9.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pretrain.scaling import Law, bootstrap, fit_law  # noqa: E402
+from pretrain.scaling.fit import Law, bootstrap, fit_law  # noqa: E402
 
 
 def main() -> None:

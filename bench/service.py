@@ -64,8 +64,8 @@ sys.path.insert(1, str(ROOT / "bench"))
 from data_service import shards  # noqa: E402
 from data_service.service import LocalBatches, RayBatches, ServiceSpec  # noqa: E402
 from data_service.synth import SynthConfig  # noqa: E402
-from pretrain.plan import build_plan  # noqa: E402
-from pretrain.run_config import RunConfig, load_config  # noqa: E402
+from pretrain.run.plan import build_plan  # noqa: E402
+from pretrain.run.config import RunConfig, load_config  # noqa: E402
 from reader import build  # noqa: E402
 
 GLOBAL_BATCH = 32

@@ -83,8 +83,8 @@ VARIANTS: dict[str, list[str]] = {
 # ---- prepare (here: needs the corpus and the data stack) -------------------------------------------------
 def prepare(out: Path, corpus: str, sessions: list[str], base: str, variants: list[str], steps: int,
             eval_every: int, seeds: list[int]) -> None:
-    from pretrain.plan import build_plan
-    from pretrain.run_config import load_config
+    from pretrain.run.plan import build_plan
+    from pretrain.run.config import load_config
 
     for s in sessions:
         for v in variants:
@@ -112,11 +112,12 @@ class PlainEngine:
     that clips, steps the optimizer and the LR schedule, and zeroes the gradients."""
 
     def __init__(self, plan, device: torch.device) -> None:
-        from pretrain.optim import build_optimizer, warmup_cosine
+        from pretrain.run.build import build_model
+        from pretrain.run.optim import build_optimizer, warmup_cosine
 
         t = plan.run.train
         torch.manual_seed(t.seed)
-        self.module = plan.make_model(device)
+        self.module = build_model(plan, device)
         self.optimizer = build_optimizer(self.module, t.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, t.steps, t.warmup_steps, t.final_lr_ratio))
@@ -150,7 +151,7 @@ class NoCheckpoints:
 
 
 class Curve:
-    """The loop's evaluator: stitched valid R² (pretrain.evaluate, no plots), the training time so
+    """The loop's evaluator: stitched valid R² (pretrain.decoding.evaluate, no plots), the training time so
     far (validation excluded), and the best state by valid R²."""
 
     def __init__(self, plan, device: torch.device) -> None:
@@ -162,7 +163,7 @@ class Curve:
 
     def __call__(self, model, step: int, sink) -> dict[str, float]:
         from data_service.reader import open_corpus
-        from pretrain.evaluate import evaluate
+        from pretrain.decoding.evaluate import evaluate
 
         t = time.perf_counter()
         train_s = t - self.t0 - self.paused
@@ -179,9 +180,9 @@ class Curve:
 
 def train_one(plan_dir: Path, device: str, corpus: str | None, threads: int, test: bool) -> dict:
     from data_service.service import LocalBatches
-    from pretrain.loop import Dist, TrainStep, run_loop
-    from pretrain.plan import RunPlan
-    from pretrain.sinks import MemorySink
+    from pretrain.run.loop import Dist, TrainStep, run_loop
+    from pretrain.run.plan import RunPlan
+    from pretrain.run.sinks import MemorySink
 
     torch.set_num_threads(threads)
     plan = RunPlan.load(plan_dir)
@@ -202,13 +203,13 @@ def train_one(plan_dir: Path, device: str, corpus: str | None, threads: int, tes
            "final_loss": sink.series("train_loss")[-1][1] if sink.series("train_loss") else None}
     if test and curve.state is not None:
         from data_service.reader import open_corpus
-        from pretrain.evaluate import evaluate
+        from pretrain.decoding.evaluate import evaluate
 
         engine.module.load_state_dict(curve.state)
         engine.module.eval()
         res = evaluate(engine.module, curve.tokenizer, open_corpus(plan.corpus), plan.sessions, "test", device=dev)
         out["test_r2"] = float(np.mean([r.r2 for r in res.values()])) if res else float("nan")
-        if len(res) == 1:  # the bootstrap interval over test trials / blocks (pretrain.metrics)
+        if len(res) == 1:  # the bootstrap interval over test trials / blocks (pretrain.decoding.metrics)
             out["test_ci"] = [float(x) for x in next(iter(res.values())).ci]
     return out
 
@@ -256,11 +257,11 @@ def train_all(out: Path, device: str, jobs: int, corpus: str | None, threads: in
 
 # ---- the per-session baselines beside it (here: the data stack) -------------------------------------------
 def baselines(out: Path, corpus: str, sessions: list[str], seeds: list[int], threads: int) -> None:
-    """Ridge and the GRU, causal and non-causal, tuned on valid (pretrain/baselines.py), test scored
+    """Ridge and the GRU, causal and non-causal, tuned on valid (pretrain/decoding/baselines.py), test scored
     once with its bootstrap interval; the GRU once per seed. Appends to OUT/baselines.jsonl."""
     from data_service.reader import open_corpus
-    from pretrain.baselines import run_baseline
-    from pretrain.labels import LabelBudget
+    from pretrain.decoding.baselines import run_baseline
+    from pretrain.tokens.labels import LabelBudget
 
     torch.set_num_threads(threads)
     path = out / "baselines.jsonl"

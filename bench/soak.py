@@ -1,7 +1,7 @@
 """Soak: the data service at full speed for N minutes; after warm-up its memory must not creep.
 
 What runs: `RayBatches` (Ray Data actors building POYO batches, streamed in order) on the embedded
-Ray a training run starts (`pretrain.launch.init_ray`: loopback, 1 GiB object store), with the
+Ray a training run starts (`pretrain.run.launch.init_ray`: loopback, 1 GiB object store), with the
 data-service spec of the run plan a training worker gets (`load_config` defaults, poyo-1.3M,
 global batch 32, `data.data_actors`/`prefetch`/`buffer_mb` defaults) over a synthetic corpus
 (data_service.synth, made once under runs/bench/). The driver pulls batches as fast as they come
@@ -58,9 +58,9 @@ sys.path.insert(0, str(ROOT))
 from data_service.service import RayBatches  # noqa: E402
 from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
 from popscale.listeners import session_pids  # noqa: E402
-from pretrain.launch import init_ray  # noqa: E402
-from pretrain.plan import build_plan  # noqa: E402
-from pretrain.run_config import load_config  # noqa: E402
+from pretrain.run.launch import init_ray  # noqa: E402
+from pretrain.run.plan import build_plan  # noqa: E402
+from pretrain.run.config import load_config  # noqa: E402
 
 GLOBAL_BATCH = 32
 GOAL_MB_PER_MIN = 1.0

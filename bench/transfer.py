@@ -14,7 +14,7 @@ added at adaptation and scored as R² on (cos, sin); its baselines decode the sa
 3. scratch: the same model and recipe trained on the labelled part of S alone, same steps, same
    validation schedule, the same model selection (best validation R²);
 4. the baselines in the same harness: ridge (Wiener filter) and a GRU, each causal and
-   non-causal (`pretrain/baselines.py`: POYO's stitched windows see the future, so the
+   non-causal (`pretrain/decoding/baselines.py`: POYO's stitched windows see the future, so the
    non-causal ones are its like-for-like comparison), tuned on valid.
 Every arm: the same labels (a seed draws them), selection on the whole valid split (its seconds
 are printed: at 10 % that is more time than the labels themselves), test scored once. Test R²
@@ -74,10 +74,10 @@ def build_corpus(out: Path, quick: bool) -> Path:
 
 def pretrained(out: Path, corpus: Path, held: str, steps: int) -> Path:
     """The demo recipe pretrained on everything but `held` (exported with its plan; cached)."""
-    from pretrain.plan import build_plan
-    from pretrain.registry import export_checkpoint
-    from pretrain.run_config import load_config
-    from pretrain.train import train_in_process
+    from pretrain.run.plan import build_plan
+    from pretrain.run.export import export_checkpoint
+    from pretrain.run.config import load_config
+    from pretrain.run.train import train_in_process
 
     export = out / f"pretrained-without-{held}-{steps}" / "export"
     if (export / "plan.json").exists():
@@ -98,11 +98,11 @@ def pretrained(out: Path, corpus: Path, held: str, steps: int) -> Path:
 def scratch(out: Path, corpus: Path, held: str, labels: str, seed: int, steps: int) -> dict:
     """The demo recipe trained from nothing on the labelled part of `held` alone, validated on the
     same schedule as the adaptations and kept at its best validation; test R2 with its interval."""
-    from pretrain.adapt import BestValid
-    from pretrain.evaluate import evaluate
-    from pretrain.plan import build_plan
-    from pretrain.run_config import load_config
-    from pretrain.train import train_in_process
+    from pretrain.finetune.select import BestValid
+    from pretrain.decoding.evaluate import evaluate
+    from pretrain.run.plan import build_plan
+    from pretrain.run.config import load_config
+    from pretrain.run.train import train_in_process
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [
         f"data.corpus={corpus}", "data.synth=null", "data.loader=local", f"train.steps={steps}",
@@ -125,14 +125,14 @@ def scratch(out: Path, corpus: Path, held: str, labels: str, seed: int, steps: i
 
 def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int, steps: int, pre_steps: int,
             ) -> dict:
-    from pretrain.adapt import _scored_seconds
+    from pretrain.finetune.finetune import _scored_seconds
 
     t0 = time.time()
     reader = open_corpus(corpus).session(held)
     common = {"valid_s": _scored_seconds(reader, "valid")}
     if arm.split("-nc")[0] in ("ridge", "gru"):
-        from pretrain.baselines import run_baseline
-        from pretrain.labels import LabelBudget
+        from pretrain.decoding.baselines import run_baseline
+        from pretrain.tokens.labels import LabelBudget
 
         r = run_baseline(arm.split("-nc")[0], reader, LabelBudget.parse(labels), seed, causal=not arm.endswith("-nc"),
                          **({"behaviour": "compass_direction[ry]", "kind": "angular"} if held == MOUSE else {}))
@@ -140,7 +140,8 @@ def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int
                 "labelled_s": r.labelled_s, "seconds": time.time() - t0, **common}
     if arm == "scratch":
         return {**scratch(out, corpus, held, labels, seed, steps), "seconds": time.time() - t0, **common}
-    from pretrain.adapt import FinetuneConfig, finetune
+    from pretrain.finetune.config import FinetuneConfig
+    from pretrain.finetune.finetune import finetune
 
     src = pretrained(out, corpus, held, pre_steps)
     if arm == "unit-id-x5":
@@ -183,9 +184,9 @@ def main() -> None:
     a = ap.parse_args()
     if not REAL.is_dir():
         raise SystemExit(f"the real recordings are not at {REAL}")
-    import pretrain.adapt  # noqa: F401 - everything this run uses, loaded once at the start
-    import pretrain.baselines  # noqa: F401
-    import pretrain.train  # noqa: F401
+    import pretrain.finetune.finetune  # noqa: F401 - everything this run uses, loaded once at the start
+    import pretrain.decoding.baselines  # noqa: F401
+    import pretrain.run.train  # noqa: F401
     out = Path(a.out) / ("quick" if a.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
     sessions = a.sessions.split(",") if a.sessions else (["mihi_demo-te"] if a.quick else MONKEY[:3] + [MOUSE] + MONKEY[3:])

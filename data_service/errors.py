@@ -89,10 +89,6 @@ class UnknownLayout(CorpusError):
     """A readable file whose content matches none of the layouts popscale knows."""
 
 
-class CorruptCorpus(CorpusError):
-    """A corpus on disk that fails its checksums or invariants."""
-
-
 class ConfigError(ValueError):
     """A configuration that cannot be used as given (unknown key, bad value, unreadable file): the
     message names the key or the file. The CLI reports it as a usage error (exit status 2)."""

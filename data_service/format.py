@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 
+from .errors import CorpusError
+from .remote import as_path
+
 FORMAT_NAME = "popscale-corpus"
 FORMAT_VERSION = 1
 
@@ -39,10 +42,6 @@ GROUND_TRUTH = "ground_truth"
 
 def check_corpus_root(root: Path) -> dict:
     """The root's popscale attributes; raises CorpusError if `root` is not a corpus this version reads."""
-    from .errors import CorpusError
-
-    from .remote import as_path
-
     meta = as_path(root) / "zarr.json"
     if not meta.exists():
         raise CorpusError("not a popscale corpus (no zarr.json)", file=str(root))

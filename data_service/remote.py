@@ -4,9 +4,7 @@ package is installed).
 
 A URL corpus is read in place with ranged GETs: a shard's index once, then only the inner chunks
 a window needs, decoded into the process's bounded chunk cache (shards.CACHE,
-POPSCALE_CHUNK_CACHE_MB). Object stores have no rename, so a corpus is written locally (with the
-store's crash-safe staging) and then `push`ed: sessions first, the manifest and the root
-`zarr.json` last, so a reader sees either the old corpus or the new one.
+POPSCALE_CHUNK_CACHE_MB). Writing to an object store is push.py's job.
 
 Endpoints and credentials come from the standard environment (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION) or the node's role; nothing here
@@ -19,7 +17,6 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 LOCAL_SCHEMES = ("", "file", "local")
@@ -70,8 +67,9 @@ def filesystem(url: str):
 
 def join(base: str, *parts: str) -> str:
     base = str(base)
-    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]]) if is_url(base) else \
-        str(as_path(base).joinpath(*parts))
+    if is_url(base):
+        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return str(as_path(base).joinpath(*parts))
 
 
 def resolve(p: str) -> str:
@@ -135,51 +133,3 @@ def pyarrow_filesystem(url: str):
 def storage_arg(url: str) -> str:
     """A URL as a pyarrow filesystem expects its paths (bucket/key, no scheme)."""
     return url.split("://", 1)[1] if is_url(url) else url
-
-
-# ---- pushing a local corpus to shared storage ----------------------------------------------------------
-def push_corpus(local_root: str | Path, url: str, *, replace: bool = False,
-                on_session: Callable[[str, str], None] | None = None) -> dict[str, int]:
-    """Upload a local corpus to `url`: sessions missing there (or changed, with `replace`) file by
-    file, then the merged manifest, then the root zarr.json. Returns counts by status."""
-    from .errors import CorpusError
-    from .format import MANIFEST, SESSIONS, check_corpus_root
-    from .manifest import manifest_text, read_manifest
-
-    local = Path(local_root)
-    check_corpus_root(local)
-    rows = read_manifest(local)
-    if not is_url(url):
-        raise CorpusError("push needs a URL (s3://bucket/prefix); for a local or shared filesystem, copy the "
-                          "directory", file=url)
-    fs = filesystem(url)
-    there: dict[str, dict] = {}
-    if fs.exists(join(url, MANIFEST)):
-        check_corpus_root(as_path(url))
-        there = read_manifest(as_path(url))
-    status_of = {sid: "uploaded" if sid not in there else
-                 "unchanged" if there[sid]["content_hash"] == rows[sid]["content_hash"] else "replaced"
-                 for sid in rows}
-    conflict = next((sid for sid in sorted(rows) if status_of[sid] == "replaced"), None)
-    if conflict is not None and not replace:  # refused before anything is uploaded
-        raise CorpusError(f"session already at {url} with other content (hash {there[conflict]['content_hash']}); "
-                          "pass --replace to overwrite it", file=url, session=conflict, field="content_hash")
-    counts = {"uploaded": 0, "replaced": 0, "unchanged": 0}
-    merged = dict(there)
-    for sid in sorted(rows):
-        old, status = there.get(sid), status_of[sid]
-        if status != "unchanged":
-            src = local / SESSIONS / sid
-            dst = join(url, SESSIONS, sid)
-            if old is not None:
-                fs.rm(dst, recursive=True)
-            files = [Path(d) / f for d, _, fs_ in os.walk(src) for f in fs_]
-            fs.put([str(f) for f in files], [join(dst, f.relative_to(src).as_posix()) for f in files])
-        merged[sid] = rows[sid]
-        counts[status] += 1
-        if on_session:
-            on_session(sid, status)
-    fs.pipe_file(join(url, SESSIONS, "zarr.json"), (local / SESSIONS / "zarr.json").read_bytes())
-    fs.pipe_file(join(url, MANIFEST), manifest_text(merged).encode())
-    fs.pipe_file(join(url, "zarr.json"), (local / "zarr.json").read_bytes())  # last: the corpus is complete
-    return counts

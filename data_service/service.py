@@ -1,4 +1,5 @@
-"""The data service: window index -> read -> augment -> tokenize -> pack, for one training worker.
+"""The data service: window index -> read -> augment (augment.py) -> tokenize -> pack, for one
+training worker.
 
 `build_batch` is the whole job for one worker's share of one global batch, a pure function of
 (spec, batch number, rank, world): the window refs come from the index, and every random choice
@@ -12,7 +13,7 @@
 
 Both yield identical `ServedBatch`es. The loader's state is the number of global batches
 consumed. The service knows nothing of the model: the tokenizer is anything with the two
-methods of `BatchTokenizer` (pretrain.tokenizer.Tokenizer is the one popscale uses).
+methods of `BatchTokenizer` (pretrain.tokens.tokenizer.Tokenizer is the one popscale uses).
 """
 
 from __future__ import annotations
@@ -28,23 +29,11 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 
 from .errors import CorpusError, find_corpus_error
-from .reader import Corpus, SeriesWindow, SessionReader, Window, open_corpus
-from .rng import uniform
+from .augment import AugmentConfig, read_scaled, unit_masks
+from .reader import SessionReader, Window, open_corpus
 from .window_index import IndexConfig, WindowIndex, WindowRef
 
 _log = logging.getLogger("popscale.data")
-
-
-@dataclass
-class AugmentConfig:
-    unit_dropout: bool = True
-    # number of units kept ~ triangular(min, mode, max), capped at the session's units (reference values)
-    min_units: int = 30
-    mode_units: int = 100
-    max_units: int = 300
-    # e.g. (0.9, 1.1): a window holds window_s x factor seconds of data squeezed into window_s (spike
-    # and behaviour times divided by the factor, per-second behaviours such as velocity multiplied)
-    time_scaling: tuple[float, float] | None = None
 
 
 Item = tuple[Window, SessionReader, "np.ndarray | None"]  # a window, its session, the units kept (None: all)
@@ -107,83 +96,10 @@ def window_index(spec: ServiceSpec) -> WindowIndex:
     return _index(spec.corpus, key, spec.index_fingerprint)
 
 
-_STREAMS = {"units": 1, "time": 2}
-
-
-def _stream_key(seed: int, position: int, what: str) -> int:
-    return (seed * 0x9E3779B97F4A7C15 + position * 0xD1B54A32D192ED03 + _STREAMS[what] * 0x632BE59BD9B4E019) % (1 << 64)
-
-
-def _uniforms(seed: int, position: int, what: str, n: int) -> np.ndarray:
-    """n deterministic U[0, 1) draws for one window: counter-based (a hash of seed, position,
-    stream and index), so any window's augmentation is computable on its own and costs no
-    generator set-up (~10 us instead of ~45 us per window)."""
-    return uniform(_stream_key(seed, position, what), np.arange(n, dtype=np.uint64))
-
-
-def _uniforms_many(seed: int, positions: Sequence[int], what: str, counts: Sequence[int]) -> list[np.ndarray]:
-    """`_uniforms` for many windows in one vectorised hash (the same numbers: each draw is
-    mix(index + key), computed here for every window's indices at once); ~10 us a window less."""
-    counts_a = np.asarray(counts, dtype=np.int64)
-    keys = np.array([_stream_key(seed, int(p), what) for p in positions], dtype=np.uint64)
-    starts = np.cumsum(counts_a) - counts_a
-    local = (np.arange(int(counts_a.sum()), dtype=np.int64) - np.repeat(starts, counts_a)).astype(np.uint64)
-    u = uniform(0, local + np.repeat(keys, counts_a))
-    return np.split(u, np.cumsum(counts_a)[:-1])
-
-
-def keep_units(n_units: int, cfg: AugmentConfig, u: np.ndarray) -> np.ndarray | None:
-    """Unit dropout: how many units survive is triangular(min, mode, max), capped at n_units;
-    which ones is a uniformly random subset (the k smallest of `u[1:]`). `u`: n_units + 1
-    uniforms. Returns a boolean mask over the session's units, or None when all are kept."""
-    if not cfg.unit_dropout or n_units <= cfg.min_units:
-        return None
-    a, b = float(cfg.min_units), float(min(cfg.max_units, n_units))
-    c = min(max(float(cfg.mode_units), a), b)
-    if b > a:  # inverse CDF of the triangular distribution
-        f = (c - a) / (b - a)
-        x = a + np.sqrt(u[0] * (b - a) * (c - a)) if u[0] < f else b - np.sqrt((1 - u[0]) * (b - a) * (b - c))
-        k = int(round(x))
-    else:
-        k = int(b)
-    k = min(max(k, cfg.min_units), n_units)
-    if k >= n_units:
-        return None
-    mask = np.zeros(n_units, dtype=bool)
-    mask[np.argpartition(u[1:n_units + 1], k - 1)[:k]] = True
-    return mask
-
-
 def read_window(spec: ServiceSpec, r: SessionReader, ref: WindowRef, window_s: float) -> Window:
-    """The window of a ref, stretched in time if time scaling is on (times then fit `window_s`)."""
-    ts = spec.augment.time_scaling
-    need = spec.tokenizer.needs(r)  # only the behaviours and interval sets the tokenizer uses
-    if not ts:
-        return r.read_window(ref.t_start, ref.t_start + window_s, behaviours=need[0], intervals=need[1])
-    lo, hi = ts
-    s = float(lo + (hi - lo) * _uniforms(spec.seed, ref.position, "time", 1)[0])
-    w = r.read_window(ref.t_start, ref.t_start + window_s * s, behaviours=need[0], intervals=need[1])
-    return Window(w.session_id, w.t_start, w.t_start + window_s, w.spike_times / s, w.spike_units,
-                  {k: SeriesWindow(v.timestamps / s, v.values * rate_factor(r.attrs["behaviour"][k].get("unit", ""), s))
-                   for k, v in w.behaviour.items()},
-                  {k: v / s for k, v in w.intervals.items()})
-
-
-def rate_factor(unit: str, s: float) -> float:
-    """How a behaviour's values change when s seconds of it are squeezed into one: a rate per
-    second (cm/s, deg/s) is s times larger, per second squared s^2 times, anything else unchanged."""
-    u = unit.replace(" ", "").lower()
-    if u.endswith(("/s^2", "/s2", "/s**2")):
-        return s * s
-    return s if u.endswith("/s") else 1.0
-
-
-def augmented_window(spec: ServiceSpec, ref: WindowRef, corpus: Corpus) -> tuple[Window, SessionReader, np.ndarray | None]:
-    """A ref's window (time-scaled if on), its reader and the units kept by unit dropout."""
-    reader = corpus.session(ref.session)
-    w = read_window(spec, reader, ref, spec.index.window_s)
-    n = len(reader.unit_ids)
-    return w, reader, keep_units(n, spec.augment, _uniforms(spec.seed, ref.position, "units", n + 1))
+    """The window of a ref with only what the tokenizer uses, time-scaled if the spec says so."""
+    behaviours, intervals = spec.tokenizer.needs(r)
+    return read_scaled(r, ref.t_start, window_s, spec.augment, spec.seed, ref.position, behaviours, intervals)
 
 
 class UnreadableWindow(CorpusError):
@@ -238,9 +154,8 @@ def build_batch(spec: ServiceSpec, batch: int, rank: int, world: int) -> ServedB
                             "t_start": float(ref.t_start), "field": err.field, "error": f"{type(e).__name__}: {e}"})
             continue
         kept.append(ref.position)
-    # unit dropout for the whole batch: the draws `augmented_window` makes window by window
-    draws = _uniforms_many(spec.seed, kept, "units", [n + 1 for _, _, n in read]) if read else []
-    items = [(w, r, keep_units(n, spec.augment, u)) for (w, r, n), u in zip(read, draws)]
+    masks = unit_masks(spec.augment, spec.seed, kept, [n for _, _, n in read])
+    items = [(w, r, keep) for (w, r, _), keep in zip(read, masks)]
     if not items:
         raise UnreadableWindow(f"every window of batch {batch} (rank {rank}) was unreadable and skipped",
                                file=spec.corpus, session=refs[0].session if refs else None)

@@ -10,7 +10,7 @@ stretch without labels cannot be scored.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -175,7 +175,3 @@ def make_splits(s: SessionData, cfg: SplitConfig | None = None) -> None:
     if have:
         info["method"] = f"source+{info['method']}"
     s.split_info = info
-
-
-def split_config_dict(cfg: SplitConfig) -> dict:
-    return asdict(cfg)

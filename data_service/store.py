@@ -22,8 +22,6 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from popscale import __version__ as VERSION  # the software version, stamped into every session written
-
 from . import faults
 from .errors import CorpusError, DuplicateSession
 from .format import (
@@ -32,10 +30,11 @@ from .format import (
     check_corpus_root, checksum, exact_grid, sharded_codec, time_index, unit_index_dtype,
 )
 from . import intervals as iv
-from .manifest import read_manifest, reconcile, row_from_attrs, write_manifest
+from .manifest import reconcile, row_from_attrs, write_manifest
 from .session import SPLITS, SessionData
 from .shards import DENSE_ATTR
 from .validate import validate_session
+from .version import __version__ as VERSION  # the software version, stamped into every session written
 
 
 def _write_sharded(g: zarr.Group, name: str, data: np.ndarray, chunking: Chunking) -> None:
@@ -308,8 +307,3 @@ class CorpusStore:
         if self.check_new(s.session_id, s.source.sha256, replace, file=s.source.path) == "unchanged":
             return AddResult(s.session_id, "unchanged")
         return self.commit(stage_session(self.root, s, durable=durable))
-
-
-def corpus_rows(root: Path | str) -> dict[str, dict]:
-    """Manifest rows without taking the writer lock (read-only use)."""
-    return read_manifest(Path(root))

@@ -76,7 +76,7 @@ def result_line(stdout: str) -> dict[str, str]:
 def window_batch(unit_index, input_time, token_type, latent_index, latent_time, output_time, target, weight,
                  session_index: int, output_readout=None):
     """One window's tokens, as arrays made by a test, in the one batch type (a batch of one)."""
-    from pretrain.batch import PackedBatch
+    from pretrain.model.batch import PackedBatch
 
     n_out = len(output_time)
     return PackedBatch(
@@ -91,7 +91,7 @@ def window_batch(unit_index, input_time, token_type, latent_index, latent_time, 
 
 def packed(windows):
     """Windows joined into one batch, as torch tensors."""
-    from pretrain.batch import concat
+    from pretrain.model.batch import concat
 
     return concat(list(windows)).to("cpu")
 

@@ -1,4 +1,4 @@
-"""Adapting a trained model to a session it has never seen (pretrain/adapt.py): what trains, what
+"""Adapting a trained model to a session it has never seen (pretrain/finetune/finetune.py): what trains, what
 must stay bit-identical, which labels are used, the bad inputs refused before anything is
 written, and the registry path around it (register without moving aliases, promote, pull,
 decode from files only)."""
@@ -18,17 +18,21 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("mlflow")
 
 from conftest import REPO, simple_session  # noqa: E402
+
 from data_service import intervals as iv  # noqa: E402
 from data_service.errors import ConfigError, CorpusError  # noqa: E402
 from data_service.reader import open_corpus  # noqa: E402
 from data_service.splits import make_splits  # noqa: E402
 from data_service.store import CorpusStore  # noqa: E402
 from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
-from pretrain.adapt import FinetuneConfig, finetune, plan_adaptation  # noqa: E402
-from pretrain.labels import LabelBudget, labelled_intervals  # noqa: E402
-from pretrain.registry import ModelNotFound, export_checkpoint, register  # noqa: E402
-from pretrain.run_config import load_config  # noqa: E402
-from pretrain.train import train_in_process  # noqa: E402
+from pretrain.finetune.config import FinetuneConfig  # noqa: E402
+from pretrain.finetune.finetune import finetune
+from pretrain.finetune.plan import plan_adaptation
+from pretrain.run.config import load_config  # noqa: E402
+from pretrain.run.export import export_checkpoint
+from pretrain.run.train import train_in_process  # noqa: E402
+from pretrain.tokens.labels import LabelBudget, labelled_intervals  # noqa: E402
+from pretrain.tracking.registry import ModelNotFound, register  # noqa: E402
 
 TINY = {"dim": 32, "depth": 1, "dim_head": 16, "cross_heads": 1, "self_heads": 2, "latents_per_step": 4}
 HELD_OUT = "held"
@@ -38,7 +42,7 @@ HELD_OUT = "held"
 def env(tmp_path_factory):
     """A tiny model pretrained (3 steps) on two synthetic sessions, exported and registered; a
     third session of the same corpus is held out for adaptation."""
-    from pretrain.plan import build_plan
+    from pretrain.run.plan import build_plan
 
     root = tmp_path_factory.mktemp("adapt")
     synth_corpus(SynthConfig(sessions=3, subjects=1, minutes=1.5, min_units=20, max_units=30, seed=4), root / "corpus")
@@ -90,7 +94,7 @@ def test_windows_span_sample_free_gaps_between_labelled_trials_only(tmp_path):
     """Sub-second BCI trials laid end to end with 1 s pauses (no samples in them): a 1 s window fits
     only across a pause. It may span one that holds no sample; never one that holds another's labels."""
     from data_service.session import TimeSeries
-    from pretrain.labels import window_stretches
+    from pretrain.tokens.labels import window_stretches
 
     s = simple_session("bci", duration=60.0, n_units=5)
     t = np.concatenate([np.arange(a, a + 0.5, 0.033) for a in np.arange(0.0, 60.0, 1.5)])  # 0.5 s trials, 1 s pauses
@@ -173,8 +177,8 @@ def test_unit_id_then_full_unfreezes_the_shared_layers(env):
 
 def test_targets_are_normalised_by_the_labelled_part_and_round_trip_units(env, tmp_path):
     """The same session stored in m/s and in cm/s: targets equal, predictions equal up to 100x."""
-    from pretrain.decode import decode_session
-    from pretrain.registry import load_exported
+    from pretrain.decoding.stitch import decode_session
+    from pretrain.tracking.export import load_exported
 
     s = simple_session("x", duration=200.0, n_units=12)
     make_splits(s)
@@ -234,7 +238,7 @@ def test_bad_inputs_are_refused_and_nothing_is_registered(env, tmp_path):
 def test_register_moves_no_alias_unless_asked_and_promote_does(env):
     import mlflow
 
-    from pretrain.registry import promote, versions
+    from pretrain.tracking.registry import promote, versions
 
     r = finetune(ft(env, register="tiny", name="reg"), show_progress=False)
     client = mlflow.MlflowClient(env["tracking"])
@@ -254,8 +258,8 @@ def test_register_moves_no_alias_unless_asked_and_promote_does(env):
 def test_pull_and_decode_reproduce_evaluate_without_the_pyfunc(env, tmp_path):
     """A finetuned model registered, then pulled and decoded in a fresh process that must not
     import the MLflow pyfunc module; its predictions equal evaluate's on the scored samples."""
-    from pretrain.evaluate import predict_session
-    from pretrain.registry import load_exported
+    from pretrain.decoding.evaluate import predict_session
+    from pretrain.tracking.export import load_exported
 
     r = finetune(ft(env, register="tiny", name="pull"), show_progress=False)
     model, tok = load_exported(r.export)
@@ -266,7 +270,7 @@ def test_pull_and_decode_reproduce_evaluate_without_the_pyfunc(env, tmp_path):
         "import sys; from popscale.cli import main; "
         f"rc = main(['decode', '--model', '{r.model_uri}', '--corpus', '{env['corpus']}', '--session', "
         f"'{env['held']}', '--split', 'test', '--out', '{out}', '--tracking-uri', '{env['tracking']}', '--cache', '{tmp_path / 'c'}']); "
-        "assert 'pretrain.mlflow_pyfunc' not in sys.modules, 'the pyfunc module was imported'; sys.exit(rc)")
+        "assert 'pretrain.tracking.pyfunc' not in sys.modules, 'the pyfunc module was imported'; sys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "pred.png").exists() and len(list((tmp_path / "c").glob("*/tiny/*/registered.json"))) == 1
@@ -310,9 +314,10 @@ def _kinds_session(tmp_path):
 
 
 def test_angular_and_categorical_readouts_train_and_score(tmp_path):
-    from pretrain.evaluate import predict_session
-    from pretrain.loss import weighted_mse
-    from pretrain.plan import build_plan
+    from pretrain.decoding.evaluate import predict_session
+    from pretrain.model.loss import weighted_mse
+    from pretrain.run.build import build_model
+    from pretrain.run.plan import build_plan
 
     root, _ = _kinds_session(tmp_path)
     cfg = load_config(None, [f"data.corpus={root}", "data.global_batch=4", "data.loader=local", "train.steps=3",
@@ -337,7 +342,7 @@ def test_angular_and_categorical_readouts_train_and_score(tmp_path):
     st = plan.tokenizer.target_stats["k"]["position"]
     pos = (w.behaviour["position"].values[:, [2, 0]] - np.asarray(st.mean)) / (st.std / plan.tokenizer.target_rms)
     assert np.allclose(b.target[b.output_readout == 3][:, :2], pos, atol=1e-5)  # columns z, x in that order
-    model = plan.make_model()
+    model = build_model(plan)
     loss, per = weighted_mse(model(b.to("cpu")), b.to("cpu"), model.readout_names, [x.kind for x in tok.cfg.readouts])
     assert per["target"] > 1.0  # cross-entropy of 4 classes near chance (~log 4), not an MSE on ids
     res = train_in_process(plan, tmp_path / "ckpt")
@@ -377,6 +382,7 @@ def test_the_commands_finetune_then_decode_an_nwb_file(env, tmp_path, capsys):
     """The user path on a file: ingest an NWB, `popscale finetune` it (RESULT line), then `popscale
     decode --input` the same file; a file without units is refused, nothing written."""
     from conftest import nlb_style_nwb, result_line
+
     from data_service.ingest import ingest
     from data_service.ingest.common import IngestOptions
     from popscale.cli import main

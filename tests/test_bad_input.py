@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 import pytest
 import scipy.io
-
 from conftest import result_line, run_cli, simple_session
+
 from data_service.errors import CorpusError, DuplicateSession, InvalidSession, UnknownLayout, UnreadableSource
 from data_service.ingest import ingest, read_sessions
 from data_service.ingest.common import IngestOptions

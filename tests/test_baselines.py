@@ -1,4 +1,4 @@
-"""The per-session baselines (pretrain/baselines.py): they learn a decodable session, use only the
+"""The per-session baselines (pretrain/decoding/baselines.py): they learn a decodable session, use only the
 labelled part of the train split, and choose their settings on valid."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 
 from data_service.reader import open_corpus
 from data_service.synth import SynthConfig, synth_corpus
-from pretrain.baselines import gru, lagged_counts, ridge, run_baseline
-from pretrain.labels import LabelBudget
+from pretrain.decoding.baselines import gru, lagged_counts, ridge, run_baseline
+from pretrain.tokens.labels import LabelBudget
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ error (exit status 2), a missing or unreadable corpus an input error (1); each i
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO, result_line, run_cli
+
 from popscale.cli import main
 
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -83,8 +83,8 @@ def test_no_traceback_in_a_real_process_unless_debug():
 
 
 def test_making_a_synthetic_corpus_is_announced(tmp_path):
-    from pretrain.launch import ensure_corpus
-    from pretrain.run_config import load_config
+    from pretrain.run.config import load_config
+    from pretrain.run.launch import ensure_corpus
 
     said: list[str] = []
     root = tmp_path / "synthetic"

@@ -106,7 +106,7 @@ def golden_overrides(root: Path) -> list[str]:
 
 
 def golden_config(root: Path, *overrides: str):
-    from pretrain.run_config import load_config
+    from pretrain.run.config import load_config
 
     cfg = load_config(None, [*golden_overrides(root), *overrides])
     cfg.model_overrides = dict(TINY)
@@ -151,7 +151,7 @@ def env(tmp_path_factory):
 def ray_env(env):
     import ray
 
-    from pretrain.launch import init_ray
+    from pretrain.run.launch import init_ray
 
     init_ray(golden_config(env))
     yield env
@@ -162,8 +162,8 @@ def run_pretrain(root: Path, name: str, *overrides: str) -> dict:
     """One golden-config run through `pretrain` (Ray Train + DeepSpeed); what the golden holds."""
     import mlflow
 
-    from pretrain.hooks import FaultAndRecord
-    from pretrain.launch import pretrain
+    from pretrain.run.hooks import FaultAndRecord
+    from pretrain.run.launch import pretrain
 
     rec = root / f"rec-{name}"
     rec.mkdir()
@@ -224,10 +224,10 @@ def test_golden_run_local_loader(ray_env):
 
 def test_golden_run_in_process(env):
     """The same loop with no Ray at all (in-process loader, metrics recorded in memory), in seconds."""
-    from pretrain.hooks import FaultAndRecord
-    from pretrain.plan import build_plan
-    from pretrain.sinks import MemorySink
-    from pretrain.train import train_in_process
+    from pretrain.run.hooks import FaultAndRecord
+    from pretrain.run.plan import build_plan
+    from pretrain.run.sinks import MemorySink
+    from pretrain.run.train import train_in_process
 
     rec = env / "rec-in-process"
     rec.mkdir()

@@ -78,6 +78,7 @@ def test_default_fingerprints_and_order_are_unchanged():
 def test_from_intervals_is_the_corpus_index(tmp_path):
     """The constructor goes through from_intervals: same fingerprint and stream for a real corpus."""
     from conftest import simple_session
+
     from data_service.reader import open_corpus
     from data_service.splits import make_splits
     from data_service.store import CorpusStore
@@ -179,7 +180,7 @@ def test_a_rank_share_of_k_windows_is_one_block():
 
 # ---- configuration ------------------------------------------------------------------------------------
 def test_bad_block_sizes_are_refused():
-    from pretrain.run_config import load_config
+    from pretrain.run.config import load_config
 
     for bad in (0, -1, 2.5, True, "4"):
         with pytest.raises(ValueError, match="block_windows"):
@@ -193,7 +194,7 @@ def test_bad_block_sizes_are_refused():
 
 def test_the_plan_carries_it(tmp_path):
     from data_service.synth import SynthConfig, synth_corpus
-    from pretrain.plan import PlanMismatch, RunPlan, build_plan
+    from pretrain.run.plan import PlanMismatch, RunPlan, build_plan
 
     root = tmp_path / "corpus"
     synth_corpus(SynthConfig(sessions=2, subjects=1, minutes=0.5, min_units=5, max_units=8, seed=1), root)
@@ -211,6 +212,6 @@ def test_the_plan_carries_it(tmp_path):
 
 
 def load(overrides):
-    from pretrain.run_config import load_config
+    from pretrain.run.config import load_config
 
     return load_config(None, overrides)

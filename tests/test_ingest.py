@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 import pytest
 import scipy.io
-
 from conftest import REPO, nlb_style_nwb
+
 from data_service import intervals as iv
 from data_service.ingest import detect_format, ingest, read_sessions
 from data_service.ingest.common import IngestOptions, load_metadata_file, options_for

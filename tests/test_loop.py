@@ -13,13 +13,14 @@ import torch
 pytest.importorskip("deepspeed")
 
 from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
-from pretrain.checkpoint import read_state  # noqa: E402
-from pretrain.hooks import FaultAndRecord, LoopHooks  # noqa: E402
-from pretrain.plan import RunPlan, build_plan  # noqa: E402
-from pretrain.registry import export_checkpoint, load_exported  # noqa: E402
-from pretrain.run_config import load_config  # noqa: E402
-from pretrain.sinks import MemorySink  # noqa: E402
-from pretrain.train import train_in_process  # noqa: E402
+from pretrain.run.checkpoint import read_state  # noqa: E402
+from pretrain.run.config import load_config  # noqa: E402
+from pretrain.run.export import export_checkpoint  # noqa: E402
+from pretrain.run.hooks import FaultAndRecord, LoopHooks  # noqa: E402
+from pretrain.run.plan import RunPlan, build_plan  # noqa: E402
+from pretrain.run.sinks import MemorySink  # noqa: E402
+from pretrain.run.train import train_in_process  # noqa: E402
+from pretrain.tracking.export import load_exported
 
 TINY = {"dim": 32, "depth": 1, "dim_head": 16, "cross_heads": 1, "self_heads": 2, "latents_per_step": 4}
 STEPS = 4
@@ -113,7 +114,7 @@ def test_deepspeed_cpu_engine_never_compiles_the_shm_kernel():
     popscale uses gloo instead. The skip once patched the wrong module and did nothing."""
     import importlib
 
-    from pretrain.engine import skip_cpu_shm_kernel
+    from pretrain.run.engine import skip_cpu_shm_kernel
 
     skip_cpu_shm_kernel()
     assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None

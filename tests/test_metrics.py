@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pretrain.adapt import improves
-from pretrain.metrics import bootstrap_r2, r2_score, sample_groups
+from pretrain.decoding.metrics import bootstrap_r2, r2_score, sample_groups
+from pretrain.finetune.select import improves
 
 
 def test_r2_matches_sklearns_definition_including_constant_targets():

@@ -7,16 +7,16 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from conftest import packed as pack
 from conftest import random_samples
-from pretrain import flops, ops
-from pretrain.attention import SDPA, get_backend, naive, xformers_available
-from pretrain.config import PRESETS, ModelConfig, preset
-from pretrain.loss import weighted_mse
-from pretrain.model import POYO, count_parameters
-from pretrain.tokenizer import Geometry
-from pretrain.vocab import VocabEmbedding, VocabMismatch
+
+from pretrain.model import flops, ops
+from pretrain.model.attention import SDPA, get_backend, naive, xformers_available
+from pretrain.model.config import PRESETS, ModelConfig, preset
+from pretrain.model.loss import weighted_mse
+from pretrain.model.poyo import POYO, count_parameters
+from pretrain.model.vocab import VocabEmbedding, VocabMismatch
+from pretrain.tokens.tokenizer import Geometry
 
 TINY = ModelConfig(dim=32, depth=2, dim_head=16, cross_heads=2, self_heads=2, latents_per_step=4)
 
@@ -142,7 +142,7 @@ def test_xformers_agrees_with_the_definition(dtype, tol):
 def test_xformers_that_imports_but_cannot_run_is_not_available(monkeypatch):
     """A wheel built for another torch imports and then has no operator (seen on an H200): `auto`
     must not pick it."""
-    import pretrain.attention as attention
+    import pretrain.model.attention as attention
 
     class Broken(attention.XFormers):
         def __init__(self) -> None:  # imports fine
@@ -229,7 +229,7 @@ def test_locality_prior_starts_attention_peaked_at_equal_times():
     """With `locality` on, the q/k biases alone give every attention a score kernel that peaks at
     zero time difference with the configured logit and decays away from it; off, the model is the
     reference (no extra parameters)."""
-    from pretrain.rotary import rotate
+    from pretrain.model.rotary import rotate
 
     cfg = preset("poyo-1.3M", t_min=0.02, locality=6.0)
     m = POYO(cfg, ["u0"], ["s0"])

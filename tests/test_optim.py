@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import packed as pack
 from conftest import random_samples
-from pretrain.config import ModelConfig
-from pretrain.loss import weighted_mse
-from pretrain.model import POYO
-from pretrain.optim import LazyAdamW, OptimConfig, build_optimizer, warmup_cosine
+
+from pretrain.model.config import ModelConfig
+from pretrain.model.loss import weighted_mse
+from pretrain.model.poyo import POYO
+from pretrain.run.optim import LazyAdamW, OptimConfig, build_optimizer, warmup_cosine
 
 TINY = ModelConfig(dim=32, depth=2, dim_head=16, cross_heads=2, self_heads=2, latents_per_step=4)
 

@@ -12,9 +12,9 @@ from data_service.reader import open_corpus
 from data_service.service import build_batch
 from data_service.synth import SynthConfig, synth_corpus
 from data_service.window_index import WindowIndex
-from pretrain.plan import PlanMismatch, RunPlan, build_plan
-from pretrain.run_config import load_config
-from pretrain.tokenizer import DEFAULT_BEHAVIOURS
+from pretrain.run.config import load_config
+from pretrain.run.plan import PlanMismatch, RunPlan, build_plan
+from pretrain.tokens.tokenizer import DEFAULT_BEHAVIOURS
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +76,9 @@ def test_batches_need_no_model(corpus):
 
 def test_a_resumed_plan_keeps_its_sessions_and_warm_start_and_refuses_other_data(corpus, monkeypatch):
     plan = build_plan(config(corpus))
-    import pretrain.warm_start
+    import pretrain.run.warm_start
 
-    monkeypatch.setattr(pretrain.warm_start, "unit_directions", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(pretrain.run.warm_start, "unit_directions", lambda *a, **k: pytest.fail("recomputed"))
     again = build_plan(config(corpus, "train.steps=900"), previous=plan)  # more steps: same data, allowed
     assert again.sessions == plan.sessions and again.warm_start is plan.warm_start
     with pytest.raises(PlanMismatch, match="changed since it started"):

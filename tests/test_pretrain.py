@@ -22,9 +22,9 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("mlflow")
 
 from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
-from pretrain.hooks import FaultAndRecord  # noqa: E402
-from pretrain.launch import init_ray, pretrain  # noqa: E402
-from pretrain.run_config import load_config  # noqa: E402
+from pretrain.run.config import load_config  # noqa: E402
+from pretrain.run.hooks import FaultAndRecord  # noqa: E402
+from pretrain.run.launch import init_ray, pretrain  # noqa: E402
 
 STEPS, BATCH = 6, 8
 TINY = {"dim": 32, "depth": 1, "dim_head": 16, "cross_heads": 1, "self_heads": 2, "latents_per_step": 4}
@@ -148,7 +148,7 @@ def test_killed_data_actor_is_restarted_and_the_stream_goes_on(env):
     import psutil
 
     from data_service.service import LocalBatches, RayBatches
-    from pretrain.plan import build_plan
+    from pretrain.run.plan import build_plan
 
     spec = build_plan(config(env)).service_spec()
     local = list(LocalBatches(spec, 0, 1).iterate(0, 10))
@@ -173,8 +173,8 @@ def test_registered_model_reloads_with_the_same_predictions(env, reference):
     import mlflow
 
     from data_service.reader import open_corpus
-    from pretrain.evaluate import evaluate
-    from pretrain.registry import load_model
+    from pretrain.decoding.evaluate import evaluate
+    from pretrain.tracking.registry import load_model
 
     ref, _ = reference
     assert ref.model_uri == f"models:/popscale-poyo/{ref.model_version}"
@@ -204,7 +204,7 @@ def test_registered_model_reloads_with_the_same_predictions(env, reference):
 
 def test_ray_and_local_batches_are_identical(env):
     from data_service.service import LocalBatches, RayBatches
-    from pretrain.plan import build_plan
+    from pretrain.run.plan import build_plan
 
     spec = build_plan(config(env)).service_spec()  # no model is needed to serve batches
     for rank in (0, 1):

@@ -23,16 +23,16 @@ import numpy as np
 import pytest
 import scipy.io
 import yaml
+from conftest import REPO, simple_session
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_bad_input import corpus_state, temporaldata_file
 
-from conftest import REPO, simple_session
 from data_service.errors import CorpusError, InvalidSession, UnknownLayout, UnreadableSource
 from data_service.ingest import ingest, read_sessions
 from data_service.ingest.common import IngestOptions
 from data_service.ingest.matlab import detect_layout
 from data_service.store import CorpusStore
-from test_bad_input import corpus_state, temporaldata_file
 
 # small example counts: every example writes a file and ingests it; database=None keeps
 # hypothesis from writing .hypothesis/ into the checkout
@@ -625,15 +625,15 @@ class TrainingStarted(BaseException):
 @pytest.fixture
 def cli(monkeypatch, capsys):
     """popscale.cli.main in this process; pretraining and sweeps are replaced by a tripwire."""
-    import pretrain.launch
-    import pretrain.sweep
+    import pretrain.run.launch
+    import pretrain.scaling.sweep
     from popscale.cli import main
 
     def tripwire(*_a, **_k):
         raise TrainingStarted("a command that should have been refused started training")
 
-    monkeypatch.setattr(pretrain.launch, "pretrain", tripwire)
-    monkeypatch.setattr(pretrain.sweep, "run_sweep", tripwire)
+    monkeypatch.setattr(pretrain.run.launch, "pretrain", tripwire)
+    monkeypatch.setattr(pretrain.scaling.sweep, "run_sweep", tripwire)
 
     def run(*argv: str) -> tuple[int, str, str]:
         try:
@@ -714,7 +714,7 @@ def test_junk_override_values_are_refused_or_valid(key, value):
     """Whatever text follows `key=`, the config either refuses it (naming the override) or holds a
     value of the field's type in its range: never an exception of another kind, never a bool or NaN."""
     from data_service.errors import ConfigError
-    from pretrain.run_config import load_config
+    from pretrain.run.config import load_config
 
     try:
         cfg = load_config(DEMO, [f"{key}={value}"])
@@ -729,7 +729,7 @@ def test_junk_override_values_are_refused_or_valid(key, value):
 
 def refused_by_load_config(path, overrides=()) -> bool:
     from data_service.errors import ConfigError
-    from pretrain.run_config import load_config
+    from pretrain.run.config import load_config
 
     try:
         load_config(path, list(overrides))
@@ -830,7 +830,7 @@ def test_a_wrongly_typed_sweep_axis_is_one_line(cli, tmp_path, axis, data):
                                            "grid.model"]), JUNK).map("=".join))
 def test_junk_sweep_overrides_are_refused_before_any_run(cli, override):
     from data_service.errors import ConfigError
-    from pretrain.sweep_plan import load_sweep
+    from pretrain.scaling.plan import load_sweep
 
     try:
         load_sweep(TINY_SWEEP, [override])

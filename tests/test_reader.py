@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import zarr
-
 from conftest import simple_session
+
 from data_service import intervals as iv
 from data_service.format import Chunking
 from data_service.reader import Corpus, open_corpus

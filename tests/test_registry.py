@@ -7,15 +7,15 @@ import json
 
 import numpy as np
 import torch
-
 from conftest import simple_session
+
 from data_service.reader import open_corpus
 from data_service.splits import make_splits
 from data_service.store import CorpusStore
-from pretrain.config import ModelConfig
-from pretrain.model import POYO
-from pretrain.registry import export_model, load_exported
-from pretrain.tokenizer import TokenizerConfig
+from pretrain.model.config import ModelConfig
+from pretrain.model.poyo import POYO
+from pretrain.tokens.tokenizer import TokenizerConfig
+from pretrain.tracking.export import export_model, load_exported
 
 TINY = ModelConfig(dim=32, depth=1, dim_head=16, cross_heads=1, self_heads=2, latents_per_step=4)
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO
+
 from data_service.errors import ConfigError
-from pretrain.run_config import RunConfig, from_dict, load_config
+from pretrain.run.config import RunConfig, from_dict, load_config
 
 
 def test_defaults_and_every_shipped_config_round_trip():

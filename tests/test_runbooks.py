@@ -42,8 +42,8 @@ def test_every_required_runbook_exists():
 @pytest.mark.parametrize("md", RUNBOOKS, ids=lambda p: p.stem)
 def test_popscale_commands_parse_and_their_overrides_load(md):
     from popscale.cli import build_parser
-    from pretrain.run_config import load_config
-    from pretrain.sweep_plan import load_sweep
+    from pretrain.run.config import load_config
+    from pretrain.scaling.plan import load_sweep
 
     argvs = [a for a in commands(md) if a[0] == "popscale"]
     assert argvs, f"{md.name} shows no popscale command"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from pretrain.scaling import Law, bootstrap, diagnose, fit_law, fit_sweep
+from pretrain.scaling.fit import Law, bootstrap, diagnose, fit_law, fit_sweep
 
 TRUE = Law(E=0.2, A=30.0, B=200.0, alpha=0.35, beta=0.3)
 

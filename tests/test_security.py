@@ -20,10 +20,11 @@ import pytest
 import torch
 
 from data_service.remote import redact
-from pretrain.config import ModelConfig
-from pretrain.model import POYO
-from pretrain.registry import export_model, load, load_exported
-from pretrain.tokenizer import TokenizerConfig
+from pretrain.model.config import ModelConfig
+from pretrain.model.poyo import POYO
+from pretrain.tokens.tokenizer import TokenizerConfig
+from pretrain.tracking.export import export_model, load_exported
+from pretrain.tracking.registry import load
 
 TINY = ModelConfig(dim=32, depth=1, dim_head=16, cross_heads=1, self_heads=2, latents_per_step=4)
 
@@ -50,8 +51,8 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path):
     import ray
 
     from popscale.listeners import Listener, is_loopback, listening_sockets, session_pids
-    from pretrain.launch import init_ray
-    from pretrain.run_config import load_config
+    from pretrain.run.config import load_config
+    from pretrain.run.launch import init_ray
 
     if ray.is_initialized():
         ray.shutdown()
@@ -203,7 +204,7 @@ def test_registered_model_pulls_and_loads_without_running_its_pyfunc(tmp_path):
     pytest.importorskip("mlflow")
     import mlflow
 
-    from pretrain.registry import load_model, register
+    from pretrain.tracking.registry import load_model, register
 
     out, model = _export(tmp_path / "export")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -275,12 +276,12 @@ def test_mlflow_params_hold_no_url_password(tmp_path):
     pytest.importorskip("mlflow")
     import mlflow
 
-    from pretrain.run_config import load_config
-    from pretrain.tracking import start_run
+    from pretrain.run.config import load_config
+    from pretrain.tracking.mlflow_runs import start_run
 
     cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                              "data.corpus=https://reader:hunter2@data.lab/corpus"])
-    run_id = start_run(cfg, {})
+    run_id = start_run(cfg.tracking, cfg.name, cfg.to_dict(), {})
     params = mlflow.MlflowClient(cfg.tracking.uri).get_run(run_id).data.params
     assert params["data.corpus"] == "https://reader:***@data.lab/corpus"
     assert "hunter2" not in json.dumps(params)

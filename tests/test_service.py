@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from data_service.augment import AugmentConfig, rate_factor
 from data_service.reader import open_corpus
-from data_service.service import AugmentConfig, ServiceSpec, rate_factor, read_window
+from data_service.service import ServiceSpec, read_window
 from data_service.synth import SynthConfig, synth_corpus
 from data_service.window_index import IndexConfig, WindowRef
-from pretrain.config import preset
-from pretrain.model import POYO
-from pretrain.tokenizer import Tokenizer, TokenizerConfig
+from pretrain.model.config import preset
+from pretrain.model.poyo import POYO
+from pretrain.tokens.tokenizer import Tokenizer, TokenizerConfig
 
 
 @pytest.fixture(scope="module")

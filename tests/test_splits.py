@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from conftest import simple_session
+
 from data_service import intervals as iv
 from data_service.session import interval_array
 from data_service.splits import SplitConfig, label_support, make_splits

@@ -10,11 +10,11 @@ import torch
 from data_service import intervals as iv
 from data_service.reader import open_corpus
 from data_service.synth import SynthConfig, synth_corpus
-from pretrain.config import ModelConfig
-from pretrain.decode import decode_session, window_starts
-from pretrain.evaluate import predict_session
-from pretrain.model import POYO
-from pretrain.tokenizer import Tokenizer, TokenizerConfig
+from pretrain.decoding.evaluate import predict_session
+from pretrain.decoding.stitch import decode_session, window_starts
+from pretrain.model.config import ModelConfig
+from pretrain.model.poyo import POYO
+from pretrain.tokens.tokenizer import Tokenizer, TokenizerConfig
 
 
 def test_window_starts_cover_every_interval_with_half_overlap():

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import result_line, run_cli
 
 pytest.importorskip("moto")
@@ -162,7 +161,7 @@ def test_pretraining_checkpoints_on_object_storage_and_resumes(s3, local_corpus,
     name = result_line(first.stdout)["run"]
     fs = filesystem(url)
     assert fs.glob(f"{BUCKET}/runs/{name}/step*/popscale_state.json"), "no checkpoint on the object store"
-    from pretrain.checkpoint import completed_checkpoints
+    from pretrain.run.checkpoint import completed_checkpoints
 
     # every checkpoint the run reported is marked complete there: a restart could resume from it
     assert [s for s, _ in completed_checkpoints(f"s3://{BUCKET}/runs/{name}", 1)] == [2, 4]

@@ -14,8 +14,8 @@ from data_service.service import LocalBatches, UnreadableWindow
 from data_service.shards import CACHE
 from data_service.synth import SynthConfig, synth_corpus
 from data_service.verify import verify
-from pretrain.plan import build_plan
-from pretrain.run_config import load_config
+from pretrain.run.config import load_config
+from pretrain.run.plan import build_plan
 
 BATCHES = 12  # batches of 8 windows: enough to read every session's spikes
 

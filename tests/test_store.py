@@ -6,8 +6,8 @@ import signal
 
 import numpy as np
 import pytest
-
 from conftest import REPO, result_line, run_cli, simple_session
+
 from data_service.format import SESSIONS, STAGING
 from data_service.manifest import read_manifest
 from data_service.reader import Corpus

@@ -14,7 +14,7 @@ pytest.importorskip("ray.train")
 pytest.importorskip("mlflow")
 
 from data_service.errors import ConfigError  # noqa: E402
-from pretrain.sweep_plan import load_sweep  # noqa: E402
+from pretrain.scaling.plan import load_sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "sweeps" / "tiny.yaml"
@@ -36,7 +36,7 @@ def _overrides(tmp: Path) -> list[str]:
 def swept(tmp_path_factory):
     import ray
 
-    from pretrain.sweep import run_sweep
+    from pretrain.scaling.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -90,7 +90,7 @@ def test_a_second_invocation_runs_nothing(swept):
 
 
 def test_a_changed_sweep_under_the_same_name_is_refused(swept):
-    from pretrain.sweep import run_sweep
+    from pretrain.scaling.sweep import run_sweep
 
     tmp, uri, _, _ = swept
     with pytest.raises(ConfigError, match="another configuration"):
@@ -98,7 +98,7 @@ def test_a_changed_sweep_under_the_same_name_is_refused(swept):
 
 
 def test_scaling_fit_reads_the_sweep_back_and_warns(swept):
-    from pretrain.scaling_report import scaling_fit
+    from pretrain.scaling.report import scaling_fit
 
     tmp, uri, first, _ = swept
     rep, md, parent = scaling_fit("tiny", uri, str(tmp / "sweeps"), resamples=5)
@@ -121,8 +121,8 @@ def test_scaling_fit_reads_the_sweep_back_and_warns(swept):
 ])
 def test_bad_sweep_files_get_one_clear_error(tmp_path, extra, message):
     from data_service.reader import open_corpus
-    from pretrain.launch import ensure_corpus
-    from pretrain.sweep_plan import expand
+    from pretrain.run.launch import ensure_corpus
+    from pretrain.scaling.plan import expand
 
     with pytest.raises(ConfigError, match=message):
         cfg = sweep_cfg(tmp_path, *extra)

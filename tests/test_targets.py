@@ -6,18 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import simple_session
+
 from data_service import intervals as iv
 from data_service.errors import CorpusError
 from data_service.reader import open_corpus
 from data_service.session import TimeSeries
 from data_service.splits import make_splits
 from data_service.store import CorpusStore
-from pretrain.evaluate import predict_session
-from pretrain.plan import build_plan
-from pretrain.run_config import load_config
-from pretrain.targets import behaviour_stats
+from pretrain.decoding.evaluate import predict_session
+from pretrain.run.build import build_model
+from pretrain.run.config import load_config
+from pretrain.run.plan import build_plan
+from pretrain.tokens.targets import behaviour_stats
 
 TINY = {"dim": 32, "depth": 1, "dim_head": 16, "cross_heads": 1, "self_heads": 2, "latents_per_step": 4}
 
@@ -64,7 +65,7 @@ def test_the_same_session_in_m_per_s_and_cm_per_s_learns_the_same_and_predicts_i
     st = m.tokenizer.target_stats["a"]["hand_vel"]
     np.testing.assert_allclose(b_m.target, (raw - st.mean) / (st.std / m.tokenizer.target_rms), rtol=1e-5, atol=1e-6)
     torch.manual_seed(0)
-    model = cm.make_model()
+    model = build_model(cm)
     pred_cm = predict_session(model, tok_cm, r_cm)
     pred_m = predict_session(model, tok_m, r_m)
     np.testing.assert_allclose(pred_m.prediction * 100, pred_cm.prediction, rtol=1e-3, atol=1e-4)  # session units

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import packed as pack
 
 from data_service import intervals as iv
 from data_service.reader import open_corpus
 from data_service.synth import SynthConfig, synth_corpus
-from conftest import packed as pack
-from pretrain.batch import ARRAYS, END, SPIKE, START, concat
-from pretrain.config import preset
-from pretrain.model import POYO
-from pretrain.tokenizer import Tokenizer, TokenizerConfig
+from pretrain.model.batch import ARRAYS, END, SPIKE, START, concat
+from pretrain.model.config import preset
+from pretrain.model.poyo import POYO
+from pretrain.tokens.tokenizer import Tokenizer, TokenizerConfig
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from conftest import result_line
+
 from popscale.cli import build_parser, main
-from pretrain.offline_tracking import Journal, finish, journals, resume_tracking, start_run_or_offline
-from pretrain.run_config import RunConfig, TrackingConfig
-from pretrain.tracking import HTTP_DEFAULTS, MLflowSink, http_defaults, store_client
+from pretrain.run.config import RunConfig
+from pretrain.tracking.config import TrackingConfig
+from pretrain.tracking.journal import Journal, journals
+from pretrain.tracking.mlflow_runs import HTTP_DEFAULTS, MLflowSink, http_defaults, store_client
+from pretrain.tracking.offline import finish, resume_tracking, start_run_or_offline
 
 
 def closed_port() -> int:
@@ -73,10 +75,10 @@ def mlflow_server(port: int, root: Path):
 def tiny_export(out: Path) -> Path:
     import torch
 
-    from pretrain.config import ModelConfig
-    from pretrain.model import POYO
-    from pretrain.registry import export_model
-    from pretrain.tokenizer import TokenizerConfig
+    from pretrain.model.config import ModelConfig
+    from pretrain.model.poyo import POYO
+    from pretrain.tokens.tokenizer import TokenizerConfig
+    from pretrain.tracking.export import export_model
 
     cfg = ModelConfig(dim=32, depth=1, dim_head=16, cross_heads=1, self_heads=2, latents_per_step=4)
     torch.manual_seed(0)
@@ -155,7 +157,9 @@ def run_while_away(tmp_path: Path, uri: str) -> dict:
     run_dir = tmp_path / "runs" / "faults-1"
     said: list[str] = []
     t = time.monotonic()
-    assert start_run_or_offline(cfg, {"ray_run": "faults-1"}, str(run_dir), "faults-1", said.append) is None
+    assert start_run_or_offline(cfg.tracking, cfg.name, cfg.to_dict(), {"ray_run": "faults-1"}, str(run_dir),
+                                "popscale pretrain --resume faults-1",
+                                said.append) is None
     assert time.monotonic() - t < 5
     assert len(said) == 1 and said[0].startswith(f"warning: MLflow at {uri} is unreachable (connection refused")
     assert "popscale pretrain --resume faults-1" in said[0]
@@ -203,19 +207,65 @@ def run_back(b: dict, uri: str, capsys) -> None:
     assert steps_of(uri, run.info.run_id, "train_loss") == [1, 2, 3, 4]
 
 
+def finetune_while_away(tmp_path: Path, uri: str) -> dict:
+    """`popscale finetune` with the server away from the start: it completes, its params and
+    metrics kept in its run directory."""
+    from data_service.reader import open_corpus
+    from data_service.synth import SynthConfig, synth_corpus
+    from pretrain.finetune.config import FinetuneConfig
+    from pretrain.finetune.finetune import finetune
+    from pretrain.run.config import load_config
+    from pretrain.run.export import export_checkpoint
+    from pretrain.run.plan import build_plan
+    from pretrain.run.train import train_in_process
+
+    root = tmp_path / "ft"
+    synth_corpus(SynthConfig(sessions=2, subjects=1, minutes=1.0, min_units=10, max_units=15, seed=5), root / "corpus")
+    ids = open_corpus(root / "corpus").session_ids
+    cfg = load_config(None, [f"data.corpus={root / 'corpus'}", "data.global_batch=4", "data.loader=local",
+                             "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.warmup_steps=1",
+                             "cluster.cpus_per_worker=1", f"data.sessions={json.dumps(ids[:1])}"])
+    cfg.model_overrides = {"dim": 32, "depth": 1, "dim_head": 16, "cross_heads": 1, "self_heads": 2,
+                           "latents_per_step": 4}
+    export = export_checkpoint(train_in_process(build_plan(cfg), root / "pre").checkpoint, root / "export", {})
+    said: list[str] = []
+    r = finetune(FinetuneConfig(model=str(export), corpus=str(root / "corpus"), sessions=[ids[1]], steps=2, batch=4,
+                                eval_every=2, tracking_uri=uri, out=str(root / "runs"), name="ft-away"),
+                 notify=said.append, show_progress=False)
+    run_dir = root / "runs" / "ft-away"
+    assert r.model_uri == str(run_dir / "export") and (run_dir / "export" / "model.safetensors").exists()
+    assert any(m.startswith(f"warning: MLflow at {uri} is unreachable") for m in said)
+    assert journals(str(run_dir)) and (run_dir / "mlflow_offline" / "run.json").exists()
+    assert list((run_dir / "plots").glob("test_decoded_vs_true_*.png"))  # kept beside the run
+    return {"run_dir": run_dir, "test_r2": r.test_r2}
+
+
+def finetune_back(f: dict, uri: str, capsys) -> None:
+    assert main(["tracking-sync", str(f["run_dir"])]) == 0
+    out = result_line(capsys.readouterr().out)
+    assert out["created"] == "true" and int(out["metrics_sent"]) > 0 and out["ended"] == "FINISHED"
+    run = store_client(uri).get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "ft-away"
+    assert run.data.params["mode"] == "unit-id" and run.data.tags["popscale_command"] == "finetune"
+    assert run.data.metrics["test_r2"] == pytest.approx(f["test_r2"])
+
+
 def test_the_server_away_mid_run_and_from_the_start_then_back(tmp_path, capsys):
     """Both cases against one server (it takes seconds to start): a sink keeps what it could not send
     and sends each metric once when the server is back; a run started while it was away is created
-    by `popscale tracking-sync`, and its model registered by the command its end printed."""
+    by `popscale tracking-sync`, and its model registered by the command its end printed; a finetune
+    with the server away completes and is sent by the same command."""
     port = closed_port()
     uri = f"http://127.0.0.1:{port}"
     server = tmp_path / "server"
     server.mkdir()
     mid = sink_while_away(tmp_path, uri, server)
     start = run_while_away(tmp_path, uri)
+    tuned = finetune_while_away(tmp_path, uri)
     with mlflow_server(port, server):
         sink_back(mid, uri, capsys)
         run_back(start, uri, capsys)
+        finetune_back(tuned, uri, capsys)
 
 
 @pytest.mark.parametrize("argv", [["tracking-sync", "{run}"], ["register", "{export}", "--run", "{run}"]])

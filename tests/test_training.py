@@ -5,24 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import packed as pack
 from conftest import window_batch
+
 from data_service.reader import open_corpus
 from data_service.synth import SynthConfig, synth_corpus
 from data_service.window_index import IndexConfig, WindowIndex
-from pretrain.batch import PackedBatch
-from pretrain.config import ModelConfig
-from pretrain.loss import weighted_mse
-from pretrain.model import POYO
-from pretrain.optim import OptimConfig, build_optimizer
-from pretrain.tokenizer import Tokenizer, TokenizerConfig
+from pretrain.model.batch import PackedBatch
+from pretrain.model.config import ModelConfig
+from pretrain.model.loss import weighted_mse
+from pretrain.model.poyo import POYO
+from pretrain.run.optim import OptimConfig, build_optimizer
+from pretrain.tokens.tokenizer import Tokenizer, TokenizerConfig
 
 NO_DROPOUT = dict(ffn_dropout=0.0, lin_dropout=0.0, atn_dropout=0.0)
 
 
 def sgd_step(model, opt, b) -> float:
-    """One optimisation step on batch b (a bare loop: the real one is pretrain/loop.py's); the loss."""
+    """One optimisation step on batch b (a bare loop: the real one is pretrain/run/loop.py's); the loss."""
     loss, _ = weighted_mse(model(b), b, model.readout_names)
     opt.zero_grad()
     loss.backward()

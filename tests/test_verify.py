@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import zarr
-
 from conftest import result_line, run_cli, simple_session
+
 from data_service.format import checksum
 from data_service.store import CorpusStore
 from data_service.verify import verify

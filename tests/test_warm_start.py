@@ -8,10 +8,10 @@ import torch
 
 from data_service.reader import open_corpus
 from data_service.synth import SynthConfig, synth_corpus
-from pretrain.config import preset
-from pretrain.model import POYO
-from pretrain.tokenizer import TokenizerConfig
-from pretrain.warm_start import WarmStartConfig, apply_warm_start, unit_directions
+from pretrain.model.config import preset
+from pretrain.model.poyo import POYO
+from pretrain.run.warm_start import WarmStartConfig, apply_warm_start, unit_directions
+from pretrain.tokens.tokenizer import TokenizerConfig
 
 TOKENS = TokenizerConfig.build(preset("poyo-1.3M"), behaviours={"velocity": ["hand_vel"]}, target_scale={"hand_vel": 20.0})
 

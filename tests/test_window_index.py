@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import simple_session
 
 from data_service.errors import CorpusError
 from data_service.reader import open_corpus
 from data_service.splits import make_splits
 from data_service.store import CorpusStore
 from data_service.window_index import IndexConfig, WindowIndex, permute
-from conftest import simple_session
 
 
 @pytest.fixture(scope="module")

@@ -126,8 +126,8 @@ def _session(f: h5py.File, path: Path, opts: IngestOptions, sha256: str | None, 
                              field="units/id")
     names = [_text(x) for x in ids]
     area_key = next((k for k in ("brain_region", "area", "location") if k in ug), None)
-    areas = [_text(x) for x in np.atleast_1d(_dataset(ug, area_key, file, s_id, f"units/{area_key}"))] \
-        if area_key else [opts.area or "unknown"] * len(names)
+    areas = ([_text(x) for x in np.atleast_1d(_dataset(ug, area_key, file, s_id, f"units/{area_key}"))]
+             if area_key else [opts.area or "unknown"] * len(names))
 
     notes: list[str] = []
     behaviour: dict[str, TimeSeries] = {}

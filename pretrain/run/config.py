@@ -1,0 +1,266 @@
+"""A training run's configuration: typed dataclasses, loaded from YAML, overridden from the CLI.
+
+    cfg = load_config("configs/demo.yaml", overrides=["train.steps=50", "cluster.num_workers=2"])
+
+Unknown keys, unknown model presets and model overrides that are not model fields are refused
+with their dotted path (`ConfigError`); the config round-trips to a dict (MLflow params, the
+run plan in every checkpoint). What the config means on a corpus is the plan's (`plan.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from data_service.augment import AugmentConfig
+from data_service.errors import ConfigError
+from data_service.synth import SynthConfig
+
+from ..model.config import ModelConfig, preset
+from ..tokens.tokenizer import DEFAULT_BEHAVIOURS, DEFAULT_INTERVAL_WEIGHTS
+from ..tracking.config import TrackingConfig
+from .optim import OptimConfig
+from .warm_start import WarmStartConfig
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "runs/demo/corpus"
+    synth: SynthConfig | None = None  # make this synthetic corpus first if `corpus` does not exist
+    window_s: float = 1.0  # seconds per sample (a whole number of the model's latent steps)
+    global_batch: int = 32  # windows per micro-step, over all workers
+    seed: int = 0
+    # readout -> behaviours it decodes (the first one a session has)
+    readouts: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_BEHAVIOURS.items()})
+    # readout -> continuous (default) | angular | categorical (tokenizer.Readout); its width is model_overrides.readouts
+    readout_kinds: dict[str, str] = field(default_factory=dict)
+    readout_columns: dict[str, str] = field(default_factory=dict)  # angular/categorical: the column to read
+    # behaviour -> a fixed divisor for its targets; a behaviour not here is centred and scaled per session
+    # with its own train-split statistics to an RMS of target_rms (pretrain/tokens/targets.py)
+    target_scale: dict[str, float] = field(default_factory=dict)
+    target_rms: float = 0.5
+    interval_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_INTERVAL_WEIGHTS))
+    session_weights: dict[str, float] = field(default_factory=dict)
+    sessions: list[str] | None = None  # train on these (default: every session with a readout behaviour)
+    # shuffle blocks of this many consecutive windows of a train interval instead of single windows: each
+    # worker's batch then reads fewer sessions and chunks, but a global batch holds ~global_batch/k blocks
+    # (bench/index_scale.py); 1 = off (the default order). Best at most global_batch / workers.
+    block_windows: int = 1
+    # the label budget of every training session (labels.py: 10%, 2m): a from-scratch reference for adaptation
+    labels: str = "100%"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loader: str = "ray"  # ray | local
+    data_actors: int = 1  # Ray Data actors per training worker
+    prefetch: int = 4  # batches buffered per worker
+    buffer_mb: float | None = 256  # object-store memory the data pipeline of one worker may hold (None: Ray's default)
+    # an unreadable window (corrupt chunk, missing shard, deleted session) stops the run naming it;
+    # true drops it from its batch instead, and every window dropped is logged (the sequence changes)
+    skip_bad_windows: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    grad_accum: int = 1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    warmup_steps: int = 30
+    final_lr_ratio: float = 0.1  # cosine decay to lr * this at the last step
+    zero_stage: int = 1
+    precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    max_failures: int = 1
+    seed: int = 0
+    eval_sessions: int | None = None  # validate on at most this many sessions (default: all)
+    stop_at: int | None = None  # stop (after checkpointing) at this step, as a pre-emption would; resume later
+    # unit embeddings initialised from per-session linear decoders (pretrain/run/warm_start.py); none = random
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # None: start an embedded local Ray; "auto" or ray://... for a cluster
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    local_cpus: int | None = None  # logical CPUs of the embedded Ray (default: 2 x cores, so data tasks fit)
+    storage_path: str = "runs/ray"
+
+
+@dataclass
+class RunConfig:
+    name: str = "pretrain"
+    model: str = "poyo-1.3M"
+    model_overrides: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def model_config(self) -> ModelConfig:
+        return preset(self.model, **self.model_overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build(cls, data, path: str):
+    """Recursively turn plain data into the annotated dataclass type, refusing unknown keys."""
+    if data is None:
+        optional = typing.get_origin(cls) in (typing.Union, types.UnionType) and type(None) in typing.get_args(cls)
+        if optional or cls is typing.Any or not path:
+            return None
+        raise ConfigError(f"{path}: expected {getattr(cls, '__name__', cls)}, got null (an empty value)")
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path or 'config'}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{path + '.' if path else ''}{unknown[0]}: unknown key (known: {sorted(names)})")
+        kw = {k: _build(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+        try:
+            return cls(**kw)
+        except ConfigError:
+            raise
+        except ValueError as e:  # a dataclass's own check (__post_init__)
+            raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    origin = typing.get_origin(cls)
+    if (origin is dict or cls is dict) and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {data!r}")
+    if (origin is list or cls is list) and not isinstance(data, list):
+        raise ConfigError(f"{path}: expected a list, got {data!r}")
+    if origin is dict and len(typing.get_args(cls)) == 2:  # each value typed too: a bad one is named by its key
+        return {k: _build(typing.get_args(cls)[1], v, f"{path}.{k}") for k, v in data.items()}
+    if origin is list and typing.get_args(cls):
+        return [_build(typing.get_args(cls)[0], v, f"{path}[{i}]") for i, v in enumerate(data)]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(cls) if a is not type(None)]
+        return _build(args[0], data, path)
+    if origin is tuple and isinstance(data, (list, tuple)):
+        return tuple(data)
+    if cls is str and not isinstance(data, str):
+        raise ConfigError(f"{path}: expected a string, got {data!r} (quote it in YAML)")
+    if cls in (int, float) and isinstance(data, bool):  # YAML's true/false are ints to Python, not to us
+        raise ConfigError(f"{path}: expected {cls.__name__}, got {data!r}")
+    if cls in (int, float, bool) and not isinstance(data, cls):
+        if cls is float and isinstance(data, int) and not isinstance(data, bool):
+            try:
+                return float(data)
+            except OverflowError:  # an integer of hundreds of digits
+                raise ConfigError(f"{path}: {data} is too large for a float") from None
+        if isinstance(data, str) and cls is not bool:
+            try:
+                return cls(data)  # YAML reads "3e-3" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected {cls.__name__}, got {data!r}")
+    return data
+
+
+def _at_least(n):
+    return (lambda v: v >= n), f"at least {n}"
+
+
+# values a config may type correctly and still not run with: refused at load, before Ray or a corpus
+_RANGES: dict[str, tuple] = {
+    "data.window_s": ((lambda v: v > 0), "a positive number of seconds"),
+    "data.global_batch": _at_least(1), "data.data_actors": _at_least(1), "data.prefetch": _at_least(1),
+    "data.block_windows": ((lambda v: v >= 1), "a whole number of windows >= 1 (1: no blocks)"),
+    "data.target_rms": ((lambda v: v > 0), "positive"),
+    "data.loader": ((lambda v: v in ("ray", "local")), "ray or local"),
+    "train.steps": _at_least(1), "train.grad_accum": _at_least(1), "train.warmup_steps": _at_least(0),
+    "train.log_every": _at_least(1), "train.eval_every": _at_least(1), "train.checkpoint_every": _at_least(1),
+    "train.max_failures": _at_least(0), "train.eval_sessions": _at_least(1), "train.stop_at": _at_least(1),
+    "train.final_lr_ratio": ((lambda v: 0 <= v <= 1), "between 0 and 1"),
+    "train.grad_clip": ((lambda v: v > 0), "positive"),
+    "train.zero_stage": ((lambda v: v in (0, 1, 2, 3)), "0, 1, 2 or 3"),
+    "train.precision": ((lambda v: v in ("auto", "fp32", "bf16")), "auto, fp32 or bf16"),
+    "train.optim.lr": ((lambda v: v > 0), "positive"),
+    "cluster.num_workers": _at_least(1), "cluster.cpus_per_worker": ((lambda v: v > 0), "positive"),
+    "cluster.local_cpus": _at_least(1),
+}
+
+
+def _check_ranges(run: RunConfig) -> None:
+    for key, (ok, want) in _RANGES.items():
+        v = run
+        for part in key.split("."):
+            v = getattr(v, part)
+        if v is None:  # an optional setting left unset
+            continue
+        if (isinstance(v, float) and not math.isfinite(v)) or not ok(v):
+            raise ConfigError(f"{key}: must be {want}, got {v!r}")
+
+
+def from_dict(d: dict) -> RunConfig:
+    run = _build(RunConfig, d, "")
+    _check_ranges(run)
+    try:
+        run.model_config()
+    except KeyError as e:
+        raise ConfigError(f"model: {e.args[0]}") from None
+    except TypeError:
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        bad = sorted(set(run.model_overrides) - fields)
+        raise ConfigError(f"model_overrides.{bad[0] if bad else '?'}: not a model setting (known: {sorted(fields)})"
+                          ) from None
+    return run
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for i, k in enumerate(keys[:-1]):
+        if d.get(k) is None:
+            d[k] = {}
+        if not isinstance(d[k], dict):
+            raise ConfigError(f"{'.'.join(keys[:i + 1])} is a value, not a section: {dotted} cannot be set")
+        d = d[k]
+    d[keys[-1]] = value
+
+
+def read_yaml(path: str | Path, what: str = "config") -> dict:
+    """A YAML file's top-level mapping, or one clear ConfigError naming the file."""
+    try:
+        d = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not a text file (byte {e.start} is not UTF-8)") from None
+    except (yaml.YAMLError, ValueError) as e:  # (PyYAML's int() raises ValueError on huge integers)
+        raise ConfigError(f"{what} {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping at the top")
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """A RunConfig from a YAML file (or the defaults) with `key.sub=value` overrides (YAML values)."""
+    d: dict = read_yaml(path) if path is not None else {}
+    try:
+        d = asdict(from_dict(d))  # validate the file first, then apply overrides on full defaults
+    except ConfigError as e:
+        raise ConfigError(f"config {path}: {e}") from None
+    for o in overrides:
+        k, eq, v = o.partition("=")
+        if not eq or not k.strip():
+            raise ConfigError(f"override {o!r} must look like key.sub=value")
+        try:
+            value = yaml.safe_load(v)
+        except (yaml.YAMLError, ValueError):  # (PyYAML's int() raises ValueError on huge integers)
+            raise ConfigError(f"override {o!r}: the value is not valid YAML") from None
+        try:
+            _set(d, k.strip(), value)
+            from_dict(d)  # so that an error names the override that caused it
+        except ConfigError as e:
+            raise ConfigError(f"override {o!r}: {e}") from None
+    return from_dict(d)

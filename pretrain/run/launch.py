@@ -1,0 +1,296 @@
+"""`popscale pretrain`: the driver. Makes the corpus if needed (saying so), builds the run plan,
+starts (or joins) Ray, opens the MLflow run, runs the Ray Train job with a live progress bar,
+then exports the final weights (safetensors + config + vocabularies) and registers them in
+MLflow under an alias.
+
+A run is named `<config name>-<timestamp>`; its directory (`cluster.storage_path/<name>`) holds
+Ray's checkpoints, the plan and the MLflow run id, so `resume=<that name>` continues it from
+its last checkpoint with the same plan, in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from data_service.errors import CorpusError, find_corpus_error
+from data_service.remote import exists, is_url, join, listdir, pyarrow_filesystem, read_text, resolve, storage_arg, write_text
+
+from .config import RunConfig
+from .hooks import FaultAndRecord, LoopHooks
+from .plan import PlanMismatch, RunPlan, build_plan
+from .progress import progress_bar
+from .train import WorkerArgs, ray_worker
+
+RUN_FILE = "popscale_run.json"
+
+
+@dataclass
+class PretrainResult:
+    name: str
+    valid_r2: float
+    steps: int
+    model_uri: str
+    model_version: str
+    mlflow_run_id: str
+    tracking_uri: str
+    seconds: float
+    checkpoint: str
+    registration: str = "none"  # registered | pending (the server was away: `popscale register` does it) | none
+    tracking: str = "ok"  # ok | pending (kept in the run directory for `popscale tracking-sync`)
+
+
+def ensure_corpus(run: RunConfig, notify: Callable[[str], None] = print) -> None:
+    """Make the configured synthetic corpus if there is no corpus at `data.corpus` (saying so)."""
+    from data_service.synth import synth_corpus
+
+    if is_url(run.data.corpus):
+        if not exists(join(run.data.corpus, "manifest.json")):
+            raise CorpusError("no corpus at this URL (put one there with `popscale push LOCAL URL`)",
+                              file=run.data.corpus)
+        return
+    root = Path(run.data.corpus)
+    if (root / "manifest.json").exists():
+        return
+    if run.data.synth is None:
+        raise CorpusError("no corpus here, and no `data.synth` config to make a synthetic one "
+                          "(--set data.synth.sessions=N makes one)", file=str(root))
+    s = run.data.synth
+    notify(f"making a synthetic corpus at {root}: {s.sessions} sessions of {s.subjects} subjects, "
+           f"~{s.minutes:g} min each (seed {s.seed})")
+    synth_corpus(s, root, workers=os.cpu_count() or 1)
+
+
+def unfinished_runs(storage: str, config_name: str) -> list[str]:
+    """Runs of this config under `storage` that started and have no exported model yet (newest last)."""
+    try:
+        names = listdir(storage)
+    except (OSError, ValueError):
+        return []
+    out = []
+    for n in names:
+        if (n.startswith(f"{config_name}-") and exists(join(storage, n, RUN_FILE))
+                and not exists(join(storage, n, "export", "model.safetensors"))):
+            out.append(n)
+    return out[-3:]
+
+
+# The GCS keeps the events of the last 100,000 tasks and 100,000 dead actors by default; the data
+# service runs a task per batch and an actor per dataset, so a long run's GCS grew by ~13 MB/min
+# (bench/soak.py). popscale reads neither (no dashboard), so it keeps a few thousand.
+GCS_BOUNDS = {"task_events_max_num_task_in_gcs": 5000, "maximum_gcs_destroyed_actor_cached_count": 500}
+
+
+def init_ray(run: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    if not run.cluster.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    os.environ.update(env)
+    if run.cluster.address:
+        ray.init(address=run.cluster.address, runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    # Logical CPUs above the physical count: training workers take one CPU each and Ray Data's
+    # actors must still be schedulable, or Ray waits forever (the 2-core hang).
+    cpus = run.cluster.local_cpus or max(4, 2 * (os.cpu_count() or 1))
+    # Every socket of the embedded Ray binds loopback (runbooks/security.md): Ray's servers (GCS,
+    # raylet, workers, agents) listen on 127.0.0.1 only when the node's IP is 127.0.0.1, and
+    # ray.init turns a loopback `_node_ip_address` into the host's address unless Ray runs without
+    # multi-node clusters (its macOS/Windows mode, ray_constants.ENABLE_RAY_CLUSTER), so that flag
+    # is off while this node starts. Ray's token authentication stays on (its default for a new
+    # local cluster; RAY_AUTH_MODE is respected).
+    from ray._private import ray_constants
+
+    clusters = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        # Worker logs stay in Ray's session directory unless asked for: the progress bar is the display.
+        ray.init(num_cpus=cpus, include_dashboard=False, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": env}, object_store_memory=1 << 30, _system_config=GCS_BOUNDS,
+                 log_to_driver=bool(os.environ.get("POPSCALE_RAY_LOGS")), configure_logging=True,
+                 logging_level="WARNING")
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
+    # the token Ray generated for it is written world-readable (umask 022): other users of the host
+    # could reach the loopback ports with it
+    token = Path.home() / ".ray" / "auth_token"
+    try:
+        if token.is_file() and token.stat().st_mode & 0o077:
+            token.chmod(0o600)
+    except OSError:
+        pass
+
+
+def _progress_actor():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Progress:
+        def __init__(self) -> None:
+            self.step, self.metrics = 0, {}
+
+        def update(self, step: int, metrics: dict) -> None:
+            self.step, self.metrics = step, dict(metrics)
+
+        def get(self) -> tuple[int, dict]:
+            return self.step, self.metrics
+
+    return Progress.remote()
+
+
+def _fit_with_progress(trainer, progress, total: int, show: bool):
+    import ray
+    out: dict = {}
+
+    def fit() -> None:
+        try:
+            out["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the driver thread below
+            out["error"] = e
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    with progress_bar("pretraining", total, info="starting workers", show=show) as bar:
+        while thread.is_alive():
+            thread.join(timeout=2.0)
+            try:
+                step, m = ray.get(progress.get.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - progress is best effort
+                continue
+            info = f"loss {m['train_loss']:.3f}" if "train_loss" in m else "starting workers"
+            if "samples_per_s" in m:
+                info += f"  {m['samples_per_s']:.1f} samples/s"
+            if "valid_r2" in m:
+                info += f"  valid R2 {m['valid_r2']:.3f}"
+            bar.update(completed=step, info=info)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool = True,
+             hooks: LoopHooks | None = None, notify: Callable[[str], None] = print,
+             alias: str | None = None, name: str | None = None, register_model: bool = True,
+             tags: dict[str, str] | None = None) -> PretrainResult:
+    """Plan the run, train it on Ray Train workers, export and register the final weights as a new
+    version; `alias` (default: the config's `tracking.alias`, none) is moved to it only when given.
+    `hooks` default to the test hooks of the environment (hooks.FaultAndRecord.from_env).
+    `name` fixes the run's name (a sweep point's): a run of that name with a checkpoint is resumed.
+    `register_model=False` exports without registering; `tags` go on the MLflow run (a sweep's
+    child runs carry `mlflow.parentRunId` and their axes)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ..tracking.export import model_card, provenance
+    from ..tracking.mlflow_runs import tracking_uri
+    from ..tracking.offline import finish, resume_tracking, start_run_or_offline, storable_uri
+    from .export import export_checkpoint
+
+    t0 = time.time()
+    alias = alias or run.tracking.alias
+    # Workers run in their own directories: every path they see must be absolute.
+    # (a corpus or storage_path may be a URL on shared storage: data_service/remote.py)
+    run.data.corpus = resolve(run.data.corpus)
+    run.tracking.uri = tracking_uri(run.tracking)
+    storage = resolve(run.cluster.storage_path)
+    if name and not resume and exists(join(storage, name, RUN_FILE)):
+        resume = name  # a named run that started before: continue it
+    if not resume and not name:
+        for other in unfinished_runs(storage, run.name):
+            notify(f"note: run {other} of this config did not finish; this starts a new run "
+                   f"(`--resume {other}` continues that one)")
+    name = resume or name or f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = join(storage, name)
+    meta, previous = {}, None
+    if resume:
+        if not exists(join(run_dir, RUN_FILE)):
+            raise FileNotFoundError(f"no run {resume!r} under {storage} to resume")
+        meta, previous = json.loads(read_text(join(run_dir, RUN_FILE))), RunPlan.load(run_dir)
+    ensure_corpus(run, notify)
+    try:
+        plan = build_plan(run, previous=previous, progress=show_progress)
+    except PlanMismatch as e:
+        raise PlanMismatch(f"cannot resume {name}: {e}") from None
+    notify(f"run {name}: {'resuming, ' if resume else ''}{len(plan.sessions)} sessions, {len(plan.unit_vocab)} units, "
+           f"{plan.run.model} on {run.cluster.num_workers} worker(s); checkpoints in {run_dir} "
+           f"(if it stops, the same command with --resume {name} continues it)")
+    init_ray(run)
+    if not meta:
+        from ..model.flops import forward_flops, parameters
+
+        tags = {"corpus": run.data.corpus, "corpus_fingerprint": plan.corpus_fingerprint, "ray_run": name,
+                "n_sessions": str(len(plan.sessions)), "n_units": str(len(plan.unit_vocab)),
+                "n_params": str(parameters(plan.model)),
+                "train_gflops_per_sample_2k_spikes":
+                    f"{3 * forward_flops(plan.model, 2000, 100, plan.tokenizer.geometry.n_latents) / 1e9:.2f}",
+                **(tags or {})}
+        # with the server away: no run id yet, the run is kept in run_dir (pretrain/tracking/offline.py)
+        meta = {"name": name, "mlflow_run_id": start_run_or_offline(run.tracking, run.name, run.to_dict(), tags, str(run_dir),
+                                                              f"popscale pretrain --resume {name}", notify),
+                "tracking_uri": storable_uri(run.tracking.uri)}
+        plan.save(run_dir)
+        write_text(join(run_dir, RUN_FILE), json.dumps(meta))
+    else:  # what an earlier attempt could not send (its MLflow run itself, if the server was away at its start)
+        meta["mlflow_run_id"] = resume_tracking(str(run_dir), run.tracking.uri, meta, notify)
+    progress = _progress_actor()
+    if hooks is None:
+        hooks = FaultAndRecord.from_env() or LoopHooks()
+    trainer = TorchTrainer(
+        ray_worker,
+        train_loop_config={"args": WorkerArgs(plan, meta["mlflow_run_id"], progress, hooks, str(run_dir))},
+        torch_config=TorchConfig(backend="nccl" if run.cluster.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=run.cluster.num_workers, use_gpu=run.cluster.use_gpu,
+                                               resources_per_worker={"CPU": run.cluster.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage_arg(storage),
+                                       storage_filesystem=pyarrow_filesystem(storage),
+                                       failure_config=ray.train.FailureConfig(max_failures=run.train.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    try:
+        result = _fit_with_progress(trainer, progress, run.train.stop_at or run.train.steps, show_progress)
+        error = result.error
+    except Exception as e:  # noqa: BLE001 - Ray Train raises worker errors from fit()
+        error = e
+    if error:
+        bad_data = find_corpus_error(error)
+        if bad_data is not None:  # say which file, session and field, not Ray's wrapping of it
+            raise RuntimeError(f"pretraining run {name} stopped by its data: {bad_data} "
+                               f"(after fixing it, --resume {name} continues the run)") from error
+        raise RuntimeError(f"pretraining run {name} failed (resume it with --resume {name}): {error}") from error
+    metrics = result.metrics or {}
+    uri = tracking_uri(run.tracking)
+    stopped_early = run.train.stop_at is not None and run.train.stop_at < run.train.steps
+    export, registration = None, {}
+    with result.checkpoint.as_directory() as d:
+        if not stopped_early:
+            prov = provenance({"mlflow_run_id": meta["mlflow_run_id"], "ray_run": name,
+                               "corpus_fingerprint": plan.corpus_fingerprint, "corpus": run.data.corpus})
+            # the export sits beside the checkpoints; with checkpoints on object storage, in runs/exports
+            export_dir = Path("runs/exports").resolve() / name if is_url(run_dir) else Path(run_dir)
+            export = export_checkpoint(d, export_dir / "export", prov)
+            valid_r2 = float(metrics.get("valid_r2", float("nan")))
+            model_card(export, title=f"{run.tracking.registered_model}: pretrained {plan.run.model}",
+                       data=f"Pretrained ({metrics.get('step', '?')} steps) on {len(plan.sessions)} sessions of "
+                            f"{run.data.corpus}.", metrics={"valid_r2": valid_r2})
+            registration = {"model_name": run.tracking.registered_model, "alias": alias,
+                            "tags": {"kind": "pretrained", "git_commit": prov["git_commit"],
+                                     "corpus_fingerprint": plan.corpus_fingerprint, "valid_r2": f"{valid_r2:.4f}",
+                                     "ray_run": name}}
+    # Register, and set the run FINISHED when it is complete (a stopped one stays RUNNING until
+    # resumed). With the server away registration is tried for about a minute, then it and the
+    # run's end are left to the one command printed (offline.finish); the export stays.
+    fin = finish(str(run_dir), uri, meta["mlflow_run_id"], terminate=not stopped_early,
+                 export=export if register_model else None, notify=notify, **registration)
+    model_uri = fin.model_uri or (str(export) if export is not None else "")
+    return PretrainResult(name=name, valid_r2=float(metrics.get("valid_r2", float("nan"))),
+                          steps=int(metrics.get("step", 0)), model_uri=model_uri, model_version=fin.version,
+                          mlflow_run_id=fin.run_id or "", tracking_uri=uri, seconds=time.time() - t0,
+                          checkpoint=result.checkpoint.path, registration=fin.registration, tracking=fin.tracking)

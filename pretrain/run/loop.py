@@ -1,0 +1,172 @@
+"""The training loop, and the parts it is made of. Pretraining, adaptation and sweep points run
+this one loop with another plan and other parts:
+
+- `TrainStep`: one optimisation step (forward, backward, optimizer step) over a step's micro-batches;
+- an evaluator (`evaluate.Evaluator`): validation, logged to the sink;
+- a checkpointer (`checkpoint.RayCheckpointer` / `DirCheckpointer`): save and restore;
+- a metrics sink (`sinks.py`): MLflow, the progress bar, memory;
+- hooks (`hooks.py`): test instrumentation, nothing by default.
+
+The loop knows nothing of Ray, MLflow or where batches come from (any object with
+`iterate(start, stop)` yielding `ServedBatch`es: the Ray Data service or the in-process one).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..model.batch import PackedBatch
+from ..model.loss import weighted_mse
+from .hooks import LoopHooks
+from .plan import RunPlan
+from .sinks import MetricsSink
+
+
+@dataclass
+class Dist:
+    """This worker's place among `world` and the two collectives the loop needs."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def all_sum(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+@dataclass
+class StepStats:
+    loss_x_weight: float  # this worker's loss summed with its loss weights
+    weight: float
+    spike_tokens: int
+
+
+class TrainStep:
+    """One optimisation step of a DeepSpeed engine over a step's micro-batches.
+
+    The loss of each micro-batch is normalised by the loss weight of the whole global micro-batch
+    (summed over workers), so the gradient does not depend on the number of workers; DeepSpeed
+    averages gradients over workers and steps the optimizer at the accumulation boundary.
+    Dropout masks are a function of (seed, step, rank), so a resumed run draws what an
+    uninterrupted one would have (DeepSpeed checkpoints do not hold RNG state)."""
+
+    def __init__(self, engine, scheduler, dist: Dist, seed: int, kinds: list[str] | None = None) -> None:
+        self.engine, self.scheduler, self.dist, self.seed = engine, scheduler, dist, seed
+        self.kinds = kinds  # per readout (tokenizer.Readout.kind); None: all continuous
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def __call__(self, step: int, batches: list[PackedBatch]) -> StepStats:
+        d = self.dist
+        torch.manual_seed(self.seed * 1_000_003 + step * 1_009 + d.rank)
+        self.engine.train()
+        stats = StepStats(0.0, 0.0, 0)
+        for b in batches:
+            b = b.to(d.device)
+            (wsum,) = d.all_sum(float(b.weight.sum()))
+            loss, _ = weighted_mse(self.engine(b), b, self.model.readout_names, self.kinds)
+            local_w = float(b.weight.sum())
+            self.engine.backward(loss * (local_w / max(wsum, 1e-12)) * d.world)
+            self.engine.step()
+            stats.loss_x_weight += float(loss.detach()) * local_w
+            stats.weight += local_w
+            stats.spike_tokens += int((b.token_type == 0).sum())
+        return stats
+
+
+class Meter:
+    """Train loss and throughput since the last read, over all workers; time spent evaluating or
+    checkpointing (`paused`) is not training time."""
+
+    def __init__(self, dist: Dist, samples_per_step: int) -> None:
+        self.dist, self.samples_per_step = dist, samples_per_step
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss = self.weight = self.tokens = 0.0
+        self.steps, self.t0 = 0, time.perf_counter()
+
+    def add(self, s: StepStats) -> None:
+        self.loss += s.loss_x_weight
+        self.weight += s.weight
+        self.tokens += s.spike_tokens
+        self.steps += 1
+
+    def read(self, lr: float) -> dict[str, float]:
+        loss, weight, tokens = self.dist.all_sum(self.loss, self.weight, self.tokens)
+        dt = time.perf_counter() - self.t0
+        out = {"train_loss": loss / max(weight, 1e-12), "lr": lr,
+               "samples_per_s": self.steps * self.samples_per_step / dt, "spike_tokens_per_s": tokens / dt}
+        self._reset()
+        return out
+
+    @contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t0 += time.perf_counter() - t
+
+
+def due(done: int, every: int, last: int) -> bool:
+    return done % every == 0 or done == last
+
+
+def run_loop(plan: RunPlan, step: TrainStep, batches, evaluator, checkpointer, sink: MetricsSink, dist: Dist,
+             hooks: LoopHooks | None = None) -> dict[str, float]:
+    """Train from the checkpointer's last step to the plan's `train.stop_at or train.steps`;
+    returns the latest metrics (those reported with the last checkpoint)."""
+    train, hooks = plan.run.train, hooks or LoopHooks()
+    accum, stop = train.grad_accum, train.stop_at or train.steps
+    start = checkpointer.restore()
+    stream = batches.iterate(start * accum, stop * accum)
+    meter, latest = Meter(dist, accum * plan.run.data.global_batch), {}
+    skipped = 0
+    for s in range(start, stop):
+        hooks.before_step(dist.rank, s, checkpointer.last_step)
+        served = [next(stream) for _ in range(accum)]
+        hooks.on_batches(dist.rank, s, served)
+        for b in served:  # data.skip_bad_windows: the windows the service dropped, one line each
+            for w in b.skipped:
+                print(f"popscale: step {s} rank {dist.rank}: skipped unreadable window {w}", file=sys.stderr, flush=True)
+                skipped += 1
+        meter.add(step(s, [b.data for b in served]))
+        done = s + 1
+        if due(done, train.log_every, stop):
+            latest.update(m := meter.read(step.lr))
+            if skipped:
+                m["windows_skipped"] = latest["windows_skipped"] = float(skipped)
+            sink.log(m, done)
+        with meter.paused():
+            if due(done, train.eval_every, stop):
+                latest.update(evaluator(step.model, done, sink))
+            if due(done, train.checkpoint_every, stop):
+                checkpointer.save(done, latest)
+    return latest
