@@ -18,7 +18,6 @@ def say(message: str) -> None:
     console.print(escape(redact(message)), soft_wrap=True)
 
 
-
 def result(**kv) -> None:
     print("RESULT " + " ".join(f"{k}={redact(v)}" for k, v in kv.items()), flush=True)
 

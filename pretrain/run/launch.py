@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Callable
 
 from data_service.errors import CorpusError, find_corpus_error
-from data_service.remote import exists, is_url, join, listdir, pyarrow_filesystem, read_text, resolve, storage_arg, write_text
+from data_service.remote import exists, is_url, join, listdir, pyarrow_filesystem, read_text, resolve, storage_arg
 
+from ..tracking.offline import RUN_FILE
 from .config import RunConfig
 from .hooks import FaultAndRecord, LoopHooks
 from .plan import PlanMismatch, RunPlan, build_plan
 from .progress import progress_bar
 from .train import WorkerArgs, ray_worker
-
-RUN_FILE = "popscale_run.json"
 
 
 @dataclass
@@ -191,7 +190,8 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
 
     from ..tracking.export import model_card, provenance
     from ..tracking.mlflow_runs import tracking_uri
-    from ..tracking.offline import finish, resume_tracking, start_run_or_offline, storable_uri
+    from ..tracking.offline import finish, resume_tracking
+    from ..tracking.tracked_run import TrackedRun
     from .export import export_checkpoint
 
     t0 = time.time()
@@ -232,12 +232,11 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
                 "train_gflops_per_sample_2k_spikes":
                     f"{3 * forward_flops(plan.model, 2000, 100, plan.tokenizer.geometry.n_latents) / 1e9:.2f}",
                 **(tags or {})}
+        plan.save(run_dir)  # before RUN_FILE: a run directory with RUN_FILE is one that resumes
         # with the server away: no run id yet, the run is kept in run_dir (pretrain/tracking/offline.py)
-        meta = {"name": name, "mlflow_run_id": start_run_or_offline(run.tracking, run.name, run.to_dict(), tags, str(run_dir),
-                                                              f"popscale pretrain --resume {name}", notify),
-                "tracking_uri": storable_uri(run.tracking.uri)}
-        plan.save(run_dir)
-        write_text(join(run_dir, RUN_FILE), json.dumps(meta))
+        tracked = TrackedRun.start(run.tracking, str(run_dir), run.name, run.to_dict(), "pretrain", tags=tags,
+                                   resume=f"popscale pretrain --resume {name}", notify=notify)
+        meta = {"mlflow_run_id": tracked.run_id}
     else:  # what an earlier attempt could not send (its MLflow run itself, if the server was away at its start)
         meta["mlflow_run_id"] = resume_tracking(str(run_dir), run.tracking.uri, meta, notify)
     progress = _progress_actor()

@@ -47,7 +47,7 @@ from .mlflow_runs import (
     unreachable,
 )
 
-RUN_FILE = "popscale_run.json"  # launch.RUN_FILE: the run's name and MLflow run id
+RUN_FILE = "popscale_run.json"  # in a run directory: the run's name, MLflow run id and store
 KEY_TAG = "popscale_run_key"
 
 

@@ -62,7 +62,8 @@ class TrackedRun:
         return MLflowSink(self.cfg, self.run_id, buffer=True, run_dir=self.run_dir, notify=self.notify)
 
     def artifact(self, path: str | Path, folder: str) -> None:
-        """Log a file to the run; with no run or no server, keep a copy in the run directory."""
+        """Log a file to the run; with no run or no server, keep a copy in the run directory (a local
+        one: a run directory on object storage keeps none yet)."""
         if self.run_id is not None:
             try:
                 store_client(self.uri).log_artifact(self.run_id, str(path), folder)
