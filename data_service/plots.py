@@ -13,9 +13,11 @@ SPLIT_COLOURS = {"train": "#cfe8cf", "valid": "#fde4b8", "test": "#f6c6c6"}
 
 def plot_session(corpus: str | Path, session_id: str, out: str | Path, *, t0: float | None = None,
                  seconds: float = 10.0) -> Path:
+    # deferred: importing matplotlib only when used keeps start-up light
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: importing matplotlib only when used keeps start-up light
     import matplotlib.pyplot as plt
 
     s = open_corpus(corpus).session(session_id)

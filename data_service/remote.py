@@ -47,6 +47,7 @@ def as_path(p):
     if not isinstance(p, str):
         return p
     if is_url(p):
+        # deferred: importing upath only when used keeps start-up light
         from upath import UPath
 
         return UPath(p)
@@ -55,6 +56,7 @@ def as_path(p):
 
 @lru_cache(maxsize=None)
 def _fs(protocol: str):
+    # deferred: importing fsspec only when used keeps start-up light
     import fsspec
 
     return fsspec.filesystem(protocol)
@@ -114,6 +116,7 @@ def pyarrow_filesystem(url: str):
     does not read it itself); other schemes go through their fsspec filesystem."""
     if not is_url(url):
         return None
+    # deferred: importing pyarrow only when used keeps start-up light
     import pyarrow.fs as pafs
 
     scheme = urlparse(url).scheme

@@ -207,6 +207,7 @@ class RayBatches:
         self._spec_bytes = pickle.dumps(spec)
 
     def iterate(self, start: int, stop: int) -> Iterator[ServedBatch]:
+        # deferred: importing ray only when used keeps start-up light
         import ray.data
 
         ctx = ray.data.DataContext.get_current()

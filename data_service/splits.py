@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import intervals as iv
+from .errors import InvalidSession
 from .session import SPLITS, SessionData
 
 
@@ -119,8 +120,6 @@ def make_splits(s: SessionData, cfg: SplitConfig | None = None) -> None:
     support = label_support(s)
     if cfg.eval_intervals is not None:
         if cfg.eval_intervals not in s.intervals or not len(s.intervals[cfg.eval_intervals]):
-            from .errors import InvalidSession
-
             raise InvalidSession(f"eval_intervals: the session has no interval set {cfg.eval_intervals!r} (it has "
                                  f"{sorted(s.intervals)})", session=s.session_id, field=f"intervals/{cfg.eval_intervals}")
         support = iv.intersect(support, iv.normalize(s.intervals[cfg.eval_intervals]))

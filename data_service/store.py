@@ -18,6 +18,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import zarr
@@ -104,7 +105,19 @@ def write_session_group(path: Path, s: SessionData, chunking: Chunking = DEFAULT
     put(SPIKE_INDEX, time_index(t, origin, n_steps))
     put(UNIT_IDS, np.asarray([str(u) for u in s.unit_ids], dtype=np.str_), sharded=False)
     put(UNIT_AREAS, np.asarray([str(a) for a in s.unit_areas], dtype=np.str_), sharded=False)
+    behaviour = _write_behaviour(put, sums, s, origin, n_steps)
+    sets = _write_intervals(put, s)
+    if s.ground_truth:
+        for name, arr in sorted(s.ground_truth.items()):
+            put(f"{GROUND_TRUTH}/{name}", np.asarray(arr), sharded=False)
+    attrs = _session_attrs(s, sums, origin, int(len(t)), behaviour, sets)
+    g.attrs.put({"popscale": attrs})
+    return attrs
 
+
+def _write_behaviour(put: Callable[..., None], sums: dict[str, str], s: SessionData, origin: float,
+                     n_steps: int) -> dict:
+    """Write each behaviour's arrays (in name order) and return their attributes, which cite the timestamps' checksum."""
     behaviour = {}
     for name, ts in sorted(s.behaviour.items()):
         bt = np.asarray(ts.timestamps, dtype="<f8")
@@ -118,7 +131,11 @@ def write_session_group(path: Path, s: SessionData, chunking: Chunking = DEFAULT
             "timestamps_checksum": sums[behaviour_path(name, "timestamps")],
             "n_samples": int(len(bt)), "dtype": np.asarray(ts.values).dtype.str, "description": ts.description,
         }
+    return behaviour
 
+
+def _write_intervals(put: Callable[..., None], s: SessionData) -> dict[str, list[int]]:
+    """Write all interval sets as one sorted array and return each set's [first, last) row range in it."""
     sets, rows, lo = {}, [], 0
     for name in sorted(s.intervals):
         a = iv.as_intervals(s.intervals[name])
@@ -127,14 +144,15 @@ def write_session_group(path: Path, s: SessionData, chunking: Chunking = DEFAULT
         rows.append(a)
         lo += len(a)
     put(INTERVALS, np.concatenate(rows) if rows else iv.EMPTY, sharded=False)
+    return sets
 
-    if s.ground_truth:
-        for name, arr in sorted(s.ground_truth.items()):
-            put(f"{GROUND_TRUTH}/{name}", np.asarray(arr), sharded=False)
 
+def _session_attrs(s: SessionData, sums: dict[str, str], origin: float, n_spikes: int, behaviour: dict,
+                   sets: dict[str, list[int]]) -> dict:
+    """The group's `popscale` attributes, built once every array is written so the checksums are complete."""
     split_seconds = {k: iv.total(s.intervals.get(k, iv.EMPTY)) for k in SPLITS}
     content_hash = hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()[:16]
-    attrs = {
+    return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "session_id": s.session_id,
@@ -149,7 +167,7 @@ def write_session_group(path: Path, s: SessionData, chunking: Chunking = DEFAULT
         "t_start": s.t_start,
         "t_end": s.t_end,
         "duration_s": s.duration_s,
-        "n_spikes": int(len(t)),
+        "n_spikes": n_spikes,
         "n_units": s.n_units,
         "timing_resolution_s": s.timing_resolution_s,
         "index_origin": origin,
@@ -165,8 +183,6 @@ def write_session_group(path: Path, s: SessionData, chunking: Chunking = DEFAULT
         "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "popscale_version": VERSION,
     }
-    g.attrs.put({"popscale": attrs})
-    return attrs
 
 
 @dataclass

@@ -54,9 +54,17 @@ def validate_session(s: SessionData) -> None:
         _fail(s, "session_id", f"session id {s.session_id!r} must match {SLUG.pattern}")
     if not s.subject:
         _fail(s, "subject", "subject is empty")
-
-    # units table
     n_units = s.n_units
+    _check_units(s, n_units)
+    t = _check_spikes(s, n_units)
+    dom = _check_domain(s, t)
+    _check_behaviour(s)
+    _check_intervals(s, dom)
+    _check_split_overlap(s)
+
+
+def _check_units(s: SessionData, n_units: int) -> None:
+    """The units table: non-empty, one area per unit, unique non-empty ids."""
     if n_units == 0:
         _fail(s, "units/id", "the units table is empty")
     if len(s.unit_areas) != n_units:
@@ -73,7 +81,9 @@ def validate_session(s: SessionData) -> None:
             seen.add(u)
         _fail(s, "units/id", f"duplicate unit id {dup!r}")
 
-    # spikes
+
+def _check_spikes(s: SessionData, n_units: int) -> np.ndarray:
+    """Spike times and their unit indices; returns the spike times for the domain check."""
     t, u = np.asarray(s.spike_times), np.asarray(s.spike_units)
     if t.dtype != np.float64:
         _fail(s, "spikes/timestamps", f"dtype {t.dtype}, expected float64 seconds")
@@ -85,9 +95,13 @@ def validate_session(s: SessionData) -> None:
         _fail(s, "spikes/unit_index", f"dtype {u.dtype}, expected integers")
     if len(u) and (u.min() < 0 or u.max() >= n_units):
         bad = np.flatnonzero((u < 0) | (u >= n_units))
-        _fail(s, "spikes/unit_index", f"{len(bad)} unit indices out of range [0, {n_units}) (first: {int(u[bad[0]])} at spike {int(bad[0])})")
+        _fail(s, "spikes/unit_index", f"{len(bad)} unit indices out of range [0, {n_units}) "
+                                      f"(first: {int(u[bad[0]])} at spike {int(bad[0])})")
+    return t
 
-    # domain
+
+def _check_domain(s: SessionData, t: np.ndarray) -> np.ndarray:
+    """The session domain, and every spike inside it; returns the domain for the interval checks."""
     dom = iv.as_intervals(s.domain)
     if len(dom) == 0 or not iv.is_normalized(dom):
         _fail(s, "intervals/domain", "domain must be non-empty, sorted, non-overlapping [start, end) intervals")
@@ -96,9 +110,13 @@ def validate_session(s: SessionData) -> None:
     inside = iv.contains(iv.dilate(dom, TIME_TOL), t)
     if not inside.all():
         i = int(np.flatnonzero(~inside)[0])
-        _fail(s, "spikes/timestamps", f"spike at t={float(t[i])} lies outside the session domain {dom[0, 0]}..{dom[-1, 1]}")
+        _fail(s, "spikes/timestamps",
+              f"spike at t={float(t[i])} lies outside the session domain {dom[0, 0]}..{dom[-1, 1]}")
+    return dom
 
-    # behaviour
+
+def _check_behaviour(s: SessionData) -> None:
+    """Every behaviour: a valid name, good timestamps, finite float values with one name per column."""
     for name, ts in s.behaviour.items():
         f = f"behaviour/{name}"
         if not SLUG.match(name):
@@ -117,7 +135,9 @@ def validate_session(s: SessionData) -> None:
         if len(ts.columns) != vals.shape[1]:
             _fail(s, f + "/columns", f"{len(ts.columns)} column names for {vals.shape[1]} columns")
 
-    # intervals
+
+def _check_intervals(s: SessionData, dom: np.ndarray) -> None:
+    """Every interval set: a valid name, finite (n, 2) rows that end after they start, inside the domain."""
     lo, hi = dom[0, 0] - TIME_TOL, dom[-1, 1] + TIME_TOL
     for name, a in s.intervals.items():
         f = f"intervals/{name}"
@@ -135,6 +155,10 @@ def validate_session(s: SessionData) -> None:
             _fail(s, f, f"interval {i} ends before it starts ({a[i, 0]} > {a[i, 1]})")
         if a.min() < lo or a.max() > hi:
             _fail(s, f, f"intervals reach outside the session ({a.min()}..{a.max()} vs {dom[0, 0]}..{dom[-1, 1]})")
+
+
+def _check_split_overlap(s: SessionData) -> None:
+    """The train/valid/test split domains present must not overlap: a model would be tested on its training data."""
     present = [k for k in SPLITS if k in s.intervals]
     for i, a_name in enumerate(present):
         for b_name in present[i + 1:]:

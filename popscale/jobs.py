@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_service.remote import redact
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # what never travels with a job: local state, environments, VCS, caches
 EXCLUDES = ["runs/", ".venv/", ".git/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/"]
@@ -42,6 +44,7 @@ def job_address(address: str | None = None) -> str:
 def _enable_token_auth() -> None:
     """Send Ray's token when one is available: the Jobs client only adds it in token mode, and the
     mode is only implied (not set) for a cluster that started with the default."""
+    # deferred: importing ray only when used keeps start-up light
     from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
 
     with _quiet_ray():  # its "token auth is enabled" notice is not for job users
@@ -61,9 +64,8 @@ def _quiet_ray():
 
 def client(address: str | None = None):
     """A JobSubmissionClient for the cluster, with its auth token when there is one."""
+    # deferred: importing ray only when used keeps start-up light
     from ray.job_submission import JobSubmissionClient
-
-    from data_service.remote import redact
 
     _enable_token_auth()
     url = job_address(address)

@@ -63,6 +63,7 @@ def _process_label(proc: psutil.Process) -> str:
 def _ray_session_dir() -> str | None:
     """The running Ray session's directory, when this process is connected to one."""
     try:
+        # deferred: importing ray only when used keeps start-up light
         import ray
 
         if ray.is_initialized():

@@ -18,6 +18,14 @@ def test_defaults_and_every_shipped_config_round_trip():
     assert demo.train.warm_start.method == "ridge" and demo.model_overrides["locality"] == 6.0
 
 
+def test_a_corpus_named_by_an_override_is_never_made_synthetically():
+    demo = REPO / "configs" / "demo.yaml"
+    assert load_config(demo).data.synth is not None  # the embedded default makes its corpus
+    assert load_config(demo, ["data.corpus=/data/typo"]).data.synth is None  # a named one must exist
+    both = load_config(demo, ["data.corpus=/data/new", "data.synth.sessions=3"])
+    assert both.data.synth is not None and both.data.synth.sessions == 3  # unless asked for
+
+
 def test_overrides_are_typed_yaml_values():
     cfg = load_config(None, ["train.optim.lr=3e-3", "train.steps=12", "data.augment.time_scaling=[0.9, 1.1]",
                              "data.sessions=[a, b]", "cluster.address=auto", "model_overrides.locality=6"])

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from ..errors import CorpusError, InvalidSession, UnknownLayout, UnreadableSource
-from ..session import SessionData, TimeSeries, interval_array, slugify
+from ..session import SessionData, SourceInfo, TimeSeries, interval_array, slugify
 from .common import IngestOptions, binned_session, check_bin_width, real_array, regular_rate, source_info
 
 LAYOUTS = {
@@ -34,13 +35,12 @@ def load_mat(path: Path) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         head = f.read(128)
     if b"MATLAB 7.3" in head:
-        import h5py
-
         try:
             with h5py.File(path, "r") as h:
                 return {k: np.asarray(h[k]).T for k in h.keys() if isinstance(h[k], h5py.Dataset)}
         except (OSError, KeyError) as e:
             raise UnreadableSource(f"unreadable or truncated MAT v7.3 file: {e}", file=path.name) from None
+    # deferred: importing scipy only when used keeps start-up light
     import scipy.io
 
     try:
@@ -170,43 +170,58 @@ def read_mat(path: Path, opts: IngestOptions, sha256: str | None = None) -> list
 
 def _read_layout(path: Path, d: dict, layout: str, opts: IngestOptions, sha256: str | None,
                  base_id: str) -> list[SessionData]:
+    """The sessions of a MAT file of a known layout; the caller locates any error at this file."""
     src = source_info(path, "mat", layout, sha256)
     subject = opts.subject or base_id
-    f = path.name
-
     if layout in ("stevenson", "bins_xy"):
-        if layout == "stevenson":
-            t = _bin_times(d["time"], f)
-            n = len(t)
-            counts, implied = _counts(_orient(d["spikes"], n, "spikes", f, units_first=True), f, "spikes")
-            step = float(np.median(np.diff(t))) if n > 1 else None
-            if step is not None and opts.bin_width_s is None:
-                check_bin_width(step, file=f, session=base_id, source=" (the median step of `time`)")
-                step = float(np.round(step, 9))  # 0.05 s, not 0.049999999999999996 s
-            width = _width(opts, step, f, base_id, " (a single bin)")
-            beh_src = {"hand_vel": d.get("handVel"), "hand_pos": d.get("handPos")}
-            starts = t
-        else:
-            vel = d["vel" if "vel" in d else "pos"]
-            n = max(np.shape(np.atleast_2d(vel)))  # (bins x 2) or (2 x bins)
-            counts, implied = _counts(_orient(d["spikes"], n, "spikes", f, units_first=False), f, "spikes")
-            width = _width(opts, implied, f, base_id, "")
-            starts = np.arange(n, dtype=np.float64) * width
-            beh_src = {"hand_vel": d.get("vel"), "hand_pos": d.get("pos")}
-        if n == 0:
-            raise InvalidSession("no bins: the spike counts are empty", file=f, session=base_id, field="spikes")
-        s = binned_session(session_id=base_id, subject=subject, counts=counts, bin_starts=starts,
-                           bin_width=width, source=src, opts=opts)
-        for name, v in beh_src.items():
-            if v is None:
-                continue
-            ts = _behaviour(name, _orient(real_array(v, file=f, session=base_id, field=name), n, name, f,
-                                          units_first=True), starts, regular_rate(starts))
-            if ts is not None:
-                s.behaviour[name] = ts
-        return [s]
+        return [_read_binned(d, layout, opts, src, subject, base_id, path.name)]
+    return _read_dad(d, opts, src, subject, base_id, path.name)
 
-    # dad
+
+def _binned_arrays(d: dict, layout: str, opts: IngestOptions, f: str,
+                   base_id: str) -> tuple[int, np.ndarray, float, np.ndarray, dict]:
+    """Bin count, counts, bin width, bin starts and raw behaviour of a `stevenson` or `bins_xy` file."""
+    if layout == "stevenson":
+        t = _bin_times(d["time"], f)
+        n = len(t)
+        counts, implied = _counts(_orient(d["spikes"], n, "spikes", f, units_first=True), f, "spikes")
+        step = float(np.median(np.diff(t))) if n > 1 else None
+        if step is not None and opts.bin_width_s is None:
+            check_bin_width(step, file=f, session=base_id, source=" (the median step of `time`)")
+            step = float(np.round(step, 9))  # 0.05 s, not 0.049999999999999996 s
+        width = _width(opts, step, f, base_id, " (a single bin)")
+        beh_src = {"hand_vel": d.get("handVel"), "hand_pos": d.get("handPos")}
+        starts = t
+    else:
+        vel = d["vel" if "vel" in d else "pos"]
+        n = max(np.shape(np.atleast_2d(vel)))  # (bins x 2) or (2 x bins)
+        counts, implied = _counts(_orient(d["spikes"], n, "spikes", f, units_first=False), f, "spikes")
+        width = _width(opts, implied, f, base_id, "")
+        starts = np.arange(n, dtype=np.float64) * width
+        beh_src = {"hand_vel": d.get("vel"), "hand_pos": d.get("pos")}
+    return n, counts, width, starts, beh_src
+
+
+def _read_binned(d: dict, layout: str, opts: IngestOptions, src: SourceInfo, subject: str, base_id: str,
+                 f: str) -> SessionData:
+    """The one session of a `stevenson` or `bins_xy` file, with its hand velocity/position."""
+    n, counts, width, starts, beh_src = _binned_arrays(d, layout, opts, f, base_id)
+    if n == 0:
+        raise InvalidSession("no bins: the spike counts are empty", file=f, session=base_id, field="spikes")
+    s = binned_session(session_id=base_id, subject=subject, counts=counts, bin_starts=starts,
+                       bin_width=width, source=src, opts=opts)
+    for name, v in beh_src.items():
+        if v is None:
+            continue
+        ts = _behaviour(name, _orient(real_array(v, file=f, session=base_id, field=name), n, name, f,
+                                      units_first=True), starts, regular_rate(starts))
+        if ts is not None:
+            s.behaviour[name] = ts
+    return s
+
+
+def _dad_parts(d: dict, f: str, base_id: str) -> list[tuple]:
+    """The `tr` (and `te`) parts of a `dad` file as (tag, counts, velocity, target ids or None, implied width)."""
     parts = [("tr", "Ytr", "Xtr", "Ttr")] + ([("te", "Yte", "Xte", "Tte")] if "Yte" in d else [])
     loaded = []
     for tag, yk, xk, tk in parts:
@@ -226,31 +241,45 @@ def _read_layout(path: Path, d: dict, layout: str, opts: IngestOptions, sha256: 
             if not np.isfinite(targets).all():
                 raise InvalidSession("NaN/inf target ids", file=f, field=tk)
         loaded.append((tag, counts, x, targets, implied))
+    return loaded
+
+
+def _read_dad(d: dict, opts: IngestOptions, src: SourceInfo, subject: str, base_id: str,
+              f: str) -> list[SessionData]:
+    """A `dad` file: one session when its parts share units, else one session per part (`-tr`, `-te`)."""
+    loaded = _dad_parts(d, f, base_id)
     width = _width(opts, next((p[4] for p in loaded if p[4]), None), f, base_id, " (counts, not rates)")
     same_units = len({p[1].shape[1] for p in loaded}) == 1
     groups = [loaded] if same_units else [[p] for p in loaded]
+    implied = loaded[-1][4]  # the last part's implied width decides the rate note, for every session
     sessions = []
     for group in groups:
         sid = base_id if same_units else f"{base_id}-{group[0][0]}"
-        counts = np.concatenate([p[1] for p in group])
-        x = np.concatenate([p[2] for p in group])
-        edges = np.arange(len(counts) + 1, dtype=np.float64) * width
-        starts = edges[:-1]
-        s = binned_session(session_id=sid, subject=subject, counts=counts, bin_starts=starts,
-                           bin_width=width, source=src, opts=opts)
-        s.behaviour["hand_vel"] = TimeSeries(starts.copy(), x, ["x", "y"], sampling_rate=1.0 / width)
-        if all(p[3] is not None for p in group):
-            targets = np.concatenate([p[3] for p in group])
-            s.intervals["trials"] = _trials_from_targets(targets, edges)
-            s.behaviour["target_id"] = TimeSeries(starts.copy(), targets.astype(np.float64)[:, None], ["id"],
-                                                  sampling_rate=1.0 / width, description="reach target id per bin")
-        if same_units and len(group) == 2:  # the file's own parts become the train and test domains
-            cut = edges[group[0][1].shape[0]]
-            s.intervals["train"] = interval_array([0.0], [cut])
-            s.intervals["test"] = interval_array([cut], [edges[-1]])
-            s.notes.append(f"train/test domains are the file's {group[0][0]}/{group[1][0]} parts")
-        s.notes.append("bins of the file's parts laid end to end in time; runs of equal target id are trials")
-        if implied:
-            s.notes.append(f"rates converted back to counts; bin width {width:g} s implied by the rate quantum")
-        sessions.append(s)
+        sessions.append(_dad_session(group, sid, subject, width, same_units, implied, src, opts))
     return sessions
+
+
+def _dad_session(group: list[tuple], sid: str, subject: str, width: float, same_units: bool, implied: float | None,
+                 src: SourceInfo, opts: IngestOptions) -> SessionData:
+    """One session from `dad` parts laid end to end: velocity, trials from target ids, train/test from the parts."""
+    counts = np.concatenate([p[1] for p in group])
+    x = np.concatenate([p[2] for p in group])
+    edges = np.arange(len(counts) + 1, dtype=np.float64) * width
+    starts = edges[:-1]
+    s = binned_session(session_id=sid, subject=subject, counts=counts, bin_starts=starts,
+                       bin_width=width, source=src, opts=opts)
+    s.behaviour["hand_vel"] = TimeSeries(starts.copy(), x, ["x", "y"], sampling_rate=1.0 / width)
+    if all(p[3] is not None for p in group):
+        targets = np.concatenate([p[3] for p in group])
+        s.intervals["trials"] = _trials_from_targets(targets, edges)
+        s.behaviour["target_id"] = TimeSeries(starts.copy(), targets.astype(np.float64)[:, None], ["id"],
+                                              sampling_rate=1.0 / width, description="reach target id per bin")
+    if same_units and len(group) == 2:  # the file's own parts become the train and test domains
+        cut = edges[group[0][1].shape[0]]
+        s.intervals["train"] = interval_array([0.0], [cut])
+        s.intervals["test"] = interval_array([cut], [edges[-1]])
+        s.notes.append(f"train/test domains are the file's {group[0][0]}/{group[1][0]} parts")
+    s.notes.append("bins of the file's parts laid end to end in time; runs of equal target id are trials")
+    if implied:
+        s.notes.append(f"rates converted back to counts; bin width {width:g} s implied by the rate quantum")
+    return s

@@ -139,6 +139,7 @@ def _intervals(nwb, file: str, s_id: str) -> dict[str, np.ndarray]:
 
 
 def read_nwb(path: Path, opts: IngestOptions, sha256: str | None = None) -> list[SessionData]:
+    # deferred: importing pynwb only when used keeps start-up light
     import pynwb
 
     file = path.name

@@ -99,9 +99,29 @@ def read_temporaldata(path: Path, opts: IngestOptions, sha256: str | None = None
 
 
 def _session(f: h5py.File, path: Path, opts: IngestOptions, sha256: str | None, s_id: str) -> SessionData:
+    """The session of an open temporaldata file; the caller turns deep structural breakage into UnreadableSource."""
     file = path.name
     subject = opts.subject or slugify(_meta(f, "subject", "id") or "unknown")
     species = opts.species or _meta(f, "subject", "species") or "unknown"
+    t, u, ug = _spike_arrays(f, file, s_id)
+    names, areas = _unit_table(ug, file, s_id, opts)
+    notes: list[str] = []
+    behaviour, intervals, domain = _other_groups(f, file, s_id, opts, notes)
+    if domain is None:
+        domain = _implied_domain(t, behaviour, file, s_id)
+    brainset = _text(f.attrs["brainset"]) if "brainset" in f.attrs else _meta(f, "brainset", "id")
+    if brainset:
+        notes.append(f"brainset: {brainset}")
+    return SessionData(
+        session_id=s_id, subject=subject, spike_times=t, spike_units=u.astype(np.int64) if u.dtype.kind in "iu" else u,
+        unit_ids=unit_ids(subject, s_id, names), unit_areas=np.asarray(areas, dtype=np.str_), domain=domain,
+        source=source_info(path, "temporaldata", "temporaldata-h5", sha256), behaviour=behaviour,
+        intervals=intervals, species=species, task=opts.task or "unknown", notes=notes,
+    )
+
+
+def _spike_arrays(f: h5py.File, file: str, s_id: str) -> tuple[np.ndarray, np.ndarray, h5py.Group]:
+    """Spike times and unit indices, checked to be there and to match; also the units group, checked to be a group."""
     if "spikes" not in f or "units" not in f:
         raise InvalidSession("a temporaldata file needs `spikes` and `units` to be ingested", file=file,
                              session=s_id, field="spikes" if "spikes" not in f else "units")
@@ -118,6 +138,11 @@ def _session(f: h5py.File, path: Path, opts: IngestOptions, sha256: str | None, 
     if u.ndim != 1 or len(t) != len(u):
         raise InvalidSession(f"unit indices of shape {u.shape} for {len(t)} spike times (mismatched lengths)",
                              file=file, session=s_id, field="spikes/unit_index")
+    return t, u, ug
+
+
+def _unit_table(ug: h5py.Group, file: str, s_id: str, opts: IngestOptions) -> tuple[list[str], list[str]]:
+    """Unit names and areas (from brain_region/area/location, else the --area option, else `unknown`)."""
     if "id" not in ug:
         raise InvalidSession("units has no `id`", file=file, session=s_id, field="units/id")
     ids = np.asarray(_dataset(ug, "id", file, s_id, "units/id"))
@@ -128,8 +153,12 @@ def _session(f: h5py.File, path: Path, opts: IngestOptions, sha256: str | None, 
     area_key = next((k for k in ("brain_region", "area", "location") if k in ug), None)
     areas = ([_text(x) for x in np.atleast_1d(_dataset(ug, area_key, file, s_id, f"units/{area_key}"))]
              if area_key else [opts.area or "unknown"] * len(names))
+    return names, areas
 
-    notes: list[str] = []
+
+def _other_groups(f: h5py.File, file: str, s_id: str, opts: IngestOptions,
+                  notes: list[str]) -> tuple[dict[str, TimeSeries], dict[str, np.ndarray], np.ndarray | None]:
+    """Behaviour, interval sets and the domain from every typed group but spikes and units, in file order."""
     behaviour: dict[str, TimeSeries] = {}
     intervals: dict[str, np.ndarray] = {}
     domain = None
@@ -138,47 +167,53 @@ def _session(f: h5py.File, path: Path, opts: IngestOptions, sha256: str | None, 
             continue
         kind = _text(g.attrs["object"])
         if kind in ("IrregularTimeSeries", "RegularTimeSeries"):
-            bt, cols = _series(g, name, file, s_id)
-            for key, v in cols.items():
-                if v.dtype.kind != "f":
-                    notes.append(f"skipped non-float attribute {name}.{key}")
-                    continue
-                bname = snake(f"{name}_{key}")
-                v = as_columns(v).astype(np.float64 if v.dtype == np.float64 else np.float32)
-                if len(v) != len(bt):
-                    raise InvalidSession(f"{len(v)} samples for {len(bt)} timestamps (mismatched lengths)",
-                                         file=file, session=s_id, field=f"behaviour/{bname}")
-                bt2, v2 = drop_or_refuse_nan(s_id, file, bname, bt, v, opts.drop_nan_behaviour, notes)
-                cols_ = list("xyz"[: v2.shape[1]]) if v2.shape[1] <= 3 else [f"c{i}" for i in range(v2.shape[1])]
-                behaviour[bname] = TimeSeries(bt2, np.ascontiguousarray(v2), cols_, sampling_rate=regular_rate(bt2),
-                                              description=f"temporaldata {name}.{key}")
+            _add_behaviour(g, name, file, s_id, opts, notes, behaviour)
         elif kind == "Interval":
-            start, end = (real_array(_dataset(g, k, file, s_id, f"{name}/{k}"), file=file, session=s_id,
-                                     field=f"{name}/{k}", ndim=(0, 1)).reshape(-1) for k in ("start", "end"))
-            if len(start) != len(end):
-                raise InvalidSession(f"{len(start)} starts for {len(end)} ends (mismatched lengths)", file=file,
-                                     session=s_id, field=f"{name}/end")
-            if not (np.isfinite(start).all() and np.isfinite(end).all()):
-                raise InvalidSession("non-finite interval bounds", file=file, session=s_id, field=f"{name}/start")
-            a = interval_array(start, end)
+            a = _interval(g, name, file, s_id)
             if name == "domain":
                 domain = iv.normalize(a)
             else:
                 intervals[SPLIT_NAMES.get(name, snake(name))] = a
-    if domain is None:
-        spans = [t[[0, -1]]] if len(t) else []
-        spans += [b.timestamps[[0, -1]] for b in behaviour.values() if len(b.timestamps)]
-        if not spans:
-            raise InvalidSession("no spikes or behaviour: the session is empty", file=file, session=s_id,
-                                 field="spikes/timestamps")
-        allt = np.concatenate(spans)
-        domain = interval_array([allt.min()], [allt.max() + 1e-3])
-    brainset = _text(f.attrs["brainset"]) if "brainset" in f.attrs else _meta(f, "brainset", "id")
-    if brainset:
-        notes.append(f"brainset: {brainset}")
-    return SessionData(
-        session_id=s_id, subject=subject, spike_times=t, spike_units=u.astype(np.int64) if u.dtype.kind in "iu" else u,
-        unit_ids=unit_ids(subject, s_id, names), unit_areas=np.asarray(areas, dtype=np.str_), domain=domain,
-        source=source_info(path, "temporaldata", "temporaldata-h5", sha256), behaviour=behaviour,
-        intervals=intervals, species=species, task=opts.task or "unknown", notes=notes,
-    )
+    return behaviour, intervals, domain
+
+
+def _add_behaviour(g: h5py.Group, name: str, file: str, s_id: str, opts: IngestOptions, notes: list[str],
+                   behaviour: dict[str, TimeSeries]) -> None:
+    """One behaviour per floating-point attribute of a time series group; other attributes are noted and skipped."""
+    bt, cols = _series(g, name, file, s_id)
+    for key, v in cols.items():
+        if v.dtype.kind != "f":
+            notes.append(f"skipped non-float attribute {name}.{key}")
+            continue
+        bname = snake(f"{name}_{key}")
+        v = as_columns(v).astype(np.float64 if v.dtype == np.float64 else np.float32)
+        if len(v) != len(bt):
+            raise InvalidSession(f"{len(v)} samples for {len(bt)} timestamps (mismatched lengths)",
+                                 file=file, session=s_id, field=f"behaviour/{bname}")
+        bt2, v2 = drop_or_refuse_nan(s_id, file, bname, bt, v, opts.drop_nan_behaviour, notes)
+        cols_ = list("xyz"[: v2.shape[1]]) if v2.shape[1] <= 3 else [f"c{i}" for i in range(v2.shape[1])]
+        behaviour[bname] = TimeSeries(bt2, np.ascontiguousarray(v2), cols_, sampling_rate=regular_rate(bt2),
+                                      description=f"temporaldata {name}.{key}")
+
+
+def _interval(g: h5py.Group, name: str, file: str, s_id: str) -> np.ndarray:
+    """An Interval group's [start, end) rows, checked for matching lengths and finite bounds."""
+    start, end = (real_array(_dataset(g, k, file, s_id, f"{name}/{k}"), file=file, session=s_id,
+                             field=f"{name}/{k}", ndim=(0, 1)).reshape(-1) for k in ("start", "end"))
+    if len(start) != len(end):
+        raise InvalidSession(f"{len(start)} starts for {len(end)} ends (mismatched lengths)", file=file,
+                             session=s_id, field=f"{name}/end")
+    if not (np.isfinite(start).all() and np.isfinite(end).all()):
+        raise InvalidSession("non-finite interval bounds", file=file, session=s_id, field=f"{name}/start")
+    return interval_array(start, end)
+
+
+def _implied_domain(t: np.ndarray, behaviour: dict[str, TimeSeries], file: str, s_id: str) -> np.ndarray:
+    """A file without a `domain` group: the span of its spikes and behaviour (1 ms past the last sample)."""
+    spans = [t[[0, -1]]] if len(t) else []
+    spans += [b.timestamps[[0, -1]] for b in behaviour.values() if len(b.timestamps)]
+    if not spans:
+        raise InvalidSession("no spikes or behaviour: the session is empty", file=file, session=s_id,
+                             field="spikes/timestamps")
+    allt = np.concatenate(spans)
+    return interval_array([allt.min()], [allt.max() + 1e-3])

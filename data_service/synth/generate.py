@@ -25,7 +25,7 @@ import numpy as np
 from ..session import SessionData, SourceInfo, TimeSeries, interval_array
 from ..splits import SplitConfig, make_splits
 from ..store import CorpusStore, Staged, stage_session
-from .behaviour import ReachStyle, reaching, rotational_drive
+from .behaviour import Behaviour, ReachStyle, reaching, rotational_drive
 from .neurons import PARAM_COLUMNS, UnitParams, draw_units, log_rates, ou, refractory, spikes_from_rates
 
 GENERATOR = "popscale-synth-1"
@@ -93,8 +93,37 @@ def make_session(cfg: SynthConfig, i: int) -> SessionData:
     duration = round(cfg.minutes * 60 * rng.uniform(0.6, 1.4) * hz) / hz  # a whole number of samples
     task = "center_out" if rng.random() < cfg.center_out_fraction else "random_target"
     beh = reaching(task, duration + cfg.lag_s, cfg.behaviour_hz, style, rng)
+    n_units, table, latent, pool_index = _session_units(cfg, pool, rng)
+    params = UnitParams(table, latent)
+    n = int(round(duration * hz))
+    vscale = 2.0 * style.radius_cm / (0.5 / style.speed)  # ~ peak reach speed
+    t, u = _session_spikes(cfg, beh, style, params, n_units, n, vscale, rng)
 
-    # units: a random subset of the subject's pool plus new ones, in random order, random ids
+    bt = beh.t[:n]
+    s = SessionData(
+        session_id=sid, subject=subj, spike_times=t, spike_units=u.astype(np.int64),
+        unit_ids=np.asarray([f"{subj}/{sid}/{rng.bytes(4).hex()}" for _ in range(n_units)], dtype=np.str_),
+        unit_areas=np.asarray(["M1"] * n_units, dtype=np.str_),
+        domain=interval_array([0.0], [duration]), source=session_source(cfg, i),
+        behaviour={
+            "hand_vel": TimeSeries(bt.copy(), beh.vel[:n].astype(np.float32), ["x", "y"], unit="cm/s", sampling_rate=hz),
+            "hand_pos": TimeSeries(bt.copy(), beh.pos[:n].astype(np.float32), ["x", "y"], unit="cm", sampling_rate=hz),
+        },
+        intervals=_session_intervals(beh, duration), species="synthetic", task=task,
+        notes=[f"synthetic ({GENERATOR}); neural activity leads movement by {cfg.lag_s * 1e3:g} ms"],
+        ground_truth={"pool_index": pool_index.astype(np.int32), "params": table.astype(np.float32),
+                      "latent_weights": latent.astype(np.float32)},
+        ground_truth_attrs={"generator": GENERATOR, "param_columns": PARAM_COLUMNS, "lag_s": cfg.lag_s,
+                            "velocity_scale": vscale, "position_scale": style.radius_cm,
+                            "subject_index": j, "config": asdict(cfg)},
+    )
+    make_splits(s, SplitConfig(seed=cfg.seed))
+    return s
+
+
+def _session_units(cfg: SynthConfig, pool: UnitParams,
+                   rng: np.random.Generator) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """The session's units: a random subset of the subject's pool plus new ones, in random order (draws in fixed order)."""
     n_units = int(rng.integers(cfg.min_units, cfg.max_units + 1))
     n_new = int(round(n_units * cfg.new_unit_fraction))
     pool_idx = rng.choice(cfg.pool_size, n_units - n_new, replace=False)
@@ -109,13 +138,16 @@ def make_session(cfg: SynthConfig, i: int) -> SessionData:
         table[:, 2:7] *= cfg.tuning_scale  # depth, position (2), speed, rotational amplitude
     if cfg.rate_scale != 1.0:
         table[:, 0] += np.log(cfg.rate_scale)
-    params = UnitParams(table, latent)
+    return n_units, table, latent, pool_index
 
+
+def _session_spikes(cfg: SynthConfig, beh: Behaviour, style: ReachStyle, params: UnitParams, n_units: int, n: int,
+                    vscale: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted spike times and units driven by the covariates at t + lag, made a block at a time to bound memory."""
     # covariates at t + lag, scaled to unit size
+    hz = cfg.behaviour_hz
     dt = 1.0 / hz
-    n = int(round(duration * hz))
     shift = int(round(cfg.lag_s * hz))
-    vscale = 2.0 * style.radius_cm / (0.5 / style.speed)  # ~ peak reach speed
     vel = beh.vel[shift:shift + n] / vscale
     cov_all = {
         "vel": vel,
@@ -141,31 +173,15 @@ def make_session(cfg: SynthConfig, i: int) -> SessionData:
     keep = refractory(t, u, rng)
     t, u = t[keep], u[keep]
     o = np.argsort(t, kind="stable")
-    t, u = t[o], u[o]
+    return t[o], u[o]
 
-    bt = beh.t[:n]
+
+def _session_intervals(beh: Behaviour, duration: float) -> dict[str, np.ndarray]:
+    """The behaviour's interval sets clipped to the session, empty rows dropped, plus `eval` (the reaches)."""
     intervals = {k: np.clip(v, 0, duration) for k, v in beh.intervals.items()}
     intervals = {k: v[v[:, 1] > v[:, 0]] for k, v in intervals.items()}
     intervals["eval"] = intervals.get("reach", interval_array([0], [duration]))
-    s = SessionData(
-        session_id=sid, subject=subj, spike_times=t, spike_units=u.astype(np.int64),
-        unit_ids=np.asarray([f"{subj}/{sid}/{rng.bytes(4).hex()}" for _ in range(n_units)], dtype=np.str_),
-        unit_areas=np.asarray(["M1"] * n_units, dtype=np.str_),
-        domain=interval_array([0.0], [duration]), source=session_source(cfg, i),
-        behaviour={
-            "hand_vel": TimeSeries(bt.copy(), beh.vel[:n].astype(np.float32), ["x", "y"], unit="cm/s", sampling_rate=hz),
-            "hand_pos": TimeSeries(bt.copy(), beh.pos[:n].astype(np.float32), ["x", "y"], unit="cm", sampling_rate=hz),
-        },
-        intervals=intervals, species="synthetic", task=task,
-        notes=[f"synthetic ({GENERATOR}); neural activity leads movement by {cfg.lag_s * 1e3:g} ms"],
-        ground_truth={"pool_index": pool_index.astype(np.int32), "params": table.astype(np.float32),
-                      "latent_weights": latent.astype(np.float32)},
-        ground_truth_attrs={"generator": GENERATOR, "param_columns": PARAM_COLUMNS, "lag_s": cfg.lag_s,
-                            "velocity_scale": vscale, "position_scale": style.radius_cm,
-                            "subject_index": j, "config": asdict(cfg)},
-    )
-    make_splits(s, SplitConfig(seed=cfg.seed))
-    return s
+    return intervals
 
 
 def _stage(root: str, cfg: SynthConfig, i: int) -> Staged:

@@ -58,6 +58,7 @@ def ou(n_steps: int, k: int, dt: float, tau: np.ndarray | float, rng: np.random.
     out = np.empty((n_steps, k))
     x = rng.normal(0, 1, k)
     # a first-order recursion; scipy.signal.lfilter vectorises it per column
+    # deferred: importing scipy only when used keeps start-up light
     from scipy.signal import lfilter
 
     for j in range(k):

@@ -48,6 +48,7 @@ def add_submit(sub) -> None:
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
+    # deferred: importing the Ray job client only when used keeps start-up light
     from popscale.jobs import SubmitOptions, job_address, submit
 
     cmd = list(a.entrypoint)
@@ -73,6 +74,7 @@ def add_jobs(sub) -> None:
 
 
 def cmd_jobs(a: argparse.Namespace) -> int:
+    # deferred: importing the Ray job client only when used keeps start-up light
     from popscale.jobs import client, follow, job_address, status_name
 
     if a.action != "list" and not a.job_id:

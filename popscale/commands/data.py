@@ -36,6 +36,7 @@ def add_synth(sub) -> None:
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
+    # deferred: importing zarr only when used keeps start-up light
     from data_service.synth import SynthConfig, synth_corpus
 
     cfg = SynthConfig(sessions=a.sessions, subjects=a.subjects, minutes=a.minutes, seed=a.seed,
@@ -70,6 +71,7 @@ def add_ingest(sub) -> None:
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:
+    # deferred: importing h5py, numpy only when used keeps start-up light
     from data_service.ingest import expand_sources, ingest
     from data_service.ingest.common import IngestOptions, check_bin_width, load_metadata_file, options_for
     from data_service.splits import SplitConfig
@@ -131,6 +133,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
 def readout_report(rows: list[dict], config: str | None) -> dict:
     """Which sessions feed which readout (the first accepted behaviour a session has), and the
     sessions no readout decodes (they would not be trained on)."""
+    # deferred: importing torch only when used keeps start-up light
     from pretrain.run.config import load_config
 
     readouts = load_config(config).data.readouts
@@ -173,12 +176,14 @@ def add_inspect(sub) -> None:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
+    # deferred: importing zarr only when used keeps start-up light
     from data_service.inventory import summarize
     from data_service.reader import Corpus
 
     Corpus(a.corpus)  # refuses a directory that is not a corpus, with a clear error
     inv = summarize(a.corpus)
     if a.plot:
+        # deferred: importing zarr only when used keeps start-up light
         from data_service.plots import plot_session
 
         sid = a.session or (inv["session_rows"][0]["session_id"] if inv["session_rows"] else None)
@@ -226,6 +231,7 @@ def add_verify(sub) -> None:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
+    # deferred: importing zarr only when used keeps start-up light
     from data_service.manifest import read_manifest
     from data_service.verify import verify
 
@@ -257,6 +263,7 @@ def add_push(sub) -> None:
 
 
 def cmd_push(a: argparse.Namespace) -> int:
+    # deferred: importing zarr only when used keeps start-up light
     from data_service.manifest import read_manifest
     from data_service.push import push_corpus
 

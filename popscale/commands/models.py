@@ -7,20 +7,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from data_service.errors import ConfigError, CorpusError
+from pretrain.tracking.config import TrackingConfig
+from pretrain.tracking.mlflow_runs import tracking_uri
+from pretrain.tracking.offline import register_export
 
 from .common import model_flag, result, say, tracking_flag
 
 
 def _tracking(a: argparse.Namespace) -> str:
-    from pretrain.tracking.config import TrackingConfig
-    from pretrain.tracking.mlflow_runs import tracking_uri
-
     return tracking_uri(TrackingConfig(uri=a.tracking_uri))
 
 
@@ -32,6 +34,7 @@ def add_models(sub) -> None:
 
 
 def cmd_models(a: argparse.Namespace) -> int:
+    # deferred: importing torch only when used keeps start-up light
     from pretrain.tracking.registry import versions
 
     uri = _tracking(a)
@@ -60,6 +63,7 @@ def add_promote(sub) -> None:
 
 
 def cmd_promote(a: argparse.Namespace) -> int:
+    # deferred: importing torch only when used keeps start-up light
     from pretrain.tracking.registry import promote
 
     before = promote(_tracking(a), a.name, a.version, a.alias)
@@ -78,13 +82,12 @@ def add_pull(sub) -> None:
 
 
 def cmd_pull(a: argparse.Namespace) -> int:
+    # deferred: importing torch only when used keeps start-up light
     from pretrain.tracking.registry import pull
 
     uri = a.model if a.model.startswith("models:/") else f"models:/{a.model}"
     ref, path = pull(uri, _tracking(a), a.cache)
     if a.out:
-        import shutil
-
         shutil.copytree(path, a.out, dirs_exist_ok=True)
         path = Path(a.out)
     say(f"{uri} is {ref.uri}: weights, config, vocabularies and model card in {path}")
@@ -105,8 +108,6 @@ def add_register(sub) -> None:
 
 
 def cmd_register(a: argparse.Namespace) -> int:
-    from pretrain.tracking.offline import register_export
-
     version, uri, run_id, rep = register_export(a.export, a.run, name=a.name, alias=a.alias, uri=a.tracking_uri)
     if rep is not None and (rep.created or rep.metrics or rep.ended):
         say(f"{a.run}: " + ", ".join([*([f"created its MLflow run {run_id}"] if rep.created else []),
@@ -117,6 +118,7 @@ def cmd_register(a: argparse.Namespace) -> int:
 
 
 def _load_model(a: argparse.Namespace):
+    # deferred: importing torch only when used keeps start-up light
     from pretrain.tracking.registry import load
 
     return load(a.model, _tracking(a) if a.model.startswith("models:/") else None, a.cache)
@@ -135,6 +137,7 @@ def add_evaluate(sub) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    # deferred: importing torch, zarr only when used keeps start-up light
     from data_service.reader import open_corpus
     from pretrain.decoding.evaluate import plot_session, predict_session
 
@@ -146,6 +149,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         raise CorpusError(f"no session of the corpus is in the model's vocabulary ({len(known)} sessions); "
                           "name one with --session after adapting the model to it (popscale finetune)",
                           file=a.corpus)
+    # deferred: importing torch only when used keeps start-up light
     from pretrain.decoding.stitch import UnknownRecording
 
     out = Path(a.out)
@@ -185,9 +189,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _input_session(a: argparse.Namespace, tmp: str):
     """(corpus, session id) to decode: the named one, or the one ingested from --input."""
+    # deferred: importing zarr only when used keeps start-up light
     from data_service.reader import open_corpus
 
     if a.input:
+        # deferred: importing h5py only when used keeps start-up light
         from data_service.ingest import ingest
         from data_service.ingest.common import IngestOptions
 
@@ -223,8 +229,7 @@ def add_decode(sub) -> None:
 
 
 def cmd_decode(a: argparse.Namespace) -> int:
-    import tempfile
-
+    # deferred: importing torch only when used keeps start-up light
     from pretrain.decoding.stitch import decode_session, plot_decoded, write_csv, write_nwb
 
     out = Path(a.out)
@@ -273,6 +278,7 @@ def add_baseline(sub) -> None:
 
 
 def cmd_baseline(a: argparse.Namespace) -> int:
+    # deferred: importing torch, zarr only when used keeps start-up light
     from data_service.reader import open_corpus
     from pretrain.decoding.baselines import run_baseline
     from pretrain.tokens.labels import LabelBudget

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from pretrain.tracking.offline import register_command, sync_run
+
 from .common import console, model_flag, result, say, tracking_flag
 
 
@@ -20,13 +22,11 @@ def add_pretrain(sub) -> None:
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
+    # deferred: importing torch only when used keeps start-up light
     from pretrain.run.config import load_config
     from pretrain.run.launch import pretrain
 
-    cfg = load_config(a.config, a.set or [])
-    keys = {o.partition("=")[0].strip() for o in a.set or []}
-    if "data.corpus" in keys and not any(k == "data.synth" or k.startswith("data.synth.") for k in keys):
-        cfg.data.synth = None  # a corpus named on the command line must exist: a typo never makes a new one
+    cfg = load_config(a.config, a.set or [])  # a corpus named by --set must exist (no synthetic one is made)
     r = pretrain(cfg, resume=a.resume, show_progress=not a.no_progress, notify=say, alias=a.alias)
     say(f"run {r.name}: {r.steps} steps in {r.seconds / 60:.1f} min, validation R2 {r.valid_r2:.3f}")
     if r.registration == "registered":
@@ -70,6 +70,7 @@ def add_finetune(sub) -> None:
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
+    # deferred: importing torch only when used keeps start-up light
     from pretrain.finetune.config import FinetuneConfig
     from pretrain.finetune.finetune import finetune
 
@@ -101,6 +102,7 @@ def add_sweep(sub) -> None:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
+    # deferred: importing torch only when used keeps start-up light
     from pretrain.scaling.plan import load_sweep
     from pretrain.scaling.sweep import run_sweep
 
@@ -126,6 +128,7 @@ def add_scaling_fit(sub) -> None:
 
 
 def cmd_scaling_fit(a: argparse.Namespace) -> int:
+    # deferred: importing scipy only when used keeps start-up light
     from pretrain.scaling.report import scaling_fit
 
     rep, md, parent = scaling_fit(a.sweep, a.tracking_uri, a.storage, a.resamples, a.budget, a.out)
@@ -149,8 +152,6 @@ def add_tracking_sync(sub) -> None:
 
 
 def cmd_tracking_sync(a: argparse.Namespace) -> int:
-    from pretrain.tracking.offline import register_command, sync_run
-
     rep = sync_run(a.run_dir, a.tracking_uri)
     done = [f"created its MLflow run {rep.run_id}" if rep.created else f"MLflow run {rep.run_id}",
             f"{rep.metrics} kept metric records sent", *([f"set {rep.ended}"] if rep.ended else [])]

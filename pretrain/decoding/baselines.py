@@ -30,14 +30,15 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from scipy.linalg import cho_factor, cho_solve
 
 from data_service import intervals as iv
 from data_service.errors import ConfigError, CorpusError
 from data_service.reader import SessionReader
 
+from ..tokens.config import DEFAULT_BEHAVIOURS
 from ..tokens.labels import LabelBudget, labelled_intervals
-from ..tokens.tokenizer import DEFAULT_BEHAVIOURS
 from .metrics import bootstrap_r2, r2_score, sample_groups
 
 METHODS = ("ridge", "gru")
@@ -199,7 +200,6 @@ def gru(reader: SessionReader, budget: LabelBudget, seed: int = 0, window_s: flo
         behaviour: str | None = None, kind: str = "continuous", causal: bool = True, hiddens=GRU_HIDDENS,
         histories_s=GRU_HISTORIES_S, max_epochs: int = 15, patience: int = 3, batch: int = 128,
         lr: float = 1e-3) -> BaselineResult:
-    import torch
 
     t0 = time.time()
     b = pick_behaviour(reader, behaviour)

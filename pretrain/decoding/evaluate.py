@@ -19,7 +19,7 @@ from data_service import intervals as iv
 from data_service.reader import Corpus, SessionReader, open_corpus
 
 from .metrics import bootstrap_accuracy, bootstrap_r2, r2_score, sample_groups
-from .stitch import decode_session
+from .stitch import decode_session, plot_traces
 
 
 @dataclass
@@ -125,8 +125,6 @@ class Evaluator:
 
 def plot_session(res: SessionResult, path: str, seconds: float = 20.0, split: str = "validation") -> str:
     """Decoded vs true behaviour over the first `seconds` of scored samples (PNG)."""
-    from .stitch import plot_traces
-
     keep = res.times < res.times[0] + seconds
     panels = [(f"{res.behaviour}[{k}]", (res.times[keep], res.target[keep, k]), (res.times[keep], res.prediction[keep, k]))
               for k in range(min(res.target.shape[1], res.prediction.shape[1]))]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -165,8 +166,7 @@ def write_nwb(decoded: dict[str, Decoded], path: str | Path, source: str = "", u
               ) -> Path:
     """An NWB file with one TimeSeries per readout in a `decoded` processing module (timestamps in
     seconds of the recording; the series' unit is the session's, where known)."""
-    from datetime import datetime, timezone
-
+    # deferred: importing pynwb only when used keeps start-up light
     from pynwb import NWBHDF5IO, NWBFile, TimeSeries
 
     path = Path(path)
@@ -187,9 +187,11 @@ def write_nwb(decoded: dict[str, Decoded], path: str | Path, source: str = "", u
 
 def plot_traces(path: str | Path, title: str, panels: list[tuple[str, tuple | None, tuple]]) -> Path:
     """One panel per (label, (times, recorded) or None, (times, decoded)): dots, recorded in grey."""
+    # deferred: importing matplotlib only when used keeps start-up light
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: importing matplotlib only when used keeps start-up light
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(10, 2.2 * max(1, len(panels))), sharex=True)

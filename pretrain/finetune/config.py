@@ -7,7 +7,7 @@ from pathlib import Path
 
 from data_service.errors import ConfigError
 
-from ..tokens.tokenizer import Readout
+from ..tokens.config import Readout
 
 MODES = ("unit-id", "full", "unit-id-then-full")
 

@@ -32,8 +32,16 @@ from data_service import intervals as iv
 from data_service.reader import open_corpus
 from data_service.window_index import index_fingerprint
 
-from ..run.plan import Adaptation
+from ..decoding.evaluate import evaluate, plot_session
+from ..run.plan import Adaptation, RunPlan
 from ..run.progress import progress_bar
+from ..run.sinks import MemorySink, Sinks
+from ..run.train import train_in_process
+from ..tracking.config import TrackingConfig
+from ..tracking.export import export_model, model_card, provenance
+from ..tracking.mlflow_runs import tracking_uri
+from ..tracking.registry import locate
+from ..tracking.tracked_run import TrackedRun
 from .config import FinetuneConfig, FinetuneResult
 from .plan import phase_run, plan_adaptation
 from .select import BestValid
@@ -57,27 +65,66 @@ class _Bar:
 # ---- running it ---------------------------------------------------------------------------------------------
 def _source(cfg: FinetuneConfig, tracking_uri: str) -> tuple[str, str, str, Path]:
     """(name, version, uri, local directory) of the source model."""
-    from ..tracking.registry import locate
-
     ref, path = locate(cfg.model, tracking_uri, cfg.cache)
     return ref.name, ref.version, ref.uri, path
 
 
+def _phases(plan: RunPlan, cfg: FinetuneConfig) -> list[RunPlan]:
+    """One training phase, or two for unit-id-then-full (the second everything trainable)."""
+    if cfg.mode != "unit-id-then-full":
+        return [plan]
+    k = plan.run.train.steps
+    return [plan, replace(plan, run=phase_run(plan.run, cfg, plan.tokenizer, plan.corpus, cfg.steps - k,
+                                              cfg.lr_full, 1, "none"))]
+
+
+def _train(phases: list[RunPlan], cfg: FinetuneConfig, out: Path, tracked, show_progress: bool):
+    """Train the phases in turn, each from the best weights so far; returns the model at its best
+    validation step and the selector that chose it."""
+    memory = MemorySink()
+    with progress_bar(f"finetune ({cfg.mode})", cfg.steps, info="starting", remaining=False,
+                      show=show_progress) as bar:
+        selector, offset, model = None, 0, None
+        for i, p in enumerate(phases):
+            if i:  # the next phase starts from the best weights so far, everything trainable
+                model.load_state_dict(selector.state)
+                start = export_model(model, p.tokenizer, out / f"phase{i}-start")
+                p = replace(p, warm_start=None, index=replace(p.index, seed=p.run.data.seed),
+                            adapt=Adaptation(str(start), p.adapt.units, "all", False, p.adapt.new_readouts))
+                p.index_fingerprint = index_fingerprint(p.corpus_fingerprint, p.index)
+            sink = Sinks(memory, tracked, _Bar(bar))
+
+            def select(evaluator, prev=selector, off=offset):
+                return BestValid(evaluator, prev.best if prev else -np.inf, prev.state if prev else None, off)
+
+            res = train_in_process(p, out / f"phase{i}", sink=_Offset(sink, offset), wrap_evaluator=select)
+            selector, model = res.evaluator, res.model
+            offset += p.run.train.steps
+        model.load_state_dict(selector.state)
+    model.eval()
+    return model, selector
+
+
+def _score(model, plan: RunPlan, corpus, sessions: list[str]) -> tuple[dict, dict]:
+    """Test and valid R2 per session (test with its interval), and the test results to plot."""
+    tokenizer = plan.make_tokenizer()
+    test = evaluate(model, tokenizer, corpus, sessions, "test")
+    valid = evaluate(model, tokenizer, corpus, sessions, "valid")
+    nan2 = (float("nan"), float("nan"))
+    per = {s: {"test": test[s].r2 if s in test else float("nan"),
+               "test_ci": list(test[s].ci if s in test else nan2),
+               "valid": valid[s].r2 if s in valid else float("nan"),
+               "valid_s": _scored_seconds(corpus.session(s), "valid")} for s in sessions}
+    return per, test
+
+
 def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_progress: bool = True
              ) -> FinetuneResult:
-
-    from ..decoding.evaluate import evaluate, plot_session
-    from ..run.sinks import MemorySink, Sinks
-    from ..run.train import train_in_process
-    from ..tracking.config import TrackingConfig
-    from ..tracking.export import export_model, model_card, provenance
-    from ..tracking.mlflow_runs import tracking_uri
-    from ..tracking.tracked_run import TrackedRun
-
+    """Adapt a model to `cfg.sessions`, keep its best validation step, score it once on test,
+    export it (and register it when asked), all in one tracked run."""
     t0 = time.time()
     tracking = TrackingConfig(uri=cfg.tracking_uri, experiment=cfg.experiment)
-    uri = tracking_uri(tracking)
-    src_name, src_version, src_uri, src = _source(cfg, uri)
+    src_name, src_version, src_uri, src = _source(cfg, tracking_uri(tracking))
     corpus = open_corpus(cfg.corpus)
     plan, labelled = plan_adaptation(cfg, src, corpus, progress=show_progress)
     name = cfg.name or f"{'-'.join(cfg.sessions)[:60]}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -89,61 +136,28 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
     notify(f"finetune {name}: {cfg.mode} from {src_uri} on {', '.join(cfg.sessions)} "
            f"({len(plan.adapt.units)} new units; labels {cfg.labels}: "
            + ", ".join(f"{s} {v:.0f} s" for s, v in labelled_s.items()) + ")")
-
     # with the server away the run is kept in `out` and sent later (`popscale tracking-sync OUT`)
     run = TrackedRun.start(tracking, out, name, asdict(cfg), "finetune", notify=notify,
                            tags={"source_model": src_name, "source_version": src_version, "source_uri": src_uri,
                                  "mode": cfg.mode, "labels": cfg.labels, "sessions": ",".join(cfg.sessions),
                                  **cfg.tags})
     tracked = run.sink()
-    memory = MemorySink()
-    phases = [plan]
-    if cfg.mode == "unit-id-then-full":
-        k = plan.run.train.steps
-        phases.append(replace(plan, run=phase_run(plan.run, cfg, plan.tokenizer, plan.corpus, cfg.steps - k,
-                                                   cfg.lr_full, 1, "none")))
+    phases = _phases(plan, cfg)
     ok = False
     try:
-        with progress_bar(f"finetune ({cfg.mode})", cfg.steps, info="starting", remaining=False,
-                          show=show_progress) as bar:
-            selector, offset, model = None, 0, None
-            for i, p in enumerate(phases):
-                if i:  # the next phase starts from the best weights so far, everything trainable
-                    model.load_state_dict(selector.state)
-                    start = export_model(model, p.tokenizer, out / f"phase{i}-start")
-                    p = replace(p, warm_start=None, index=replace(p.index, seed=p.run.data.seed),
-                                adapt=Adaptation(str(start), p.adapt.units, "all", False, p.adapt.new_readouts))
-                    p.index_fingerprint = index_fingerprint(p.corpus_fingerprint, p.index)
-                sink = Sinks(memory, tracked, _Bar(bar))
-
-                def select(evaluator, prev=selector, off=offset):
-                    return BestValid(evaluator, prev.best if prev else -np.inf, prev.state if prev else None, off)
-
-                res = train_in_process(p, out / f"phase{i}", sink=_Offset(sink, offset), wrap_evaluator=select)
-                selector, model = res.evaluator, res.model
-                offset += p.run.train.steps
-            model.load_state_dict(selector.state)
-        model.eval()
-        tokenizer = plan.make_tokenizer()
-        test = evaluate(model, tokenizer, corpus, cfg.sessions, "test")
-        valid = evaluate(model, tokenizer, corpus, cfg.sessions, "valid")
-        nan2 = (float("nan"), float("nan"))
-        per = {s: {"test": test[s].r2 if s in test else float("nan"),
-                   "test_ci": list(test[s].ci if s in test else nan2),
-                   "valid": valid[s].r2 if s in valid else float("nan"),
-                   "valid_s": _scored_seconds(corpus.session(s), "valid")} for s in cfg.sessions}
+        model, selector = _train(phases, cfg, out, tracked, show_progress)
+        per, test = _score(model, plan, corpus, cfg.sessions)
         test_r2 = float(np.nanmean([v["test"] for v in per.values()]))
         valid_r2 = float(np.nanmean([v["valid"] for v in per.values()]))
-        metrics = {"test_r2": test_r2, "valid_r2_best": valid_r2, "best_step": float(selector.best_step),
-                   **{f"test_r2.{s}": v["test"] for s, v in per.items()}}
-        tracked.log(metrics, cfg.steps)
+        tracked.log({"test_r2": test_r2, "valid_r2_best": valid_r2, "best_step": float(selector.best_step),
+                     **{f"test_r2.{s}": v["test"] for s, v in per.items()}}, cfg.steps)
         with tempfile.TemporaryDirectory() as tmp:
             for s, r in test.items():
                 run.artifact(plot_session(r, f"{tmp}/test_decoded_vs_true_{s}.png", split="test"), "plots")
         final = plan if len(phases) == 1 else replace(plan, adapt=replace(plan.adapt, trainable="all"))
-        prov = provenance({"corpus": plan.corpus, "corpus_fingerprint": plan.corpus_fingerprint, "mlflow_run_id": run.run_id or "",
-                           "source_model": src_uri, "mode": cfg.mode, "labels": cfg.labels,
-                           "adapted_sessions": list(cfg.sessions)})
+        prov = provenance({"corpus": plan.corpus, "corpus_fingerprint": plan.corpus_fingerprint,
+                           "mlflow_run_id": run.run_id or "", "source_model": src_uri, "mode": cfg.mode,
+                           "labels": cfg.labels, "adapted_sessions": list(cfg.sessions)})
         export = export_model(model, plan.tokenizer, out / "export", prov)
         final.save(export)
         model_card(export, title=f"{cfg.register or name}: {src_uri} adapted to {', '.join(cfg.sessions)}",
@@ -155,13 +169,12 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
                          tags={"kind": "finetuned", "source_model": src_uri, "mode": cfg.mode, "labels": cfg.labels,
                                "sessions": ",".join(cfg.sessions), "test_r2": f"{test_r2:.4f}",
                                "git_commit": prov["git_commit"]})
-        model_uri = fin.model_uri or str(export)
         ok = True
     finally:
         if not ok:
             run.failed()
     return FinetuneResult(name=name, mode=cfg.mode, labels=cfg.labels, test_r2=test_r2, valid_r2=valid_r2,
-                          per_session=per, model_uri=model_uri, source=src_uri, export=export,
+                          per_session=per, model_uri=fin.model_uri or str(export), source=src_uri, export=export,
                           seconds=time.time() - t0, best_step=selector.best_step, labelled_s=labelled_s)
 
 

@@ -16,11 +16,12 @@ from data_service.reader import Corpus
 from data_service.window_index import IndexConfig, index_fingerprint
 
 from ..run.config import RunConfig, from_dict
-from ..run.plan import Adaptation, RunPlan
-from ..run.warm_start import WarmStartConfig
+from ..run.plan import PLAN_FILE, Adaptation, RunPlan
+from ..run.warm_start import WarmStartConfig, unit_directions
+from ..tokens.config import TokenizerConfig
 from ..tokens.labels import LabelBudget, labelled_intervals, window_stretches
 from ..tokens.targets import target_stats
-from ..tokens.tokenizer import TokenizerConfig
+from ..tracking.export import load_exported
 from .config import FinetuneConfig, parse_readout
 
 
@@ -45,8 +46,6 @@ def _check_sessions(corpus: Corpus, cfg: FinetuneConfig, tok: TokenizerConfig, k
 
 def _base_run(src: Path) -> RunConfig:
     """The run config the source model was trained with (its plan), else the defaults."""
-    from ..run.plan import PLAN_FILE
-
     if (src / PLAN_FILE).exists():
         return copy.deepcopy(RunPlan.load(src).run)
     return from_dict({})
@@ -79,8 +78,6 @@ def plan_adaptation(cfg: FinetuneConfig, src: Path, corpus: Corpus, progress: bo
                     ) -> tuple[RunPlan, dict[str, np.ndarray]]:
     """The plan of the first phase, and the labelled intervals of each session. Raises on any bad
     input before anything is written."""
-    from ..tracking.export import load_exported
-
     model, source_tok = load_exported(src)
     tok = copy.deepcopy(source_tok.cfg)
     added = [parse_readout(x) for x in cfg.readouts]
@@ -114,8 +111,6 @@ def plan_adaptation(cfg: FinetuneConfig, src: Path, corpus: Corpus, progress: bo
                                    for s in cfg.sessions})
     table = None
     if warm == "ridge":
-        from ..run.warm_start import unit_directions
-
         rows = unit_directions(corpus, cfg.sessions, tok, run.train.warm_start, progress=progress, within=labelled)
         table = np.full((len(units), rows.shape[1]), np.nan, dtype=np.float32)
         pos = {u: k for k, u in enumerate(units)}

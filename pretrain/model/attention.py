@@ -103,17 +103,20 @@ class XFormers:
     name = "xformers"
 
     def __init__(self) -> None:
+        # deferred: xformers is the optional gpu extra, absent on CPU installs
         import xformers.ops  # noqa: F401  (fails here, not mid-training, when unavailable)
 
     @staticmethod
     @functools.lru_cache(maxsize=64)
     def _mask(q_lens: tuple[int, ...], k_lens: tuple[int, ...]):
+        # deferred: xformers is the optional gpu extra, absent on CPU installs
         from xformers.ops import fmha
 
         return fmha.BlockDiagonalMask.from_seqlens(list(q_lens), list(k_lens))
 
     def __call__(self, q, k, v, q_lens: Lens, k_lens: Lens, *, dropout_p: float = 0.0,
                  training: bool = False) -> torch.Tensor:
+        # deferred: xformers is the optional gpu extra, absent on CPU installs
         import xformers.ops as xops
 
         bias = self._mask(tuple(q_lens), tuple(k_lens))

@@ -25,6 +25,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch.distributed as dist
+
+from data_service.remote import join, listdir, pyarrow_filesystem, storage_arg, write_text
+
 from .plan import RunPlan
 
 STATE_FILE = "popscale_state.json"
@@ -69,8 +73,6 @@ def restore_state(directory: str | Path, engine, plan: RunPlan) -> int:
 def completed_checkpoints(run_dir: str, world: int) -> list[tuple[int, str]]:
     """(step, path) of every checkpoint under a Ray run directory that all `world` ranks finished
     uploading, oldest first (local paths or URLs: data_service/remote.py)."""
-    from data_service.remote import join, listdir
-
     out = []
     for n in listdir(run_dir):
         m = _STEP_DIR.match(n)
@@ -94,6 +96,7 @@ class RayCheckpointer:
         """The checkpoint to resume from: Ray's latest registered one, or a newer one every rank
         completed that Ray had not registered yet (a crash within its polling interval). Rank 0
         decides, so every rank loads the same one."""
+        # deferred: importing ray only when used keeps start-up light
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
@@ -110,14 +113,11 @@ class RayCheckpointer:
                     print(f"popscale: resuming from {choice} (step {done[-1][0]}): reported before the failure, "
                           f"not yet registered by Ray (its latest: step {max(registered, 0)})", flush=True)
         if self.world > 1:
-            import torch.distributed as dist
-
             box = [choice]
             dist.broadcast_object_list(box, src=0)
             choice = box[0]
         if choice is None:
             return ckpt
-        from data_service.remote import pyarrow_filesystem, storage_arg
 
         return ray.train.Checkpoint(path=storage_arg(choice), filesystem=pyarrow_filesystem(choice))
 
@@ -129,8 +129,8 @@ class RayCheckpointer:
         return self.last_step
 
     def save(self, step: int, metrics: dict) -> None:
+        # deferred: importing ray only when used keeps start-up light
         import ray.train
-        import torch.distributed as dist
 
         name = step_dir_name(step)
         with tempfile.TemporaryDirectory() as tmp:
@@ -140,8 +140,6 @@ class RayCheckpointer:
             ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=name)  # returns once this rank's files are uploaded
         if self.run_dir:
-            from data_service.remote import join, write_text
-
             write_text(join(self.run_dir, name, f".complete-rank{self.rank}"), str(step))
         self.last_step = step
 

@@ -23,7 +23,7 @@ from data_service.errors import ConfigError
 from data_service.synth import SynthConfig
 
 from ..model.config import ModelConfig, preset
-from ..tokens.tokenizer import DEFAULT_BEHAVIOURS, DEFAULT_INTERVAL_WEIGHTS
+from ..tokens.config import DEFAULT_BEHAVIOURS, DEFAULT_INTERVAL_WEIGHTS
 from ..tracking.config import TrackingConfig
 from .optim import OptimConfig
 from .warm_start import WarmStartConfig
@@ -244,7 +244,9 @@ def read_yaml(path: str | Path, what: str = "config") -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """A RunConfig from a YAML file (or the defaults) with `key.sub=value` overrides (YAML values)."""
+    """A RunConfig from a YAML file (or the defaults) with `key.sub=value` overrides (YAML values).
+    A corpus named by an override must exist: it clears the file's `data.synth` (unless an override
+    sets that too), so a typo in a path never makes a new synthetic corpus."""
     d: dict = read_yaml(path) if path is not None else {}
     try:
         d = asdict(from_dict(d))  # validate the file first, then apply overrides on full defaults
@@ -263,4 +265,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             from_dict(d)  # so that an error names the override that caused it
         except ConfigError as e:
             raise ConfigError(f"override {o!r}: {e}") from None
+    keys = {o.partition("=")[0].strip() for o in overrides}
+    if "data.corpus" in keys and not any(k == "data.synth" or k.startswith("data.synth.") for k in keys):
+        d.setdefault("data", {})["synth"] = None
     return from_dict(d)

@@ -3,6 +3,7 @@ accumulation and clipping, warmup + cosine LR; fp32 + gloo on CPU, bf16 + NCCL o
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +49,6 @@ def skip_cpu_shm_kernel() -> None:
     """DeepSpeed JIT-compiles a shared-memory all-reduce kernel on first use on CPU (~33 s here)
     and documents that it hangs on CPUs without AVX2/AVX-512; gloo's all-reduce is plenty for one
     node of CPU workers, so popscale uses that."""
-    import importlib
-
     # `import deepspeed.comm.torch as m` binds PyTorch itself (deepspeed.comm has an attribute
     # `torch`), so patching that did nothing and every engine compiled the kernel (35-85 s a run)
     ds_torch = importlib.import_module("deepspeed.comm.torch")
@@ -58,6 +57,7 @@ def skip_cpu_shm_kernel() -> None:
 
 def build_engine(plan: RunPlan, where: Placement):
     """(engine, lr scheduler) over the plan's model, seeded so every worker starts identical."""
+    # deferred: importing deepspeed only when used keeps start-up light
     import deepspeed
 
     t = plan.run.train

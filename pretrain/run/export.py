@@ -13,6 +13,7 @@ from .plan import RunPlan
 def export_checkpoint(checkpoint_dir: str | Path, out: str | Path, provenance: dict) -> Path:
     """Consolidate a training checkpoint (checkpoint.py) into fp32 weights and export them, with
     the model, vocabularies and tokenizer of the plan it carries."""
+    # deferred: importing deepspeed only when used keeps start-up light
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state, plan = read_state(checkpoint_dir), RunPlan.load(checkpoint_dir)

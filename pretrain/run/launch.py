@@ -20,9 +20,15 @@ from typing import Callable
 
 from data_service.errors import CorpusError, find_corpus_error
 from data_service.remote import exists, is_url, join, listdir, pyarrow_filesystem, read_text, resolve, storage_arg
+from data_service.synth import synth_corpus
 
+from ..model.flops import forward_flops, parameters
+from ..tracking.export import model_card, provenance
+from ..tracking.mlflow_runs import tracking_uri
 from ..tracking.offline import RUN_FILE
+from ..tracking.tracked_run import TrackedRun
 from .config import RunConfig
+from .export import export_checkpoint
 from .hooks import FaultAndRecord, LoopHooks
 from .plan import PlanMismatch, RunPlan, build_plan
 from .progress import progress_bar
@@ -46,8 +52,6 @@ class PretrainResult:
 
 def ensure_corpus(run: RunConfig, notify: Callable[[str], None] = print) -> None:
     """Make the configured synthetic corpus if there is no corpus at `data.corpus` (saying so)."""
-    from data_service.synth import synth_corpus
-
     if is_url(run.data.corpus):
         if not exists(join(run.data.corpus, "manifest.json")):
             raise CorpusError("no corpus at this URL (put one there with `popscale push LOCAL URL`)",
@@ -86,6 +90,7 @@ GCS_BOUNDS = {"task_events_max_num_task_in_gcs": 5000, "maximum_gcs_destroyed_ac
 
 
 def init_ray(run: RunConfig) -> None:
+    # deferred: importing ray only when used keeps start-up light
     import ray
 
     if ray.is_initialized():
@@ -106,6 +111,7 @@ def init_ray(run: RunConfig) -> None:
     # multi-node clusters (its macOS/Windows mode, ray_constants.ENABLE_RAY_CLUSTER), so that flag
     # is off while this node starts. Ray's token authentication stays on (its default for a new
     # local cluster; RAY_AUTH_MODE is respected).
+    # deferred: importing ray only when used keeps start-up light
     from ray._private import ray_constants
 
     clusters = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
@@ -129,6 +135,7 @@ def init_ray(run: RunConfig) -> None:
 
 
 def _progress_actor():
+    # deferred: importing ray only when used keeps start-up light
     import ray
 
     @ray.remote(num_cpus=0)
@@ -146,6 +153,7 @@ def _progress_actor():
 
 
 def _fit_with_progress(trainer, progress, total: int, show: bool):
+    # deferred: importing ray only when used keeps start-up light
     import ray
     out: dict = {}
 
@@ -175,32 +183,9 @@ def _fit_with_progress(trainer, progress, total: int, show: bool):
     return out["result"]
 
 
-def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool = True,
-             hooks: LoopHooks | None = None, notify: Callable[[str], None] = print,
-             alias: str | None = None, name: str | None = None, register_model: bool = True,
-             tags: dict[str, str] | None = None) -> PretrainResult:
-    """Plan the run, train it on Ray Train workers, export and register the final weights as a new
-    version; `alias` (default: the config's `tracking.alias`, none) is moved to it only when given.
-    `hooks` default to the test hooks of the environment (hooks.FaultAndRecord.from_env).
-    `name` fixes the run's name (a sweep point's): a run of that name with a checkpoint is resumed.
-    `register_model=False` exports without registering; `tags` go on the MLflow run (a sweep's
-    child runs carry `mlflow.parentRunId` and their axes)."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ..tracking.export import model_card, provenance
-    from ..tracking.mlflow_runs import tracking_uri
-    from ..tracking.offline import finish, resume_tracking
-    from ..tracking.tracked_run import TrackedRun
-    from .export import export_checkpoint
-
-    t0 = time.time()
-    alias = alias or run.tracking.alias
-    # Workers run in their own directories: every path they see must be absolute.
-    # (a corpus or storage_path may be a URL on shared storage: data_service/remote.py)
-    run.data.corpus = resolve(run.data.corpus)
-    run.tracking.uri = tracking_uri(run.tracking)
-    storage = resolve(run.cluster.storage_path)
+def _run_directory(run: RunConfig, storage: str, name: str | None, resume: str | None,
+                   notify: Callable[[str], None]) -> tuple[str, str, dict, RunPlan | None]:
+    """The run's name and directory; for a run that continues, its RUN_FILE and plan."""
     if name and not resume and exists(join(storage, name, RUN_FILE)):
         resume = name  # a named run that started before: continue it
     if not resume and not name:
@@ -209,50 +194,49 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
                    f"(`--resume {other}` continues that one)")
     name = resume or name or f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = join(storage, name)
-    meta, previous = {}, None
-    if resume:
-        if not exists(join(run_dir, RUN_FILE)):
-            raise FileNotFoundError(f"no run {resume!r} under {storage} to resume")
-        meta, previous = json.loads(read_text(join(run_dir, RUN_FILE))), RunPlan.load(run_dir)
-    ensure_corpus(run, notify)
-    try:
-        plan = build_plan(run, previous=previous, progress=show_progress)
-    except PlanMismatch as e:
-        raise PlanMismatch(f"cannot resume {name}: {e}") from None
-    notify(f"run {name}: {'resuming, ' if resume else ''}{len(plan.sessions)} sessions, {len(plan.unit_vocab)} units, "
-           f"{plan.run.model} on {run.cluster.num_workers} worker(s); checkpoints in {run_dir} "
-           f"(if it stops, the same command with --resume {name} continues it)")
-    init_ray(run)
-    if not meta:
-        from ..model.flops import forward_flops, parameters
+    if not resume:
+        return name, run_dir, {}, None
+    if not exists(join(run_dir, RUN_FILE)):
+        raise FileNotFoundError(f"no run {resume!r} under {storage} to resume")
+    return name, run_dir, json.loads(read_text(join(run_dir, RUN_FILE))), RunPlan.load(run_dir)
 
-        tags = {"corpus": run.data.corpus, "corpus_fingerprint": plan.corpus_fingerprint, "ray_run": name,
-                "n_sessions": str(len(plan.sessions)), "n_units": str(len(plan.unit_vocab)),
-                "n_params": str(parameters(plan.model)),
-                "train_gflops_per_sample_2k_spikes":
-                    f"{3 * forward_flops(plan.model, 2000, 100, plan.tokenizer.geometry.n_latents) / 1e9:.2f}",
-                **(tags or {})}
-        plan.save(run_dir)  # before RUN_FILE: a run directory with RUN_FILE is one that resumes
-        # with the server away: no run id yet, the run is kept in run_dir (pretrain/tracking/offline.py)
-        tracked = TrackedRun.start(run.tracking, str(run_dir), run.name, run.to_dict(), "pretrain", tags=tags,
-                                   resume=f"popscale pretrain --resume {name}", notify=notify)
-        meta = {"mlflow_run_id": tracked.run_id}
-    else:  # what an earlier attempt could not send (its MLflow run itself, if the server was away at its start)
-        meta["mlflow_run_id"] = resume_tracking(str(run_dir), run.tracking.uri, meta, notify)
-    progress = _progress_actor()
-    if hooks is None:
-        hooks = FaultAndRecord.from_env() or LoopHooks()
-    trainer = TorchTrainer(
-        ray_worker,
-        train_loop_config={"args": WorkerArgs(plan, meta["mlflow_run_id"], progress, hooks, str(run_dir))},
+
+def _tracked(run: RunConfig, plan: RunPlan, name: str, run_dir: str, meta: dict, tags: dict[str, str] | None,
+             notify: Callable[[str], None]) -> TrackedRun:
+    """A new run's MLflow run (with the server away: kept in run_dir, pretrain/tracking/offline.py),
+    or the one an earlier attempt started, after sending what it kept."""
+    if meta:
+        return TrackedRun.resumed(run.tracking, run_dir, meta, "pretrain", notify=notify)
+    tags = {"corpus": run.data.corpus, "corpus_fingerprint": plan.corpus_fingerprint, "ray_run": name,
+            "n_sessions": str(len(plan.sessions)), "n_units": str(len(plan.unit_vocab)),
+            "n_params": str(parameters(plan.model)),
+            "train_gflops_per_sample_2k_spikes":
+                f"{3 * forward_flops(plan.model, 2000, 100, plan.tokenizer.geometry.n_latents) / 1e9:.2f}",
+            **(tags or {})}
+    plan.save(run_dir)  # before RUN_FILE: a run directory with RUN_FILE is one that resumes
+    return TrackedRun.start(run.tracking, run_dir, run.name, run.to_dict(), "pretrain", tags=tags,
+                            resume=f"popscale pretrain --resume {name}", notify=notify)
+
+
+def _trainer(run: RunConfig, args: WorkerArgs, name: str, storage: str):
+    """Ray Train's trainer for the run: one worker per `cluster.num_workers`, checkpoints in storage."""
+    # deferred: importing ray only when used keeps start-up light
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        ray_worker, train_loop_config={"args": args},
         torch_config=TorchConfig(backend="nccl" if run.cluster.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=run.cluster.num_workers, use_gpu=run.cluster.use_gpu,
                                                resources_per_worker={"CPU": run.cluster.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_arg(storage),
                                        storage_filesystem=pyarrow_filesystem(storage),
                                        failure_config=ray.train.FailureConfig(max_failures=run.train.max_failures),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-    )
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+
+
+def _fit(trainer, progress, run: RunConfig, name: str, show_progress: bool):
+    """Train; a failure names the data that stopped it, or says how to resume."""
     try:
         result = _fit_with_progress(trainer, progress, run.train.stop_at or run.train.steps, show_progress)
         error = result.error
@@ -264,32 +248,70 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
             raise RuntimeError(f"pretraining run {name} stopped by its data: {bad_data} "
                                f"(after fixing it, --resume {name} continues the run)") from error
         raise RuntimeError(f"pretraining run {name} failed (resume it with --resume {name}): {error}") from error
+    return result
+
+
+def _export(result, run: RunConfig, plan: RunPlan, name: str, run_dir: str, run_id: str | None,
+            alias: str | None) -> tuple[Path, dict]:
+    """The final weights exported beside the checkpoints (with checkpoints on object storage, in
+    runs/exports) with their model card, and what their registration says of them."""
     metrics = result.metrics or {}
-    uri = tracking_uri(run.tracking)
-    stopped_early = run.train.stop_at is not None and run.train.stop_at < run.train.steps
-    export, registration = None, {}
     with result.checkpoint.as_directory() as d:
-        if not stopped_early:
-            prov = provenance({"mlflow_run_id": meta["mlflow_run_id"], "ray_run": name,
-                               "corpus_fingerprint": plan.corpus_fingerprint, "corpus": run.data.corpus})
-            # the export sits beside the checkpoints; with checkpoints on object storage, in runs/exports
-            export_dir = Path("runs/exports").resolve() / name if is_url(run_dir) else Path(run_dir)
-            export = export_checkpoint(d, export_dir / "export", prov)
-            valid_r2 = float(metrics.get("valid_r2", float("nan")))
-            model_card(export, title=f"{run.tracking.registered_model}: pretrained {plan.run.model}",
-                       data=f"Pretrained ({metrics.get('step', '?')} steps) on {len(plan.sessions)} sessions of "
-                            f"{run.data.corpus}.", metrics={"valid_r2": valid_r2})
-            registration = {"model_name": run.tracking.registered_model, "alias": alias,
-                            "tags": {"kind": "pretrained", "git_commit": prov["git_commit"],
-                                     "corpus_fingerprint": plan.corpus_fingerprint, "valid_r2": f"{valid_r2:.4f}",
-                                     "ray_run": name}}
+        prov = provenance({"mlflow_run_id": run_id, "ray_run": name,
+                           "corpus_fingerprint": plan.corpus_fingerprint, "corpus": run.data.corpus})
+        export_dir = Path("runs/exports").resolve() / name if is_url(run_dir) else Path(run_dir)
+        export = export_checkpoint(d, export_dir / "export", prov)
+    valid_r2 = float(metrics.get("valid_r2", float("nan")))
+    model_card(export, title=f"{run.tracking.registered_model}: pretrained {plan.run.model}",
+               data=f"Pretrained ({metrics.get('step', '?')} steps) on {len(plan.sessions)} sessions of "
+                    f"{run.data.corpus}.", metrics={"valid_r2": valid_r2})
+    return export, {"model_name": run.tracking.registered_model, "alias": alias,
+                    "tags": {"kind": "pretrained", "git_commit": prov["git_commit"],
+                             "corpus_fingerprint": plan.corpus_fingerprint, "valid_r2": f"{valid_r2:.4f}",
+                             "ray_run": name}}
+
+
+def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool = True,
+             hooks: LoopHooks | None = None, notify: Callable[[str], None] = print,
+             alias: str | None = None, name: str | None = None, register_model: bool = True,
+             tags: dict[str, str] | None = None) -> PretrainResult:
+    """Plan the run, train it on Ray Train workers, export and register the final weights as a new
+    version; `alias` (default: the config's `tracking.alias`, none) is moved to it only when given.
+    `hooks` default to the test hooks of the environment (hooks.FaultAndRecord.from_env).
+    `name` fixes the run's name (a sweep point's): a run of that name with a checkpoint is resumed.
+    `register_model=False` exports without registering; `tags` go on the MLflow run (a sweep's
+    child runs carry `mlflow.parentRunId` and their axes)."""
+    t0 = time.time()
+    # Workers run in their own directories: every path they see must be absolute.
+    # (a corpus or storage_path may be a URL on shared storage: data_service/remote.py)
+    run.data.corpus = resolve(run.data.corpus)
+    run.tracking.uri = tracking_uri(run.tracking)
+    storage = resolve(run.cluster.storage_path)
+    name, run_dir, meta, previous = _run_directory(run, storage, name, resume, notify)
+    ensure_corpus(run, notify)
+    try:
+        plan = build_plan(run, previous=previous, progress=show_progress)
+    except PlanMismatch as e:
+        raise PlanMismatch(f"cannot resume {name}: {e}") from None
+    notify(f"run {name}: {'resuming, ' if meta else ''}{len(plan.sessions)} sessions, {len(plan.unit_vocab)} units, "
+           f"{plan.run.model} on {run.cluster.num_workers} worker(s); checkpoints in {run_dir} "
+           f"(if it stops, the same command with --resume {name} continues it)")
+    init_ray(run)
+    tracked = _tracked(run, plan, name, run_dir, meta, tags, notify)
+    progress = _progress_actor()
+    hooks = hooks if hooks is not None else FaultAndRecord.from_env() or LoopHooks()
+    args = WorkerArgs(plan, tracked.run_id, progress, hooks, run_dir)
+    result = _fit(_trainer(run, args, name, storage), progress, run, name, show_progress)
+    metrics = result.metrics or {}
+    stopped_early = run.train.stop_at is not None and run.train.stop_at < run.train.steps
+    export, registration = (None, {}) if stopped_early else _export(result, run, plan, name, run_dir,
+                                                                     tracked.run_id, alias or run.tracking.alias)
     # Register, and set the run FINISHED when it is complete (a stopped one stays RUNNING until
     # resumed). With the server away registration is tried for about a minute, then it and the
     # run's end are left to the one command printed (offline.finish); the export stays.
-    fin = finish(str(run_dir), uri, meta["mlflow_run_id"], terminate=not stopped_early,
-                 export=export if register_model else None, notify=notify, **registration)
+    fin = tracked.finish(terminate=not stopped_early, export=export if register_model else None, **registration)
     model_uri = fin.model_uri or (str(export) if export is not None else "")
     return PretrainResult(name=name, valid_r2=float(metrics.get("valid_r2", float("nan"))),
                           steps=int(metrics.get("step", 0)), model_uri=model_uri, model_version=fin.version,
-                          mlflow_run_id=fin.run_id or "", tracking_uri=uri, seconds=time.time() - t0,
+                          mlflow_run_id=fin.run_id or "", tracking_uri=tracked.uri, seconds=time.time() - t0,
                           checkpoint=result.checkpoint.path, registration=fin.registration, tracking=fin.tracking)

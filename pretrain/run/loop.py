@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from ..model.batch import PackedBatch
 from ..model.loss import weighted_mse
@@ -38,8 +39,6 @@ class Dist:
     def all_sum(self, *values: float) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.world > 1:
-            import torch.distributed as dist
-
             dist.all_reduce(t)
         return t.tolist()
 
@@ -47,7 +46,6 @@ class Dist:
         """Every rank's `obj`, in rank order."""
         if self.world == 1:
             return [obj]
-        import torch.distributed as dist
 
         out = [None] * self.world
         dist.all_gather_object(out, obj)

@@ -32,9 +32,12 @@ from data_service.window_index import IndexConfig, index_fingerprint
 
 from ..model.config import ModelConfig
 from ..model.vocab import StaticVocab
+from ..tokens.config import TokenizerConfig
+from ..tokens.labels import LabelBudget, labelled_intervals, window_stretches
 from ..tokens.targets import target_stats
-from ..tokens.tokenizer import Tokenizer, TokenizerConfig
+from ..tokens.tokenizer import Tokenizer
 from .config import RunConfig, from_dict
+from .warm_start import unit_directions
 
 PLAN_FILE = "plan.json"
 FORMAT_VERSION = 1
@@ -148,8 +151,6 @@ def training_sessions(run: RunConfig, corpus: Corpus, tok: TokenizerConfig) -> l
 
 def labelled_parts(run: RunConfig, corpus: Corpus, sessions: list[str]) -> dict[str, np.ndarray] | None:
     """Each session's labelled part under `data.labels` (None: the whole train split)."""
-    from ..tokens.labels import LabelBudget, labelled_intervals
-
     budget = LabelBudget.parse(run.data.labels)
     if budget.everything:
         return None
@@ -160,8 +161,6 @@ def labelled_parts(run: RunConfig, corpus: Corpus, sessions: list[str]) -> dict[
 
 def _stretches(run: RunConfig, corpus: Corpus, within: dict[str, np.ndarray]) -> dict[str, list]:
     """The window index's intervals for labelled parts (labels.window_stretches)."""
-    from ..tokens.labels import window_stretches
-
     decoded = [b for bs in run.data.readouts.values() for b in bs]
     return {s: window_stretches(corpus.session(s), r, run.data.window_s, decoded).tolist() for s, r in within.items()}
 
@@ -203,8 +202,6 @@ def build_plan(run: RunConfig, *, previous: RunPlan | None = None, progress: boo
     if previous is not None:
         warm = previous.warm_start  # used only at initialisation: never recomputed
     elif run.train.warm_start.method == "ridge":
-        from .warm_start import unit_directions
-
         warm = unit_directions(corpus, sessions, tok, run.train.warm_start, progress=progress, within=within)
     else:
         warm = None

@@ -7,6 +7,7 @@ other ranks, a `MemorySink` in tests and in-process runs.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 
@@ -37,8 +38,6 @@ class MemorySink:
         self.history.append((step, dict(metrics)))
 
     def artifact(self, path: str, folder: str) -> None:
-        from pathlib import Path
-
         self.artifacts.append((folder, Path(path).name))
 
     def series(self, name: str) -> list[tuple[int, float]]:

@@ -15,9 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+import torch
+import torch.distributed as dist
+
 from data_service.service import LocalBatches, RayBatches, ServiceSpec
 
 from ..decoding.evaluate import Evaluator
+from ..tracking.mlflow_runs import MLflowSink
 from .checkpoint import DirCheckpointer, RayCheckpointer
 from .engine import build_engine, placement
 from .hooks import LoopHooks
@@ -59,6 +63,7 @@ def _parts(plan: RunPlan, rank: int, world: int, local_rank: int = 0) -> Parts:
 
 def ray_worker(config: dict) -> None:
     """TorchTrainer's per-worker function; `config = {"args": WorkerArgs}`."""
+    # deferred: importing ray only when used keeps start-up light
     import ray.train
 
     args: WorkerArgs = config["args"]
@@ -67,8 +72,6 @@ def ray_worker(config: dict) -> None:
     dist = p.dist
     sink: MetricsSink = NullSink()
     if dist.rank == 0:
-        from ..tracking.mlflow_runs import MLflowSink
-
         # with the server away its metrics are kept (and journaled in the run directory) until it is back;
         # with no run id (the server was away at the start) they go to the journal only: pretrain/tracking/offline.py
         run_dir = args.run_dir
@@ -97,9 +100,6 @@ class InProcessResult:
 def _single_process_group():
     """A one-rank gloo group in this process (DeepSpeed needs torch.distributed). It is made once
     and kept for the life of the process: DeepSpeed caches the groups it derives from it."""
-    import torch
-    import torch.distributed as dist
-
     env = {"DS_ACCELERATOR": "cuda" if torch.cuda.is_available() else "cpu",
            "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}  # what DeepSpeed looks for
     saved = {k: os.environ.get(k) for k in env}

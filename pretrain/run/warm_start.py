@@ -33,7 +33,7 @@ import torch
 from data_service import intervals as iv
 from data_service.reader import Corpus, SessionReader
 
-from ..tokens.tokenizer import TokenizerConfig
+from ..tokens.config import TokenizerConfig
 
 
 @dataclass
@@ -109,6 +109,7 @@ def unit_directions(corpus: Corpus, sessions: Iterable[str], tokenizer: Tokenize
     sessions = list(sessions)
     it = sessions
     if progress:
+        # deferred: importing rich only when used keeps start-up light
         from rich.progress import track
 
         it = track(sessions, description="warm start (ridge per session)", transient=True)

@@ -36,7 +36,10 @@ from data_service.errors import ConfigError
 from data_service.reader import Corpus
 
 from ..model.config import PRESETS
+from ..model.flops import parameters, train_flops
 from ..run.config import RunConfig, _build, _set, load_config, read_yaml
+from ..run.plan import labelled_parts, training_sessions
+from ..tokens.config import TokenizerConfig
 
 AXES = ("model", "subjects", "sessions", "session_fraction", "subset", "steps", "seed")
 
@@ -275,8 +278,6 @@ def data_figures(corpus: Corpus, sessions: list[str], within: dict[str, np.ndarr
 
 
 def _tokens(run: RunConfig):
-    from ..tokens.tokenizer import TokenizerConfig
-
     d = run.data
     return TokenizerConfig.build(run.model_config(), d.window_s, d.readouts, {}, {}, 0.5, d.readout_kinds,
                                  d.readout_columns)
@@ -284,9 +285,6 @@ def _tokens(run: RunConfig):
 
 def expand(cfg: SweepConfig, corpus: Corpus) -> tuple[list[Point], list[str]]:
     """The sweep's points (in config order) and the sessions set aside for the adaptation figure."""
-    from ..model.flops import parameters, train_flops
-    from ..run.plan import labelled_parts, training_sessions
-
     base = cfg.base_run()
     tok = _tokens(base)
     eligible = training_sessions(base, corpus, tok)

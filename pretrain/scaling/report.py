@@ -16,6 +16,9 @@ import numpy as np
 
 from data_service.errors import ConfigError
 
+from ..tracking.config import TrackingConfig
+from ..tracking.mlflow_runs import tracking_uri as default_uri
+from ..tracking.tracked_run import TrackedRun
 from .fit import PARAMS, FitReport, fit_sweep, power_law
 
 
@@ -43,6 +46,7 @@ def resolve_sweep(sweep: str, storage: str = "runs/sweeps") -> tuple[str, str | 
 
 def load_points(tracking_uri: str, parent: str) -> tuple[list[SweepPoint], str]:
     """The finished points of a sweep (child runs with a held-out loss) and the parent's experiment id."""
+    # deferred: importing mlflow only when used keeps start-up light
     from mlflow import MlflowClient
 
     c = MlflowClient(tracking_uri)
@@ -78,9 +82,11 @@ def _group(p: SweepPoint, drop: tuple[str, ...]) -> str:
 
 
 def plots(points: list[SweepPoint], rep: FitReport, out: Path) -> list[Path]:
+    # deferred: importing matplotlib only when used keeps start-up light
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: importing matplotlib only when used keeps start-up light
     import matplotlib.pyplot as plt
 
     files = []
@@ -191,14 +197,12 @@ def scaling_fit(sweep: str, tracking_uri: str | None, storage: str = "runs/sweep
                 budget: float | None = None, out: str | None = None) -> tuple[FitReport, Path, str]:
     """Fit the sweep, write summary + plots to `out` (default: the sweep's directory, else
     runs/scaling-fit/<parent>) and log them to the parent run. Returns (report, summary path, parent)."""
+    # deferred: importing mlflow only when used keeps start-up light
     from mlflow import MlflowClient
 
     parent, known_uri = resolve_sweep(sweep, storage)
     uri = tracking_uri or known_uri
     if uri is None:
-        from ..tracking.config import TrackingConfig
-        from ..tracking.mlflow_runs import tracking_uri as default_uri
-
         uri = default_uri(TrackingConfig())
     points, _ = load_points(uri, parent)
     if len(points) < 2:
@@ -223,11 +227,11 @@ def scaling_fit(sweep: str, tracking_uri: str | None, storage: str = "runs/sweep
     payload = {"law": rep.law.values() if rep.law else None, "intervals": rep.intervals, "warnings": rep.warnings,
                "per_axis": rep.per_axis, "points": [p.__dict__ for p in points]}
     (where / "scaling_fit.json").write_text(json.dumps(payload, indent=1, default=float))
+    # the fit joins the sweep's parent run (with the server gone since the points were read: kept in `where`)
+    tracked = TrackedRun.attach(TrackingConfig(uri=uri), where, parent, "scaling-fit")
     for f in [md, where / "scaling_fit.json", *files]:
-        c.log_artifact(parent, str(f), "scaling_fit")
+        tracked.artifact(f, "scaling_fit")
     if rep.law is not None:
-        from mlflow.entities import Metric
-
-        c.log_batch(parent, metrics=[Metric(f"fit.{k}", float(v), 0, 0) for k, v in rep.law.values().items()])
+        tracked.log({f"fit.{k}": float(v) for k, v in rep.law.values().items()}, 0)
     return rep, md, parent
 

@@ -27,15 +27,25 @@ from __future__ import annotations
 import json
 import os
 import time
+import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from data_service.errors import ConfigError
 from data_service.reader import open_corpus
-from data_service.remote import resolve
+from data_service.remote import join, redact, resolve
 
+from ..finetune.config import FinetuneConfig
+from ..finetune.finetune import finetune
+from ..run.heldout import heldout_loss
+from ..run.launch import ensure_corpus, init_ray, pretrain
+from ..run.plan import RunPlan
 from ..run.progress import progress_bar
+from ..tracking.config import TrackingConfig
+from ..tracking.export import load_exported
+from ..tracking.mlflow_runs import tracking_uri as resolve_uri
+from ..tracking.tracked_run import TrackedRun
 from .plan import Point, SweepConfig, expand, with_storage
 
 
@@ -58,12 +68,8 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _parent_run(cfg: SweepConfig, sweep_dir: Path, tracking_uri: str, points: list[Point], held: list[str]) -> str:
-    """The sweep's MLflow parent run: made once, found again by state.json."""
-    from mlflow.entities import Param, RunTag
-
-    from ..tracking.config import TrackingConfig
-    from ..tracking.mlflow_runs import client, experiment_id
-
+    """The sweep's MLflow parent run: made once, found again by state.json. Its points are its
+    child runs, so a sweep starts only with the server there (a point's own run may go offline)."""
     state_file = sweep_dir / "state.json"
     if state_file.exists():
         state = json.loads(state_file.read_text())
@@ -74,21 +80,22 @@ def _parent_run(cfg: SweepConfig, sweep_dir: Path, tracking_uri: str, points: li
         if state["tracking_uri"] != tracking_uri:
             raise ConfigError(f"sweep {cfg.name!r} logs to {state['tracking_uri']}, not {tracking_uri}")
         return state["parent_run_id"]
-    tracking = TrackingConfig(uri=tracking_uri, experiment=cfg.experiment)
-    c = client(tracking)
-    run = c.create_run(experiment_id(tracking), run_name=cfg.name,
-                       tags={"popscale.kind": "sweep", "sweep": cfg.name, "sweep_fingerprint": cfg.fingerprint(),
-                             "eval_sessions": ",".join(held), "points": str(len(points))})
     flat = {"budget.kind": cfg.budget.kind, "budget.steps": cfg.budget.steps, "budget.flops": cfg.budget.flops,
             "base": cfg.base, "overrides": " ".join(cfg.overrides), "grid": json.dumps(cfg.grid),
             "max_concurrent": cfg.max_concurrent, "eval.labels": cfg.eval.labels, "eval.steps": cfg.eval.steps}
-    c.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()],
-                tags=[RunTag("mlflow.note.content", f"popscale sweep {cfg.name}: {len(points)} points")])
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    run = TrackedRun.start(TrackingConfig(uri=tracking_uri, experiment=cfg.experiment), sweep_dir, cfg.name, flat,
+                           "sweep", tags={"popscale.kind": "sweep", "sweep": cfg.name,
+                                          "sweep_fingerprint": cfg.fingerprint(), "eval_sessions": ",".join(held),
+                                          "points": str(len(points))})
+    if run.run_id is None:
+        raise ConfigError(f"sweep {cfg.name!r}: MLflow at {redact(tracking_uri)} is unreachable, and a sweep's "
+                          "points are child runs of its parent run: start the sweep once the server is back")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     _write_json(sweep_dir / "sweep.json", {"config": asdict(cfg), "eval_sessions": held})
-    _write_json(state_file, {"fingerprint": cfg.fingerprint(), "parent_run_id": run.info.run_id,
+    _write_json(state_file, {"fingerprint": cfg.fingerprint(), "parent_run_id": run.run_id,
                              "tracking_uri": tracking_uri, "name": cfg.name})
-    return run.info.run_id
+    return run.run_id
 
 
 def run_point(point: Point, cfg: SweepConfig, held: list[str], sweep_dir: str, parent_run_id: str,
@@ -98,8 +105,6 @@ def run_point(point: Point, cfg: SweepConfig, held: list[str], sweep_dir: str, p
     try:
         return _run_point(point, cfg, held, sweep_dir, parent_run_id, tracking_uri)
     except BaseException:
-        import traceback
-
         with (Path(sweep_dir) / "logs" / f"{point.key}.log").open("a") as log:
             log.write(f"{time.strftime('%H:%M:%S')} FAILED\n{traceback.format_exc()}")
         raise
@@ -107,11 +112,6 @@ def run_point(point: Point, cfg: SweepConfig, held: list[str], sweep_dir: str, p
 
 def _run_point(point: Point, cfg: SweepConfig, held: list[str], sweep_dir: str, parent_run_id: str,
                tracking_uri: str) -> dict:
-    from ..run.heldout import heldout_loss
-    from ..run.launch import pretrain
-    from ..run.plan import RunPlan
-    from ..tracking.export import load_exported
-    from ..tracking.mlflow_runs import MLflowSink, client
 
     root = Path(sweep_dir)
     log = (root / "logs" / f"{point.key}.log").open("a")
@@ -140,9 +140,6 @@ def _run_point(point: Point, cfg: SweepConfig, held: list[str], sweep_dir: str, 
     note(f"held-out loss {loss:.4f} over {windows} windows of the valid split")
     metrics = {"heldout_loss": loss, "heldout_windows": float(windows), "valid_r2_final": pre["valid_r2"]}
     if held:
-        from ..finetune.config import FinetuneConfig
-        from ..finetune.finetune import finetune
-
         ft = finetune(FinetuneConfig(model=str(export), corpus=run.data.corpus, sessions=list(held), mode="unit-id",
                                      labels=cfg.eval.labels, steps=cfg.eval.steps, batch=cfg.eval.batch,
                                      seed=cfg.seed, tracking_uri=tracking_uri, experiment=cfg.experiment,
@@ -153,11 +150,12 @@ def _run_point(point: Point, cfg: SweepConfig, held: list[str], sweep_dir: str, 
         metrics.update({"eval_r2": ft.test_r2, "eval_valid_r2": ft.valid_r2,
                         **{f"eval_r2.{s}": v["test"] for s, v in ft.per_session.items()}})
         note(f"unit-id on {', '.join(held)}: test R2 {ft.test_r2:.4f}")
-    from ..tracking.config import TrackingConfig
 
-    tracking = TrackingConfig(uri=tracking_uri, experiment=cfg.experiment)
-    MLflowSink(tracking, run_id).log(metrics, int(point.figures["steps"]))
-    client(tracking).set_terminated(run_id, "FINISHED")
+    # the point's figures join its pretraining run (sent, or kept in its run directory)
+    tracked = TrackedRun.attach(TrackingConfig(uri=tracking_uri, experiment=cfg.experiment),
+                                join(resolve(run.cluster.storage_path), pre["run_name"]), run_id, "sweep", notify=note)
+    tracked.log(metrics, int(point.figures["steps"]))
+    tracked.finish()
     out = {"key": point.key, "axes": point.axes, "sessions": point.sessions, "figures": point.figures,
            "metrics": metrics, "child_run_id": run_id, "seconds": time.time() - t0 + pre.get("pretrain_seconds", 0)}
     _write_json(root / "points" / f"{point.key}.json", out)
@@ -168,11 +166,8 @@ def _run_point(point: Point, cfg: SweepConfig, held: list[str], sweep_dir: str, 
 def run_sweep(cfg: SweepConfig, tracking_uri: str | None = None, notify: Callable[[str], None] = print,
               show_progress: bool = True, only: list[str] | None = None) -> SweepResult:
     """Run every unfinished point of the sweep (or those in `only`), `max_concurrent` at a time."""
+    # deferred: importing ray only when used keeps start-up light
     import ray
-
-    from ..run.launch import ensure_corpus, init_ray
-    from ..tracking.config import TrackingConfig
-    from ..tracking.mlflow_runs import tracking_uri as resolve_uri
 
     t0 = time.time()
     base = cfg.base_run()

@@ -18,8 +18,8 @@ registered model all go through it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -27,154 +27,12 @@ from data_service import intervals as iv
 from data_service.reader import SessionReader, Window
 
 from ..model.batch import END, SPIKE, START, PackedBatch
-from ..model.config import ModelConfig
-from .targets import TargetStats
+from .config import TokenizerConfig, VocabLookup
+
+# names defined here before tokens/config.py held them: still importable from here
+from .config import DEFAULT_BEHAVIOURS, DEFAULT_INTERVAL_WEIGHTS, Geometry, Readout  # noqa: F401, I001
 
 _NO_ROWS = np.zeros((0, 2))
-# readout -> the behaviours it decodes, the first one a session has wins
-DEFAULT_BEHAVIOURS: dict[str, list[str]] = {"velocity": ["hand_vel", "hand_velocity", "cursor_vel", "cursor_velocity",
-                                                       "finger_vel", "finger_velocity", "vel", "velocity"]}
-DEFAULT_INTERVAL_WEIGHTS: dict[str, float] = {"reach": 5.0, "hold": 0.1}
-
-
-class VocabLookup(Protocol):
-    def lookup(self, ids: Iterable[str]) -> np.ndarray:
-        """int64 vocabulary index of every id (an unknown id is an error naming it)."""
-        ...
-
-
-@dataclass
-class Geometry:
-    """The time layout of one sample: a window of `window_s` seconds and its latent grid,
-    `latents_per_step` latents every `latent_step` seconds."""
-
-    window_s: float = 1.0
-    latent_step: float = 0.125
-    latents_per_step: int = 16
-
-    @property
-    def n_steps(self) -> int:
-        return int(round(self.window_s / self.latent_step))
-
-    @property
-    def n_latents(self) -> int:
-        return self.latents_per_step * self.n_steps
-
-    def check(self) -> None:
-        if self.window_s <= 0 or self.latent_step <= 0 or self.latents_per_step < 1:
-            raise ValueError(f"window geometry must be positive, got {self}")
-        if abs(self.n_steps * self.latent_step - self.window_s) > 1e-9 * self.window_s:
-            raise ValueError(f"the window ({self.window_s} s) must be a whole number of latent steps "
-                             f"({self.latent_step} s)")
-
-
-KINDS = ("continuous", "angular", "categorical")
-
-
-@dataclass
-class Readout:
-    """One of the model's outputs: its width, the behaviours (by name) it decodes, and its kind:
-    - continuous: the behaviour's columns, on the common scale (targets.py), MSE;
-    - angular: a one-column angle in radians (head direction), learned and scored as (cos, sin)
-      (dims 2), MSE; decoded back to an angle;
-    - categorical: a one-column class id in [0, dims) (e.g. target_id), cross-entropy on dims
-      logits, scored by accuracy; decoded to the most likely class."""
-
-    name: str
-    dims: int
-    behaviours: list[str] = field(default_factory=list)
-    kind: str = "continuous"
-    # the behaviour's columns to use, by name: one for angular/categorical (default: the first); for a
-    # continuous readout a comma-separated list ("x,y" of a 3-D position; default: all of them)
-    column: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"readout {self.name}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        wanted = self.wanted_columns()
-        if wanted is not None and self.kind != "continuous" and len(wanted) != 1:
-            raise ValueError(f"readout {self.name}: a {self.kind} readout reads one column, got {self.column!r}")
-        if wanted is not None and self.kind == "continuous" and len(wanted) != self.dims:
-            raise ValueError(f"readout {self.name}: columns {self.column!r} are {len(wanted)}, its dims {self.dims}")
-        if self.kind == "angular" and self.dims != 2:
-            raise ValueError(f"readout {self.name}: an angular readout predicts (cos, sin): dims must be 2, "
-                             f"got {self.dims}")
-        if self.kind == "categorical" and self.dims < 2:
-            raise ValueError(f"readout {self.name}: a categorical readout needs dims = number of classes >= 2")
-
-    def wanted_columns(self) -> list[str] | None:
-        return [c.strip() for c in self.column.split(",")] if self.column else None
-
-    def select(self, names: list[str], session: str = "", behaviour: str = "") -> list[int] | None:
-        """Indices of the columns (of a behaviour with these column names) this readout reads; None:
-        all of them. An unknown column is an error naming the session and behaviour."""
-        wanted = self.wanted_columns()
-        if wanted is None:
-            return None if self.kind == "continuous" else [0]
-        missing = [c for c in wanted if c not in names]
-        if missing:
-            raise ValueError(f"session {session}: behaviour {behaviour} has no column {missing[0]!r} (it has {names}) "
-                             f"for readout {self.name}")
-        return [names.index(c) for c in wanted]
-
-
-@dataclass
-class TokenizerConfig:
-    geometry: Geometry = field(default_factory=Geometry)
-    readouts: list[Readout] = field(default_factory=lambda: [Readout("velocity", 2, DEFAULT_BEHAVIOURS["velocity"])])
-    target_scale: dict[str, float] = field(default_factory=dict)  # behaviour -> divisor fixed by the config
-    interval_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_INTERVAL_WEIGHTS))
-    # session -> behaviour -> its train-split statistics (every other behaviour); with none at all
-    # (a tokenizer made by hand) targets are left in the session's units
-    target_stats: dict[str, dict[str, TargetStats]] = field(default_factory=dict)
-    target_rms: float = 0.5  # the RMS a behaviour scaled by its statistics has (targets.py says why)
-
-    @classmethod
-    def build(cls, model: ModelConfig, window_s: float = 1.0, behaviours: dict[str, list[str]] | None = None,
-              target_scale: dict[str, float] | None = None, interval_weights: dict[str, float] | None = None,
-              target_rms: float = 0.5, kinds: dict[str, str] | None = None,
-              columns: dict[str, str] | None = None) -> "TokenizerConfig":
-        """The tokenizer for `model` (its readouts, in its order; its latent grid) over windows of
-        `window_s` seconds; `behaviours`: readout -> accepted behaviour names."""
-        behaviours = DEFAULT_BEHAVIOURS if behaviours is None else behaviours
-        unknown = sorted(set(behaviours) - set(model.readouts))
-        if unknown:
-            raise ValueError(f"readouts {unknown} are not readouts of the model (it has {sorted(model.readouts)})")
-        geometry = Geometry(window_s, model.latent_step, model.latents_per_step)
-        geometry.check()
-        if not target_rms > 0:
-            raise ValueError(f"target_rms must be > 0, got {target_rms}")
-        unknown = sorted(set(kinds or {}) - set(model.readouts))
-        if unknown:
-            raise ValueError(f"readout kinds for {unknown}, which are not readouts of the model")
-        return cls(geometry, [Readout(n, d, list(behaviours.get(n, [])), (kinds or {}).get(n, "continuous"),
-                                      (columns or {}).get(n)) for n, d in model.readouts.items()],
-                   dict(target_scale or {}),
-                   dict(DEFAULT_INTERVAL_WEIGHTS if interval_weights is None else interval_weights),
-                   target_rms=float(target_rms))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TokenizerConfig":
-        stats = {s: {b: TargetStats(**x) for b, x in per.items()} for s, per in d.get("target_stats", {}).items()}
-        return cls(Geometry(**d["geometry"]), [Readout(**r) for r in d["readouts"]], dict(d["target_scale"]),
-                   dict(d["interval_weights"]), stats, float(d.get("target_rms", 0.5)))
-
-    def normaliser(self, session: str, behaviour: str, dims: int, width: int, kind: str = "continuous"
-                   ) -> tuple[np.ndarray, np.ndarray]:
-        """(shift, scale), `width` columns each (unused ones 0 and 1): target = (value - shift) / scale.
-        Angles and class ids are used as they are."""
-        shift, scale = np.zeros(width), np.ones(width)
-        if kind != "continuous":
-            return shift, scale
-        if behaviour in self.target_scale:
-            scale[:dims] = float(self.target_scale[behaviour])
-        elif self.target_stats:
-            st = self.target_stats.get(session, {}).get(behaviour)
-            if st is None:
-                raise KeyError(f"no target statistics for behaviour {behaviour} of session {session}: the model "
-                               "was not trained or adapted on it (popscale finetune adds a session)")
-            shift[:dims], scale[:dims] = st.mean, st.std / self.target_rms
-        return shift, scale
 
 
 @dataclass
@@ -186,6 +44,16 @@ class SessionLayout:
     # (readout index, behaviour, dims, shift, scale): target = (value - shift) / scale, per column
     outputs: list[tuple[int, str, int, np.ndarray, np.ndarray]]
     needs: tuple[list[str], list[str]] | None = None  # Tokenizer.needs, once computed
+
+
+def _as_mask(keep: np.ndarray, n_units: int) -> np.ndarray:
+    """Kept units as a boolean mask over the session's units (from local indices, or as given)."""
+    keep = np.asarray(keep)
+    if keep.dtype == np.bool_:
+        return keep
+    m = np.zeros(n_units, dtype=bool)
+    m[keep.astype(np.int64, copy=False)] = True
+    return m
 
 
 def _segment_sums(flags: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -271,7 +139,8 @@ class Tokenizer:
         return p.needs
 
     def __call__(self, w: Window, reader: SessionReader, keep_units: np.ndarray | None = None) -> PackedBatch:
-        """One window as a batch of one; `keep_units` (local indices or a mask over the session's units) drops the other units' spikes and tokens."""
+        """One window as a batch of one; `keep_units` (local indices or a mask over the session's
+        units) drops the other units' spikes and tokens."""
         return self.pack([(w, reader, keep_units)])
 
     def pack(self, items: Sequence[tuple[Window, SessionReader, np.ndarray | None]]) -> PackedBatch:
@@ -291,30 +160,14 @@ class Tokenizer:
             stimes.append(w.spike_times)
             durs.append(w.t_end - w.t_start)
             if keep is not None:
-                keep = np.asarray(keep)
-                if keep.dtype != np.bool_:
-                    m = np.zeros(len(p.unit_map), dtype=bool)
-                    m[keep.astype(np.int64, copy=False)] = True
-                    keep = m
-                dropout = True
+                keep, dropout = _as_mask(keep, len(p.unit_map)), True
             masks.append(keep)
             n_out = 0
             for readout, b, dims, shift, scale in p.outputs:
                 s = w.behaviour[b]
                 n = len(s.timestamps)
-                y = s.values
-                col = self._column.get((reader.session_id, readout))
-                if col is not None:
-                    y = np.asarray(y)[:, col]
-                if readout in self._angular:  # an angle is learned as (cos, sin)
-                    a = np.asarray(y, dtype=np.float64)[:, 0]
-                    y = np.stack([np.cos(a), np.sin(a)], axis=1)
-                if dims != self.max_dim:
-                    y2 = np.zeros((n, self.max_dim), dtype=np.float64)
-                    y2[:, :dims] = y
-                    y = y2
                 out_t.append(s.timestamps)
-                out_y.append(y)
+                out_y.append(self._values(s.values, reader.session_id, readout, dims))
                 out_wins.append(w)
                 out_r.append((readout, n))
                 scales.append((shift, scale, n))
@@ -324,19 +177,8 @@ class Tokenizer:
             sids.append(reader.session_id)
             t0s.append(w.t_start)
         unit_index, input_time, seg = self._input_tokens(maps, spikes, stimes, masks if dropout else None, durs)
-        cat = np.concatenate
         in_lens = seg.reshape(B, 3).sum(1)
-        if out_t:
-            rr, rn = np.asarray(out_r, dtype=np.int64).T
-            sn = np.asarray([n for _, _, n in scales])
-            shift = np.repeat(np.stack([s for s, _, _ in scales]), sn, axis=0)
-            scale = np.repeat(np.stack([s for _, s, _ in scales]), sn, axis=0)
-            # in float64 and rounded once: the same float32 as normalising each window on its own
-            target = ((cat(out_y, dtype=np.float64) - shift) / scale).astype(np.float32)
-            output_time, readouts, weight = cat(out_t, dtype=np.float32), np.repeat(rr, rn), self._weights(out_wins, out_t)
-        else:
-            target, output_time = np.zeros((0, self.max_dim), np.float32), np.zeros(0, np.float32)
-            readouts, weight = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        target, output_time, readouts, weight = self._outputs(out_t, out_y, out_wins, out_r, scales)
         return PackedBatch(
             unit_index=unit_index, input_time=input_time,
             token_type=np.repeat(np.tile(np.array([SPIKE, START, END], dtype=np.int64), B), seg),
@@ -347,6 +189,38 @@ class Tokenizer:
             input_lens=in_lens.tolist(), latent_lens=[len(self.latent_index)] * B, output_lens=out_lens,
             session_ids=sids, t_starts=t0s,
         )
+
+    def _values(self, y: np.ndarray, session: str, readout: int, dims: int) -> np.ndarray:
+        """One window's values of one readout as the model learns them: the readout's columns, an
+        angle as (cos, sin), padded to the widest readout."""
+        col = self._column.get((session, readout))
+        if col is not None:
+            y = np.asarray(y)[:, col]
+        if readout in self._angular:  # an angle is learned as (cos, sin)
+            a = np.asarray(y, dtype=np.float64)[:, 0]
+            y = np.stack([np.cos(a), np.sin(a)], axis=1)
+        if dims != self.max_dim:
+            y2 = np.zeros((len(y), self.max_dim), dtype=np.float64)
+            y2[:, :dims] = y
+            y = y2
+        return y
+
+    def _outputs(self, out_t: list[np.ndarray], out_y: list[np.ndarray], out_wins: list[Window],
+                 out_r: list[tuple[int, int]], scales: list[tuple[np.ndarray, np.ndarray, int]]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(target, output_time, readout, weight) of a batch's output queries, concatenated over
+        windows and readouts; targets normalised in float64 and rounded once, so they equal
+        normalising each window on its own."""
+        if not out_t:
+            return (np.zeros((0, self.max_dim), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
+                    np.zeros(0, np.float32))
+        cat = np.concatenate
+        rr, rn = np.asarray(out_r, dtype=np.int64).T
+        sn = np.asarray([n for _, _, n in scales])
+        shift = np.repeat(np.stack([s for s, _, _ in scales]), sn, axis=0)
+        scale = np.repeat(np.stack([s for _, s, _ in scales]), sn, axis=0)
+        target = ((cat(out_y, dtype=np.float64) - shift) / scale).astype(np.float32)
+        return target, cat(out_t, dtype=np.float32), np.repeat(rr, rn), self._weights(out_wins, out_t)
 
     @staticmethod
     def _input_tokens(maps: list[np.ndarray], spikes: list[np.ndarray], stimes: list[np.ndarray],

@@ -13,14 +13,18 @@ stored with it.
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
 from dataclasses import asdict, fields
+from importlib import metadata
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from ..model.config import ModelConfig
 from ..model.poyo import POYO
-from ..tokens.tokenizer import Geometry, Readout, Tokenizer, TokenizerConfig
+from ..tokens.config import Geometry, Readout, TokenizerConfig
+from ..tokens.tokenizer import Tokenizer
 
 FORMAT_VERSION = 2  # 2: the tokenizer config holds the window geometry and the readouts (1: flat, window in the model)
 
@@ -73,10 +77,6 @@ PACKAGES = ("torch", "deepspeed", "ray", "mlflow", "zarr", "numpy", "safetensors
 def provenance(extra: dict | None = None) -> dict:
     """What a registered version was made with: the git commit of this checkout (with `+dirty`
     when it has uncommitted changes), package versions and the host's Python."""
-    import platform
-    import subprocess
-    from importlib import metadata
-
     repo = Path(__file__).resolve().parents[2]
     commit = "unknown"
     try:

@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
@@ -43,6 +44,7 @@ def store_client(uri: str):
     """A client for the store at `uri`, whose registry is that store too. MLflow otherwise takes the
     registry from $MLFLOW_REGISTRY_URI, which its own set_registry_uri sets for the whole process,
     so one command could list models in one store and download them from another."""
+    # deferred: importing mlflow only when used keeps start-up light
     from mlflow.tracking import MlflowClient
 
     http_defaults()
@@ -64,8 +66,6 @@ def http_defaults() -> None:
 def unreachable(uri: str, timeout: float = 3.0) -> str | None:
     """Why an http(s) tracking server cannot be reached (a TCP connect, `timeout` seconds at most),
     or None: it answers, or the store is not a server (sqlite, file), or a proxy stands between."""
-    import urllib.request
-
     u = urlparse(uri)
     if u.scheme not in ("http", "https") or not u.hostname:
         return None
@@ -84,6 +84,7 @@ def unreachable(uri: str, timeout: float = 3.0) -> str | None:
 def transient(e: BaseException) -> bool:
     """An error a later attempt may not meet: no connection, a timeout, a 5xx or 429 answer. MLflow
     refusing the request itself (a bad parameter, a missing run: 4xx) is not."""
+    # deferred: importing mlflow only when used keeps start-up light
     from mlflow.exceptions import MlflowException
 
     if isinstance(e, MlflowException):
@@ -132,6 +133,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 def start_run(cfg: TrackingConfig, name: str, config: dict, tags: dict[str, str], command: str = "pretrain") -> str:
     """Create the run `name` of `popscale COMMAND`, log the whole `config` (nested dicts) as params;
     returns the run id."""
+    # deferred: importing mlflow only when used keeps start-up light
     from mlflow.entities import Param, RunTag
 
     c = client(cfg)
@@ -147,6 +149,7 @@ def start_run(cfg: TrackingConfig, name: str, config: dict, tags: dict[str, str]
 def log_records(c, run_id: str, records: list[dict]) -> int:
     """One log_batch of the first metric records {step, timestamp (ms), metrics} (up to 1000
     metrics; a larger record in several calls); returns how many records it sent."""
+    # deferred: importing mlflow only when used keeps start-up light
     from mlflow.entities import Metric
 
     batch, n = [], 0

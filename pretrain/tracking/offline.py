@@ -136,6 +136,7 @@ def sync_run(run_dir: str, uri: str | None = None) -> SyncReport:
 
 
 def _sync(run_dir: str, uri: str, meta: dict, record: dict) -> SyncReport:
+    # deferred: importing mlflow only when used keeps start-up light
     from mlflow.entities import Param, RunTag
 
     c = store_client(uri)
@@ -229,6 +230,7 @@ def finish(run_dir: str, uri: str, run_id: str | None, *, terminate: bool, expor
     tried again with backoff (3, 6, 12, 24 s) for `budget_s` when there is a model to register, once
     otherwise; then the run's end and the registration are kept for later and one warning says the
     command that does the rest (`popscale register ...`, or `popscale tracking-sync RUN_DIR`)."""
+    # deferred: importing torch only when used keeps start-up light
     from .registry import register
 
     t0, since_ms, delay, slept = time.monotonic(), now_ms(), 3.0, 0.0
@@ -288,6 +290,7 @@ def register_export(export: str | Path, run: str, *, name: str | None = None, al
     run id, or a run directory, which is synced first: its run is created if the server was away at
     its start). A registration the run kept (register.json) gives the defaults of name, alias and
     tags. Returns (version, models:/ URI, run id, the sync's report or None)."""
+    # deferred: importing torch only when used keeps start-up light
     from .registry import register
 
     export = Path(export).resolve()

@@ -11,16 +11,17 @@ import mlflow
 import torch
 from mlflow.pyfunc import PythonModel
 
+from pretrain.model.batch import PackedBatch
+
 
 class PopscalePyfunc(PythonModel):
     def load_context(self, context):
+        # deferred: importing zarr only when used keeps start-up light
         from pretrain.tracking.export import load_exported
 
         self.model, self.tokenizer = load_exported(context.artifacts["model"])
 
     def predict(self, context, model_input, params=None):
-        from pretrain.model.batch import PackedBatch
-
         batch = model_input if isinstance(model_input, PackedBatch) else PackedBatch(**model_input)
         with torch.no_grad():
             out = self.model(batch.to("cpu"))

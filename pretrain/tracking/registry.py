@@ -12,11 +12,15 @@ registers a new version; an alias moves only when asked (`register(..., alias=)`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from data_service.remote import redact
 
 from ..model.poyo import POYO
 from ..tokens.tokenizer import Tokenizer
@@ -56,6 +60,7 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 def resolve(uri: str, tracking_uri: str) -> ModelRef:
     """The registered version a URI names (an alias is read now: it may move later)."""
+    # deferred: importing mlflow only when used keeps start-up light
     from mlflow.exceptions import MlflowException
 
     name, version, alias = parse_model_uri(uri)
@@ -88,9 +93,7 @@ def pull(uri: str, tracking_uri: str, cache: str | Path = "runs/models") -> tupl
     `cache/<store>/NAME/VERSION` (once: a version never changes; `<store>` tells tracking stores
     apart) and return that directory. Only files are copied: nothing of the MLflow pyfunc wrapper
     is imported or run."""
-    import hashlib
-    import tempfile
-
+    # deferred: importing mlflow only when used keeps start-up light
     import mlflow
 
     ref = resolve(uri, tracking_uri)
@@ -109,7 +112,6 @@ def pull(uri: str, tracking_uri: str, cache: str | Path = "runs/models") -> tupl
         got = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=tmp))
         staged = Path(tmp) / "export"
         shutil.copytree(_export_root(got), staged)
-        from data_service.remote import redact  # the cache never stores a URL's password
 
         (staged / "registered.json").write_text(json.dumps({"tracking_uri": redact(tracking_uri), "name": ref.name,
                                                             "version": ref.version, "run_id": run_id}))
@@ -153,6 +155,7 @@ def register(tracking_uri: str, run_id: str, export_dir: str | Path, name: str, 
     this run registered since then is taken as this one (the server may have made it before the
     connection broke; five minutes' slack for its clock), and only its tags, description and alias
     are set."""
+    # deferred: importing mlflow only when used keeps start-up light
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -181,6 +184,7 @@ def register(tracking_uri: str, run_id: str, export_dir: str | Path, name: str, 
 
 def promote(tracking_uri: str, name: str, version: str, alias: str) -> str | None:
     """Point `alias` at `version` of `name`; returns the version it pointed at before (or None)."""
+    # deferred: importing mlflow only when used keeps start-up light
     from mlflow.exceptions import MlflowException
 
     client = store_client(tracking_uri)
@@ -198,6 +202,7 @@ def promote(tracking_uri: str, name: str, version: str, alias: str) -> str | Non
 
 def versions(tracking_uri: str, name: str) -> tuple[list[dict], dict[str, str]]:
     """([{version, run_id, created, source tags}], {alias: version}) of a registered model."""
+    # deferred: importing mlflow only when used keeps start-up light
     from mlflow.exceptions import MlflowException
 
     client = store_client(tracking_uri)
@@ -212,6 +217,7 @@ def versions(tracking_uri: str, name: str) -> tuple[list[dict], dict[str, str]]:
 
 def load_model(uri: str, tracking_uri: str | None = None, cache: str | Path = "runs/models") -> tuple[POYO, Tokenizer]:
     """The model and tokenizer of a registered version (models:/name@alias or models:/name/version),
+    # deferred: importing mlflow only when used keeps start-up light
     from its files only (see `pull`)."""
     import mlflow
 

@@ -4,7 +4,8 @@ logged or kept beside the run; the end, with the export registered or left for o
 
     run = TrackedRun.start(cfg, run_dir, "m1-unit-id", config, "finetune", tags={"mode": "unit-id"})
     sinks = run.sink()                      # metrics: sent, or journalled and sent later
-    run.artifact("decoded.png", "plots")
+    run.artifact("decoded.png", "plots")   # logged, or kept in the run directory
+    run.log({"test_r2": 0.71}, step=500)    # a command's figures
     fin = run.finish(export=export_dir, model_name="my-model")
 
 `run_tags` is the one place that lists the tags every run carries."""
@@ -22,7 +23,7 @@ from data_service.version import __version__
 
 from .config import TrackingConfig
 from .mlflow_runs import MLflowSink, store_client, tracking_uri, transient
-from .offline import RUN_FILE, Finished, finish, start_run_or_offline, storable_uri
+from .offline import RUN_FILE, Finished, finish, resume_tracking, start_run_or_offline, storable_uri
 
 
 def run_tags(command: str, **extra: str) -> dict[str, str]:
@@ -53,6 +54,21 @@ class TrackedRun:
                                                              "tracking_uri": storable_uri(tracking_uri(cfg))}))
         return cls(cfg, str(run_dir), run_id, command, notify)
 
+    @classmethod
+    def resumed(cls, cfg: TrackingConfig, run_dir: str | Path, meta: dict, command: str, *,
+                notify: Callable[[str], None] = print) -> "TrackedRun":
+        """The run an earlier attempt started (`meta`: its RUN_FILE), after sending what that attempt
+        kept, its MLflow run itself if the server was away at its start; with the server still away,
+        one warning and the run stays kept."""
+        run_id = resume_tracking(str(run_dir), tracking_uri(cfg), meta, notify)
+        return cls(cfg, str(run_dir), run_id, command, notify)
+
+    @classmethod
+    def attach(cls, cfg: TrackingConfig, run_dir: str | Path, run_id: str, command: str, *,
+               notify: Callable[[str], None] = print) -> "TrackedRun":
+        """A run another command made (a sweep's parent, a point's pretraining) that this one adds to."""
+        return cls(cfg, str(run_dir), run_id, command, notify)
+
     @property
     def uri(self) -> str:
         return tracking_uri(self.cfg)
@@ -60,6 +76,12 @@ class TrackedRun:
     def sink(self) -> MLflowSink:
         """Metrics into the run; with the server away, kept (and journalled) until it is back."""
         return MLflowSink(self.cfg, self.run_id, buffer=True, run_dir=self.run_dir, notify=self.notify)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """A few figures at once (a command's results, not a training curve): sent, or kept."""
+        sink = self.sink()
+        sink.log(metrics, step)
+        sink.flush()
 
     def artifact(self, path: str | Path, folder: str) -> None:
         """Log a file to the run; with no run or no server, keep a copy in the run directory (a local
