@@ -47,8 +47,13 @@ REAL = ROOT.parent / "shared" / "data" / "real"
 MONKEY = ["mihi_demo-te", "chewie_demo", "m1_stevenson_2011", "s1_data", "mihi_demo-tr"]
 MOUSE = "A2929-200711"
 HD = "head_direction:angular:2=compass_direction[ry]"  # the mouse's behaviour: a new, angular readout
-SIBLINGS = {"mihi_demo-te": "mihi_demo-tr", "mihi_demo-tr": "mihi_demo-te"}  # same animal, in pretraining
+SIBLINGS = {"mihi_demo-te": "mihi_demo-tr", "mihi_demo-tr": "mihi_demo-te",  # same animal, in pretraining
+            "R042-2013-08-20": "R042-2013-08-18"}
+# the released checkpoint's fixed evaluation set (configs/release.yaml: it never saw these sessions)
+EVAL = ["m1_stevenson_2011", "s1_data", "mihi_demo-te", "R042-2013-08-20", MOUSE]
+RAT = {"R042-2013-08-20"}  # decoded: position (x, y)
 ARMS = ["unit-id", "full", "unit-id-then-full", "scratch", "ridge", "gru", "ridge-nc", "gru-nc"]
+ADAPTED = ("unit-id", "full", "unit-id-then-full", "unit-id-x5")  # the arms that adapt a pretrained model
 EVAL_EVERY = 25  # validations every this many steps, for every trained arm (model selection)
 SPEED = "mihi_demo-te"  # the ~200-unit session the wall-time goal is measured on (and unit-id at 5x the steps)
 
@@ -124,7 +129,7 @@ def scratch(out: Path, corpus: Path, held: str, labels: str, seed: int, steps: i
 
 
 def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int, steps: int, pre_steps: int,
-            ) -> dict:
+            model: Path | None = None, lr: float | None = None) -> dict:
     from pretrain.finetune.finetune import _scored_seconds
 
     t0 = time.time()
@@ -134,8 +139,10 @@ def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int
         from pretrain.decoding.baselines import run_baseline
         from pretrain.tokens.labels import LabelBudget
 
+        what = ({"behaviour": "compass_direction[ry]", "kind": "angular"} if held == MOUSE else
+                {"behaviour": "position[x,y]"} if held in RAT else {})
         r = run_baseline(arm.split("-nc")[0], reader, LabelBudget.parse(labels), seed, causal=not arm.endswith("-nc"),
-                         **({"behaviour": "compass_direction[ry]", "kind": "angular"} if held == MOUSE else {}))
+                         **what)
         return {"test_r2": r.test_r2, "test_ci": list(r.test_ci), "valid_r2": r.valid_r2, "params": r.params,
                 "labelled_s": r.labelled_s, "seconds": time.time() - t0, **common}
     if arm == "scratch":
@@ -143,14 +150,17 @@ def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int
     from pretrain.finetune.config import FinetuneConfig
     from pretrain.finetune.finetune import finetune
 
-    src = pretrained(out, corpus, held, pre_steps)
+    src = model or pretrained(out, corpus, held, pre_steps)
     if arm == "unit-id-x5":
         arm, steps = "unit-id", 5 * steps
+    rates = {} if lr is None else {"lr_full": lr} if arm == "full" else {"lr_unit_id": lr}
     r = finetune(FinetuneConfig(model=str(src), corpus=str(corpus), sessions=[held], mode=arm, labels=labels,
-                                steps=steps, seed=seed, eval_every=min(EVAL_EVERY, steps),
+                                steps=steps, seed=seed, eval_every=min(EVAL_EVERY, steps), **rates,
                                 tracking_uri=f"sqlite:///{out / 'mlflow.db'}", out=str(out / "finetune"),
-                                name=f"{held}-{arm}-{steps}-{labels.rstrip('%')}-{seed}",
-                                readouts=[HD] if held == MOUSE else []),
+                                name=f"{held}-{arm}-{steps}-{labels.rstrip('%')}-{seed}" + (f"-lr{lr:g}" if lr else ""),
+                                readouts=[HD] if held == MOUSE else [],
+                                # what the baselines decode, with the same labels: the mouse's head direction only
+                                behaviours=["compass_direction"] if held == MOUSE else []),
                  notify=lambda m: None, show_progress=False)
     per = r.per_session[held]
     return {"test_r2": r.test_r2, "test_ci": per["test_ci"], "valid_r2": r.valid_r2, "best_step": r.best_step,
@@ -181,6 +191,16 @@ def main() -> None:
     ap.add_argument("--labels", default="10%,100%", help="label budgets to run (default 10%%,100%%)")
     ap.add_argument("--report", action="store_true", help="print the tables from the results kept so far; run nothing")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "transfer"))
+    ap.add_argument("--model", help="adapt this export (e.g. models/poyo-real-1) instead of pretraining one per session; "
+                                    f"sessions default to its evaluation set ({','.join(EVAL)})")
+    ap.add_argument("--corpus", help="the corpus holding the sessions (default: made under --out; with --model, the "
+                                     "corpus the model was pretrained from: runs/real/corpus)")
+    ap.add_argument("--lrs", help="learning rates to choose from on valid, per adapted arm: unit-id (and the first "
+                                  "phase of unit-id-then-full) and full, e.g. 'unit-id=0.01,0.03;full=0.001,0.003' "
+                                  "(default: finetune's own, one run)")
+    ap.add_argument("--reuse", help="a results file of an earlier run on the same session store: its ridge and GRU "
+                                    "results (no model in them: the same splits, label draws and code) are taken "
+                                    "instead of running them again")
     a = ap.parse_args()
     if not REAL.is_dir():
         raise SystemExit(f"the real recordings are not at {REAL}")
@@ -189,27 +209,50 @@ def main() -> None:
     import pretrain.run.train  # noqa: F401
     out = Path(a.out) / ("quick" if a.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
-    sessions = a.sessions.split(",") if a.sessions else (["mihi_demo-te"] if a.quick else MONKEY[:3] + [MOUSE] + MONKEY[3:])
+    model = Path(a.model).resolve() if a.model else None
+    default = EVAL if model else MONKEY[:3] + [MOUSE] + MONKEY[3:]
+    sessions = a.sessions.split(",") if a.sessions else (["mihi_demo-te"] if a.quick else default)
     steps = a.steps or (30 if a.quick else 100)
     pre = a.pretrain_steps or (60 if a.quick else 300)
     seeds = a.seeds or (1 if a.quick else 2)
-    corpus = out / "corpus" if a.report else build_corpus(out, a.quick)
-    store = out / f"results-v2-{pre}-{steps}.json"  # v2: the fixed harness (issue 25); v1 files are not mixed in
+    if a.corpus or model:
+        corpus = Path(a.corpus or ROOT / "runs" / "real" / "corpus").resolve()
+    else:
+        corpus = out / "corpus" if a.report else build_corpus(out, a.quick)
+    # v2: the fixed harness (issue 25); v1 files are not mixed in; v3: one released model for every session
+    store = out / (f"results-v3-{model.name}-{steps}.json" if model else f"results-v2-{pre}-{steps}.json")
     results = json.loads(store.read_text()) if store.exists() else {}
+    if a.reuse:
+        kept = {k: v for k, v in json.loads(Path(a.reuse).read_text()).items()
+                if k.split("|")[1].split("-nc")[0] in ("ridge", "gru") and k not in results}
+        results.update(kept)
+        print(f"reused {len(kept)} baseline results from {a.reuse}")
     arms = a.arms.split(",") if a.arms else ARMS
     plan = [(s, arm, lab, seed) for s in sessions for arm in arms if arm != "unit-id-x5" for lab in a.labels.split(",")
-            for seed in range(seeds) if not (arm == "unit-id-then-full" and lab == "10%")]
+            for seed in range(seeds) if not (arm == "unit-id-then-full" and lab == "10%" and model is None)]
     if SPEED in sessions and (not a.arms or "unit-id-x5" in arms):
         plan.append((SPEED, "unit-id-x5", "100%", 0))
+    grid = {k: [float(x) for x in v.split(",")] for k, _, v in
+            (part.partition("=") for part in (a.lrs or "").split(";") if part)}
     for s, arm, lab, seed in plan:
         key = f"{s}|{arm}|{lab}|{seed}"
         if key in results or a.report:
             continue
-        results[key] = run_arm(out, corpus, s, arm, lab, seed, steps, pre)
-        store.write_text(json.dumps(results, indent=1))
+        rates = grid.get("full" if arm == "full" else "unit-id", [None]) if arm in ADAPTED else [None]
+        for lr in rates:  # each candidate kept under its own key; the arm's row is the one best on valid
+            ck = key if lr is None else f"{s}|{arm}@{lr:g}|{lab}|{seed}"
+            if ck not in results:
+                results[ck] = {**run_arm(out, corpus, s, arm, lab, seed, steps, pre, model, lr), "lr": lr}
+                store.write_text(json.dumps(results, indent=1))
+        if len(rates) > 1:
+            cands = [results[f"{s}|{arm}@{lr:g}|{lab}|{seed}"] for lr in rates]
+            best = max(cands, key=lambda r: r["valid_r2"])
+            results[key] = {**best, "seconds": sum(r["seconds"] for r in cands), "chosen_from": rates}
+            store.write_text(json.dumps(results, indent=1))
         r = results[key]
         print(f"{s:18s} {arm:18s} {lab:>4s} seed {seed}: test R2 {r['test_r2']:.3f} {r.get('test_ci')} "
-              f"({r['seconds']:.0f} s)", flush=True)
+              f"({r['seconds']:.0f} s" + (f", lr {r['lr']:g} chosen on valid" if len(rates) > 1 else "") + ")",
+              flush=True)
 
     def rows(s, arm, lab):
         return [v for k, v in results.items() if k.startswith(f"{s}|{arm}|{lab}|")]
@@ -217,7 +260,8 @@ def main() -> None:
     def mean(s, arm, lab):
         return float(np.mean([r["test_r2"] for r in rows(s, arm, lab)])) if rows(s, arm, lab) else float("nan")
 
-    cols = [(arm, lab) for arm in ARMS for lab in ("10%", "100%") if not (arm == "unit-id-then-full" and lab == "10%")]
+    cols = [(arm, lab) for arm in ARMS for lab in ("10%", "100%")
+            if not (arm == "unit-id-then-full" and lab == "10%" and model is None)]
     print(f"\ntest R2 [95 % bootstrap over test trials or blocks, mean of the seeds' bounds] ±sd over {seeds} seeds; "
           f"pretraining {pre} steps, adaptation and scratch {steps} steps, validation every {EVAL_EVERY}")
     print("| session | sibling in pretraining | valid s (selection) | " + " | ".join(f"{a_} {lab}" for a_, lab in cols) + " |")

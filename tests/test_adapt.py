@@ -218,6 +218,7 @@ def test_bad_inputs_are_refused_and_nothing_is_registered(env, tmp_path):
         (dict(labels="3h"), CorpusError, "more than the session's train split"),
         (dict(model="models:/tiny@nope"), ModelNotFound, "no registered model 'tiny' with alias @nope"),
         (dict(model="models:/missing/3"), ModelNotFound, "no registered model 'missing'"),
+        (dict(behaviours=["head_direction"]), CorpusError, "--behaviour head_direction: the session has no such"),
     ]
     for kw, err, match in cases:
         with pytest.raises(err, match=match):

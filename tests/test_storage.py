@@ -18,11 +18,21 @@ import numpy as np
 import pytest
 from conftest import result_line, run_cli
 
+from popscale.cli import main
+
 pytest.importorskip("moto")
 pytest.importorskip("s3fs")
 
 BIN = Path(sys.executable).parent
 BUCKET = "popscale-test"
+
+
+def cli(capsys, *args: str) -> dict[str, str]:
+    """A popscale command in this process (the environment points it at the S3 server): its RESULT."""
+    code = main(list(args))
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    return result_line(out.out)
 
 
 def _free_port() -> int:
@@ -75,16 +85,15 @@ def local_corpus(tmp_path_factory):
     return root
 
 
-def test_pushed_corpus_reads_back_window_for_window(s3, local_corpus):
+def test_pushed_corpus_reads_back_window_for_window(s3, local_corpus, capsys):
     from data_service.reader import open_corpus
 
     url = f"s3://{BUCKET}/corpora/synth"
-    first = run_cli("push", str(local_corpus), url, env=s3, check=True)
-    assert result_line(first.stdout)["uploaded"] == "3"
-    again = result_line(run_cli("push", str(local_corpus), url, env=s3, check=True).stdout)
+    assert cli(capsys, "push", str(local_corpus), url)["uploaded"] == "3"
+    again = cli(capsys, "push", str(local_corpus), url)
     assert again["uploaded"] == "0" and again["unchanged"] == "3"  # a re-push sends nothing
 
-    shown = result_line(run_cli("inspect", url, env=s3, check=True).stdout)
+    shown = cli(capsys, "inspect", url)
     assert shown["sessions"] == "3"
     local, remote = open_corpus(local_corpus), open_corpus(url)
     assert remote.session_ids == local.session_ids and remote.fingerprint == local.fingerprint
@@ -105,7 +114,7 @@ def test_pushed_corpus_reads_back_window_for_window(s3, local_corpus):
         assert np.array_equal(ta, tb) and np.array_equal(ua, ub)
 
 
-def test_a_window_fetches_only_its_chunks(s3, local_corpus):
+def test_a_window_fetches_only_its_chunks(s3, local_corpus, capsys):
     """Ranged reads: after the shard index, one window costs a few chunk-sized GETs, far less than
     the shard objects; and the bounded chunk cache serves the second read of it."""
     from data_service import shards
@@ -113,7 +122,7 @@ def test_a_window_fetches_only_its_chunks(s3, local_corpus):
     from data_service.remote import filesystem
 
     url = f"s3://{BUCKET}/corpora/synth"
-    run_cli("push", str(local_corpus), url, env=s3, check=True)
+    cli(capsys, "push", str(local_corpus), url)
     fs = filesystem(url)
     sid = Corpus(url).session_ids[0]
     spikes_obj = fs.size(f"{url}/sessions/{sid}/spikes/timestamps/0")
@@ -140,11 +149,11 @@ def test_a_window_fetches_only_its_chunks(s3, local_corpus):
     assert max(fetched) <= chunk_bytes + 64 < spikes_obj  # no GET larger than a chunk, each object bigger
 
 
-def test_pretraining_checkpoints_on_object_storage_and_resumes(s3, local_corpus, tmp_path):
+def test_pretraining_checkpoints_on_object_storage_and_resumes(s3, local_corpus, tmp_path, capsys, monkeypatch):
     from data_service.remote import filesystem
 
     url = f"s3://{BUCKET}/corpora/synth"
-    run_cli("push", str(local_corpus), url, env=s3, check=True)
+    cli(capsys, "push", str(local_corpus), url)
     rec = tmp_path / "records"
     rec.mkdir()
     # a registry URI left in the environment (mlflow.set_registry_uri sets one) must not divert registration
@@ -179,10 +188,10 @@ def test_pretraining_checkpoints_on_object_storage_and_resumes(s3, local_corpus,
     # promote that version and pull it back from there (runbooks/models.md)
     db = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     version = out["model_version"]
-    promoted = result_line(run_cli("promote", "popscale-poyo", version, "candidate", *db, env=env, check=True).stdout)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", env["MLFLOW_REGISTRY_URI"])  # (in this process from here on)
+    promoted = cli(capsys, "promote", "popscale-poyo", version, "candidate", *db)
     assert promoted["model_uri"] == "models:/popscale-poyo@candidate"
-    listed = run_cli("models", "popscale-poyo", *db, env=env, check=True)
-    assert "candidate:" + version in result_line(listed.stdout)["aliases"]
-    pulled = run_cli("pull", "popscale-poyo@candidate", "--out", str(tmp_path / "pulled"), "--cache",
-                     str(tmp_path / "cache"), *db, env=env, check=True)
-    assert pulled.returncode == 0 and (tmp_path / "pulled" / "model.safetensors").exists()
+    assert "candidate:" + version in cli(capsys, "models", "popscale-poyo", *db)["aliases"]
+    cli(capsys, "pull", "popscale-poyo@candidate", "--out", str(tmp_path / "pulled"), "--cache", str(tmp_path / "cache"),
+        *db)
+    assert (tmp_path / "pulled" / "model.safetensors").exists()

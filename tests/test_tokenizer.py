@@ -152,3 +152,19 @@ def test_batch_input_tokens_match_a_window_by_window_reference(setup):
         lo += n_in
     assert lo == len(b.unit_index)
     assert b.input_lens[3] == 0 and b.input_lens[4] == 2 * len(items[4][1].unit_ids)
+
+
+def test_a_behaviour_not_decoded_in_one_session_gives_it_no_outputs(setup):
+    """finetune --behaviour: a session's other behaviours are not decoded (nor their labels used);
+    the setting travels with the tokenizer config (exports)."""
+    from dataclasses import asdict, replace
+
+    c, model, tok = setup
+    a, b = c.session_ids[:2]
+    cfg = TokenizerConfig.from_dict(asdict(replace(tok.cfg, not_decoded={a: ["hand_vel"]})))
+    assert cfg.not_decoded == {a: ["hand_vel"]} and not cfg.decodes(a, "hand_vel") and cfg.decodes(b, "hand_vel")
+    only = Tokenizer(cfg, model.unit_emb, model.session_emb)
+    ra, rb = c.session(a), c.session(b)
+    wa, wb = ra.read_window(3.0, 4.0), rb.read_window(3.0, 4.0)
+    assert len(only(wa, ra).output_time) == 0 and len(tok(wa, ra).output_time) > 0
+    assert np.array_equal(only(wb, rb).target, tok(wb, rb).target)  # the other session is untouched

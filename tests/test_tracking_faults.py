@@ -268,7 +268,8 @@ def test_the_server_away_mid_run_and_from_the_start_then_back(tmp_path, capsys):
         finetune_back(tuned, uri, capsys)
 
 
-@pytest.mark.parametrize("argv", [["tracking-sync", "{run}"], ["register", "{export}", "--run", "{run}"]])
+@pytest.mark.parametrize("argv", [["tracking-sync", "{run}"], ["register", "{export}", "--run", "{run}"],
+                                  ["register", "{export}", "--tracking-uri", "{uri}"]])
 def test_the_commands_say_at_once_when_the_server_is_still_away(tmp_path, capsys, argv):
     uri = f"http://127.0.0.1:{closed_port()}"
     run_dir = tmp_path / "run"
@@ -277,7 +278,7 @@ def test_the_commands_say_at_once_when_the_server_is_still_away(tmp_path, capsys
                                                           "tracking_uri": uri}))
     export = tiny_export(tmp_path / "export")
     t = time.monotonic()
-    code = main([a.format(run=run_dir, export=export) for a in argv])
+    code = main([a.format(run=run_dir, export=export, uri=uri) for a in argv])
     assert time.monotonic() - t < 5 and code == 1
     err = capsys.readouterr()
     assert f"error: MLflow at {uri} is unreachable (connection refused)" in err.err

@@ -18,6 +18,7 @@ from data_service.errors import ConfigError, CorpusError
 from pretrain.tracking.config import TrackingConfig
 from pretrain.tracking.mlflow_runs import tracking_uri
 from pretrain.tracking.offline import register_export
+from pretrain.tracking.tracked_run import register_alone
 
 from .common import model_flag, result, say, tracking_flag
 
@@ -99,7 +100,8 @@ def add_register(sub) -> None:
     s = sub.add_parser("register", help="register an exported model as a new version (what a run could not do "
                                         "while the server was away)")
     s.add_argument("export", help="the exported model's directory (model.safetensors + config.json)")
-    s.add_argument("--run", required=True, help="the run's directory (synced first) or its MLflow run id")
+    s.add_argument("--run", help="the run's directory (synced first) or its MLflow run id; without it (a shipped "
+                                 "model such as models/poyo-real-1), a small `register` run of its own holds the version")
     s.add_argument("--name", help="registered model (default: what the run kept, else popscale-poyo)")
     s.add_argument("--alias", help="point this alias at the new version (default: what the run kept, else none)")
     s.add_argument("--tracking-uri", help="MLflow store (default: the one the run used, else $MLFLOW_TRACKING_URI, "
@@ -108,6 +110,13 @@ def add_register(sub) -> None:
 
 
 def cmd_register(a: argparse.Namespace) -> int:
+    if a.run is None:
+        fin = register_alone(a.export, name=a.name or TrackingConfig().registered_model, alias=a.alias,
+                             uri=a.tracking_uri)
+        moved = f"; @{a.alias} now points at it" if a.alias else ""
+        say(f"registered {a.export} as {fin.model_uri} (run {fin.run_id}){moved}")
+        result(model_uri=fin.model_uri, model_version=fin.version, mlflow_run_id=fin.run_id)
+        return 0
     version, uri, run_id, rep = register_export(a.export, a.run, name=a.name, alias=a.alias, uri=a.tracking_uri)
     if rep is not None and (rep.created or rep.metrics or rep.ended):
         say(f"{a.run}: " + ", ".join([*([f"created its MLflow run {run_id}"] if rep.created else []),
@@ -121,7 +130,7 @@ def _load_model(a: argparse.Namespace):
     # deferred: importing torch only when used keeps start-up light
     from pretrain.tracking.registry import load
 
-    return load(a.model, _tracking(a) if a.model.startswith("models:/") else None, a.cache)
+    return load(a.model, _tracking(a), a.cache)  # NAME@ALIAS and models:/ URIs are pulled from the registry
 
 
 def add_evaluate(sub) -> None:

@@ -60,6 +60,9 @@ def add_finetune(sub) -> None:
     s.add_argument("--readout", action="append", metavar="NAME:KIND:DIMS=BEHAVIOUR",
                    help="add a readout for a behaviour the model was not pretrained on (kind: continuous, angular, "
                         "categorical), e.g. head_direction:angular:2=compass_direction[ry]")
+    s.add_argument("--behaviour", action="append", metavar="NAME",
+                   help="decode only this behaviour of the sessions (repeat for several; default: every one the "
+                        "model's readouts take); the others' labels are not used")
     s.add_argument("--register", metavar="NAME", help="register the adapted model under this name")
     s.add_argument("--alias", help="with --register: point this alias at the new version")
     s.add_argument("--name", help="run name (default: sessions, mode and time)")
@@ -78,7 +81,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                          steps=a.steps, unfreeze_after=a.unfreeze_after, batch=a.batch, seed=a.seed,
                          eval_every=a.eval_every, warm_start=a.warm_start, replace_session=a.replace_session,
                          register=a.register, alias=a.alias, tracking_uri=a.tracking_uri, out=a.out, name=a.name,
-                         readouts=a.readout or [],
+                         readouts=a.readout or [], behaviours=a.behaviour or [],
                          **({"lr_unit_id": a.lr} if a.lr and a.mode != "full" else {}),
                          **({"lr_full": a.lr} if a.lr and a.mode == "full" else {}))
     r = finetune(cfg, notify=say, show_progress=not a.no_progress)

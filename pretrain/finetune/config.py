@@ -37,6 +37,9 @@ class FinetuneConfig:
     cache: str = "runs/models"
     # readouts to add, for behaviours the model was not pretrained on: NAME:KIND:DIMS=BEHAVIOUR[,BEHAVIOUR...]
     readouts: list[str] = field(default_factory=list)
+    # decode only these behaviours of the sessions (default: every one a readout of the model takes);
+    # the others' labels are not used (a comparison with a decoder of one behaviour gives both the same labels)
+    behaviours: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow run tags (a sweep nests it: mlflow.parentRunId)
 
     def __post_init__(self) -> None:

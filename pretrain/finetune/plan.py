@@ -38,6 +38,12 @@ def _check_sessions(corpus: Corpus, cfg: FinetuneConfig, tok: TokenizerConfig, k
     wanted = {r.name: r.behaviours for r in tok.readouts}
     for sid in cfg.sessions:
         have = corpus.session(sid).behaviour_names
+        absent = [b for b in cfg.behaviours if b not in have]
+        if absent:
+            raise CorpusError(f"--behaviour {absent[0]}: the session has no such behaviour (it has {have or 'none'})",
+                              file=str(corpus.root), session=sid, field="behaviour")
+        if cfg.behaviours:
+            have = [b for b in have if b in cfg.behaviours]
         if not any(b in have for bs in wanted.values() for b in bs):
             raise CorpusError(f"the session has no behaviour the model decodes (readouts {wanted}; the session "
                               f"has {have or 'none'}); add a readout for one: --readout NAME:KIND:DIMS=BEHAVIOUR",
@@ -87,12 +93,16 @@ def plan_adaptation(cfg: FinetuneConfig, src: Path, corpus: Corpus, progress: bo
     tok.readouts += added
     model_cfg = replace(model.cfg, readouts={**model.cfg.readouts, **{r.name: r.dims for r in added}})
     _check_sessions(corpus, cfg, tok, set(model.session_emb.ids))
+    if cfg.behaviours:  # the sessions' other behaviours are not decoded and their labels not used
+        tok.not_decoded.update({s: [b for b in corpus.session(s).behaviour_names if b not in cfg.behaviours]
+                                for s in cfg.sessions})
     budget = LabelBudget.parse(cfg.labels)
     window = tok.geometry.window_s
-    decoded = [b for r in tok.readouts for b in r.behaviours]
+    decoded = {s: [b for r in tok.readouts for b in r.behaviours if tok.decodes(s, b)] for s in cfg.sessions}
     labelled = {s: labelled_intervals(corpus.session(s), budget, cfg.seed, window, file=str(corpus.root),
-                                      behaviours=decoded) for s in cfg.sessions}
-    tok.target_stats.update(target_stats(corpus, cfg.sessions, tok.readouts, tok.target_scale, within=labelled))
+                                      behaviours=decoded[s]) for s in cfg.sessions}
+    tok.target_stats.update(target_stats(corpus, cfg.sessions, tok.readouts, tok.target_scale, within=labelled,
+                                         not_decoded=tok.not_decoded))
     base = _base_run(src)
     warm = cfg.warm_start if cfg.warm_start != "auto" else base.train.warm_start.method
     first_mode = "new" if cfg.mode.startswith("unit-id") else "all"
@@ -107,7 +117,7 @@ def plan_adaptation(cfg: FinetuneConfig, src: Path, corpus: Corpus, progress: bo
     units = list(model.unit_emb.ids) + [u for u in dict.fromkeys(new_units) if u not in model.unit_emb.index]
     sessions = list(model.session_emb.ids) + [s for s in cfg.sessions if s not in model.session_emb.index]
     index = IndexConfig(window_s=window, split="train", seed=run.data.seed, sessions=list(cfg.sessions),
-                        intervals={s: window_stretches(corpus.session(s), labelled[s], window, decoded).tolist()
+                        intervals={s: window_stretches(corpus.session(s), labelled[s], window, decoded[s]).tolist()
                                    for s in cfg.sessions})
     table = None
     if warm == "ridge":

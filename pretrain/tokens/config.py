@@ -110,6 +110,12 @@ class TokenizerConfig:
     # (a tokenizer made by hand) targets are left in the session's units
     target_stats: dict[str, dict[str, TargetStats]] = field(default_factory=dict)
     target_rms: float = 0.5  # the RMS a behaviour scaled by its statistics has (targets.py says why)
+    # session -> behaviours it has that are not decoded (their labels unused): finetune --behaviour
+    # keeps an adaptation to the behaviours a comparison decodes
+    not_decoded: dict[str, list[str]] = field(default_factory=dict)
+
+    def decodes(self, session: str, behaviour: str) -> bool:
+        return behaviour not in self.not_decoded.get(session, ())
 
     @classmethod
     def build(cls, model: ModelConfig, window_s: float = 1.0, behaviours: dict[str, list[str]] | None = None,
@@ -139,7 +145,8 @@ class TokenizerConfig:
     def from_dict(cls, d: dict) -> "TokenizerConfig":
         stats = {s: {b: TargetStats(**x) for b, x in per.items()} for s, per in d.get("target_stats", {}).items()}
         return cls(Geometry(**d["geometry"]), [Readout(**r) for r in d["readouts"]], dict(d["target_scale"]),
-                   dict(d["interval_weights"]), stats, float(d.get("target_rms", 0.5)))
+                   dict(d["interval_weights"]), stats, float(d.get("target_rms", 0.5)),
+                   {k: list(v) for k, v in d.get("not_decoded", {}).items()})
 
     def normaliser(self, session: str, behaviour: str, dims: int, width: int, kind: str = "continuous"
                    ) -> tuple[np.ndarray, np.ndarray]:

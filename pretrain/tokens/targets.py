@@ -66,8 +66,8 @@ def check_classes(values: np.ndarray, n_classes: int, *, session: str, behaviour
 
 
 def target_stats(corpus: Corpus, sessions: list[str], readouts, fixed: dict[str, float],
-                 split: str = "train", within: dict[str, np.ndarray] | None = None
-                 ) -> dict[str, dict[str, TargetStats]]:
+                 split: str = "train", within: dict[str, np.ndarray] | None = None,
+                 not_decoded: dict[str, list[str]] | None = None) -> dict[str, dict[str, TargetStats]]:
     """session -> behaviour -> stats over the `split` intervals (or the session's `within`
     intervals: the labelled part, when adapting), for the behaviour each readout decodes in each
     session (`readouts`: tokenizer `Readout`s), except those with a fixed scale."""
@@ -75,7 +75,8 @@ def target_stats(corpus: Corpus, sessions: list[str], readouts, fixed: dict[str,
     for sid in sessions:
         r = corpus.session(sid)
         for ro in readouts:
-            b = next((x for x in ro.behaviours if x in r.behaviour_names), None)
+            skip = (not_decoded or {}).get(sid, ())
+            b = next((x for x in ro.behaviours if x in r.behaviour_names and x not in skip), None)
             if b is None or b in fixed:
                 continue
             t, v = r.behaviour(b)

@@ -83,7 +83,8 @@ class Tokenizer:
         if p is None:
             outputs = []
             for k, ro in enumerate(self.cfg.readouts):
-                b = next((x for x in ro.behaviours if x in reader.behaviour_names), None)
+                b = next((x for x in ro.behaviours if x in reader.behaviour_names
+                          and self.cfg.decodes(reader.session_id, x)), None)
                 if b is None:
                     continue
                 names = list(reader.attrs["behaviour"][b]["columns"])

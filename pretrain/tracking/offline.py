@@ -279,7 +279,7 @@ def finish(run_dir: str, uri: str, run_id: str | None, *, terminate: bool, expor
     return Finished(run_id, version, model_uri, "registered" if version else "none", "pending", command)
 
 
-def _export_tags(export: Path) -> dict[str, str]:
+def export_tags(export: Path) -> dict[str, str]:
     prov = json.loads((export / "config.json").read_text()).get("provenance", {})
     return {k: str(prov[k]) for k in ("git_commit", "corpus_fingerprint", "ray_run") if prov.get(k)}
 
@@ -307,7 +307,7 @@ def register_export(export: str | Path, run: str, *, name: str | None = None, al
     same = kept and Path(kept.get("export", "")).resolve() == export
     name = name or (kept.get("name") if same else None) or TrackingConfig().registered_model
     alias = alias if alias is not None else (kept.get("alias") if same else None)
-    tags = (kept.get("tags") if same else None) or _export_tags(export)
+    tags = (kept.get("tags") if same else None) or export_tags(export)
     why = unreachable(uri)
     if why:
         raise TrackingUnavailable(f"MLflow at {redact(uri)} is unreachable ({why})")

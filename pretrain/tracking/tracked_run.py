@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from data_service.remote import join, write_text
+from data_service.remote import join, redact, write_text
 from data_service.version import __version__
 
 from .config import TrackingConfig
-from .mlflow_runs import MLflowSink, store_client, tracking_uri, transient
-from .offline import RUN_FILE, Finished, finish, resume_tracking, start_run_or_offline, storable_uri
+from .mlflow_runs import MLflowSink, store_client, tracking_uri, transient, unreachable
+from .offline import (RUN_FILE, Finished, TrackingUnavailable, export_tags, finish, resume_tracking,
+                      start_run_or_offline, storable_uri)
 
 
 def run_tags(command: str, **extra: str) -> dict[str, str]:
@@ -113,3 +115,22 @@ class TrackedRun:
         except Exception as e:  # noqa: BLE001 - the failure being reported matters more
             if not transient(e):
                 raise
+
+
+def register_alone(export: str | Path, *, name: str, alias: str | None = None, uri: str | None = None,
+                   runs: str | Path = "runs/register") -> Finished:
+    """`popscale register EXPORT` with no run behind it (a shipped checkpoint, weights from elsewhere):
+    a small run of its own (command `register`, the export's provenance as params) holds the model
+    version MLflow needs a run for. Needs the server: there is no training to carry on without it."""
+    export = Path(export).resolve()
+    if not (export / "config.json").exists() or not (export / "model.safetensors").exists():
+        raise FileNotFoundError(f"{export}: not an exported model (no config.json + model.safetensors)")
+    cfg = TrackingConfig(uri=uri)
+    why = unreachable(tracking_uri(cfg))
+    if why:
+        raise TrackingUnavailable(f"MLflow at {redact(tracking_uri(cfg))} is unreachable ({why})")
+    prov = json.loads((export / "config.json").read_text()).get("provenance", {})
+    run_dir = Path(runs) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = TrackedRun.start(cfg, run_dir, f"register {export.name}", {"export": str(export), "provenance": prov},
+                           "register", tags={"export": str(export)})
+    return run.finish(export=export, model_name=name, alias=alias, tags=export_tags(export))
