@@ -263,7 +263,8 @@ def main() -> None:
     cols = [(arm, lab) for arm in ARMS for lab in ("10%", "100%")
             if not (arm == "unit-id-then-full" and lab == "10%" and model is None)]
     print(f"\ntest R2 [95 % bootstrap over test trials or blocks, mean of the seeds' bounds] ±sd over {seeds} seeds; "
-          f"pretraining {pre} steps, adaptation and scratch {steps} steps, validation every {EVAL_EVERY}")
+          + (f"pretrained: {model.name}" if model else f"pretraining {pre} steps") +
+          f", adaptation and scratch {steps} steps, validation every {EVAL_EVERY}")
     print("| session | sibling in pretraining | valid s (selection) | " + " | ".join(f"{a_} {lab}" for a_, lab in cols) + " |")
     print("|---|---|---|" + "---|" * len(cols))
     for s in sessions:
@@ -276,7 +277,7 @@ def main() -> None:
         print(f"| {s} | " + " | ".join(f"{np.mean([r['seconds'] for r in rows(s, a_, lab)]):.0f}" if rows(s, a_, lab)
                                        else "-" for a_, lab in cols) + " |")
     avg = {c: float(np.nanmean([mean(s, *c) for s in sessions])) for c in cols}
-    monkeys = [s for s in sessions if s != MOUSE]
+    monkeys = [s for s in sessions if s != MOUSE and s not in RAT]
     best_base = {s: max(mean(s, b, "100%") for b in ("ridge", "gru", "ridge-nc", "gru-nc")) for s in sessions}
     best_pre = {s: max(mean(s, x, "100%") for x in ("unit-id", "full", "unit-id-then-full")) for s in sessions}
     print(f"\nbest pretrained 100% >= best per-session baseline 100% on "
