@@ -119,7 +119,7 @@ def unit_directions(corpus: Corpus, sessions: Iterable[str], tokenizer: Tokenize
         r = corpus.session(sid)
         columns = []
         for ro in tokenizer.readouts:
-            b = next((x for x in ro.behaviours if x in r.behaviour_names and tokenizer.decodes(sid, x)), None)
+            b = ro.pick(r.behaviour_names, tokenizer.not_decoded.get(sid, ()))
             if b is None:
                 columns.append((None, ro.dims, None, None, ro.kind, None))
                 continue

@@ -84,6 +84,12 @@ class Readout:
         if self.kind == "categorical" and self.dims < 2:
             raise ValueError(f"readout {self.name}: a categorical readout needs dims = number of classes >= 2")
 
+    def pick(self, have: Iterable[str], skip: Iterable[str] = ()) -> str | None:
+        """The behaviour this readout decodes in a session that has `have`: the first of its list
+        there, passing over those the session does not decode (`TokenizerConfig.not_decoded`)."""
+        have, skip = set(have), set(skip)
+        return next((x for x in self.behaviours if x in have and x not in skip), None)
+
     def wanted_columns(self) -> list[str] | None:
         return [c.strip() for c in self.column.split(",")] if self.column else None
 

@@ -75,8 +75,7 @@ def target_stats(corpus: Corpus, sessions: list[str], readouts, fixed: dict[str,
     for sid in sessions:
         r = corpus.session(sid)
         for ro in readouts:
-            skip = (not_decoded or {}).get(sid, ())
-            b = next((x for x in ro.behaviours if x in r.behaviour_names and x not in skip), None)
+            b = ro.pick(r.behaviour_names, (not_decoded or {}).get(sid, ()))
             if b is None or b in fixed:
                 continue
             t, v = r.behaviour(b)

@@ -83,8 +83,7 @@ class Tokenizer:
         if p is None:
             outputs = []
             for k, ro in enumerate(self.cfg.readouts):
-                b = next((x for x in ro.behaviours if x in reader.behaviour_names
-                          and self.cfg.decodes(reader.session_id, x)), None)
+                b = ro.pick(reader.behaviour_names, self.cfg.not_decoded.get(reader.session_id, ()))
                 if b is None:
                     continue
                 names = list(reader.attrs["behaviour"][b]["columns"])
