@@ -9,7 +9,10 @@ SIGKILLed after a checkpoint and restarted by Ray.
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,27 @@ def config(root: Path, *overrides: str):
     cfg = load_config(None, [*base, *overrides])
     cfg.model_overrides = dict(TINY)
     return cfg
+
+
+@contextmanager
+def sockets_while_running():
+    """Every listening socket of the Ray session seen while the block runs (looked at every 0.25 s)."""
+    from popscale.listeners import listening_sockets
+
+    seen, stop = set(), threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.update(listening_sockets())
+            stop.wait(0.25)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        t.join()
 
 
 def records(d: Path) -> dict[tuple[int, int], list[dict]]:
@@ -121,9 +145,14 @@ def test_two_workers_killed_twice_right_after_checkpoints_lose_no_window(env, re
     rec = env / "rec_fault"
     rec.mkdir()
     markers = [env / "killed1", env / "killed2"]
-    r = pretrain(config(env, "name=fault", "cluster.num_workers=2", "train.max_failures=2"), show_progress=False,
-                 hooks=FaultAndRecord(record_windows=str(rec), fault=f"1:2:{markers[0]},0:4:{markers[1]}"))
+    with sockets_while_running() as seen:
+        r = pretrain(config(env, "name=fault", "cluster.num_workers=2", "train.max_failures=2"), show_progress=False,
+                     hooks=FaultAndRecord(record_windows=str(rec), fault=f"1:2:{markers[0]},0:4:{markers[1]}"))
     assert all(m.exists() for m in markers), "a fault hook never fired"
+    # the process group meets in a FileStore (pretrain/run/rendezvous.py): no TCPStore on every interface,
+    # and gloo's pairs on loopback; the training workers' own sockets were seen, so the look was in time
+    assert any("TrainWorker" in s.process for s in seen), sorted(map(str, seen))
+    assert not [s for s in seen if not s.loopback], "beyond loopback:\n" + "\n".join(str(s) for s in seen if not s.loopback)
     assert r.steps == STEPS and r.model_uri
     recs = records(rec)
     assert sequence(rec, 2) == sequence(ref_rec, 1)  # nothing skipped, nothing repeated, same order
@@ -217,3 +246,23 @@ def test_ray_and_local_batches_are_identical(env):
             assert da.keys() == db.keys()
             for k in da:
                 np.testing.assert_array_equal(np.asarray(da[k]), np.asarray(db[k]), err_msg=k)
+
+
+def test_unreadable_data_ends_the_run_at_once_naming_session_and_array(env):
+    """A damaged chunk stops a two-worker run with one line naming the session and array, without
+    spending its two restarts on it (a restart reads the same bytes): each rank ran in one process."""
+    bad = env / "corpus-damaged"
+    shutil.copytree(env / "corpus", bad)
+    session = sorted(p.name for p in (bad / "sessions").iterdir())[0]
+    chunk = sorted(p for p in (bad / "sessions" / session / "spikes" / "timestamps").iterdir() if p.name != "zarr.json")[0]
+    b = bytearray(chunk.read_bytes())
+    b[len(b) // 3] ^= 0xFF
+    chunk.write_bytes(bytes(b))
+    rec = env / "rec_damaged"
+    rec.mkdir()
+    with pytest.raises(RuntimeError, match="stopped by its data") as e:
+        pretrain(config(env, "name=damaged", f"data.corpus={bad}", "cluster.num_workers=2", "train.max_failures=2"),
+                 show_progress=False, hooks=FaultAndRecord(record_windows=str(rec)))
+    assert f"session {session}" in str(e.value) and "spikes/timestamps" in str(e.value), str(e.value)
+    starts = [json.loads(line) for f in rec.glob("steps-rank*.jsonl") for line in f.read_text().splitlines()]
+    assert starts and len({r["pid"] for r in starts}) == 2, starts  # two workers, never restarted

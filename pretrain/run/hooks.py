@@ -35,6 +35,9 @@ class FaultAndRecord(LoopHooks):
         return out
 
     def before_step(self, rank: int, step: int, last_checkpoint: int) -> None:
+        if self.record_windows:  # steps-rank<r>.jsonl: every step a worker process began (restarts show as new pids)
+            with open(Path(self.record_windows) / f"steps-rank{rank}.jsonl", "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "step": step}) + "\n")
         for r, s, marker in self.faults():
             if r == rank and s == step and not os.path.exists(marker):
                 # no waiting for Ray to register the last checkpoint: a restart resumes from it anyway

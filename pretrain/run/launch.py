@@ -140,14 +140,22 @@ def _progress_actor():
 
     @ray.remote(num_cpus=0)
     class Progress:
+        """Rank 0's latest metrics for the progress bar, and the data error that stopped the run."""
+
         def __init__(self) -> None:
-            self.step, self.metrics = 0, {}
+            self.step, self.metrics, self.error = 0, {}, None
 
         def update(self, step: int, metrics: dict) -> None:
             self.step, self.metrics = step, dict(metrics)
 
         def get(self) -> tuple[int, dict]:
             return self.step, self.metrics
+
+        def stop(self, error: Exception) -> None:
+            self.error = error
+
+        def stopped(self) -> Exception | None:
+            return self.error
 
     return Progress.remote()
 
@@ -222,11 +230,14 @@ def _trainer(run: RunConfig, args: WorkerArgs, name: str, storage: str):
     """Ray Train's trainer for the run: one worker per `cluster.num_workers`, checkpoints in storage."""
     # deferred: importing ray only when used keeps start-up light
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    # deferred: rendezvous imports Ray Train's torch backend
+    from .rendezvous import HostLocalTorchConfig
 
     return TorchTrainer(
         ray_worker, train_loop_config={"args": args},
-        torch_config=TorchConfig(backend="nccl" if run.cluster.use_gpu else "gloo"),
+        torch_config=HostLocalTorchConfig(backend="nccl" if run.cluster.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=run.cluster.num_workers, use_gpu=run.cluster.use_gpu,
                                                resources_per_worker={"CPU": run.cluster.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_arg(storage),
@@ -237,9 +248,13 @@ def _trainer(run: RunConfig, args: WorkerArgs, name: str, storage: str):
 
 def _fit(trainer, progress, run: RunConfig, name: str, show_progress: bool):
     """Train; a failure names the data that stopped it, or says how to resume."""
+    # deferred: importing ray only when used keeps start-up light
+    import ray
+
     try:
         result = _fit_with_progress(trainer, progress, run.train.stop_at or run.train.steps, show_progress)
-        error = result.error
+        # workers stopped by unreadable data return at once (loop.DataStop): no restart would help
+        error = result.error or ray.get(progress.stopped.remote())
     except Exception as e:  # noqa: BLE001 - Ray Train raises worker errors from fit()
         error = e
     if error:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from data_service.errors import CorpusError, find_corpus_error
+
 from ..model.batch import PackedBatch
 from ..model.loss import weighted_mse
 from .hooks import LoopHooks
@@ -50,6 +52,37 @@ class Dist:
         out = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+
+class DataStop(CorpusError):
+    """Unreadable data on some worker stopped the run. Every worker raises it at the same step, so
+    none is left waiting in a collective, and the runner ends the run rather than restarting its
+    workers: a restart would read the same bytes again (issue 28, runbooks/failures.md)."""
+
+    @classmethod
+    def of(cls, cause: CorpusError) -> "DataStop":
+        return cls(cause.message, file=cause.file, session=cause.session, field=cause.field)
+
+
+def take(stream, n: int, dist: Dist) -> list:
+    """The step's `n` served batches; `DataStop` on every rank when any rank's data was unreadable
+    (one scalar collective a step, only with more than one worker). Other errors pass as they are:
+    a crash is what Ray Train's restarts are for."""
+    served, err = [], None
+    try:
+        served = [next(stream) for _ in range(n)]
+    except Exception as e:  # noqa: BLE001 - only a located data error is handled here
+        err = find_corpus_error(e)
+        if err is None:
+            raise
+    if dist.world > 1:
+        (bad,) = dist.all_sum(float(err is not None))
+        if bad:
+            first = next(x for x in dist.gather(err) if x is not None)
+            raise DataStop.of(first) from err
+    elif err is not None:
+        raise DataStop.of(err) from err
+    return served
 
 
 @dataclass
@@ -149,7 +182,7 @@ def run_loop(plan: RunPlan, step: TrainStep, batches, evaluator, checkpointer, s
     skipped = 0
     for s in range(start, stop):
         hooks.before_step(dist.rank, s, checkpointer.last_step)
-        served = [next(stream) for _ in range(accum)]
+        served = take(stream, accum, dist)
         hooks.on_batches(dist.rank, s, served)
         for b in served:  # data.skip_bad_windows: the windows the service dropped, one line each
             for w in b.skipped:

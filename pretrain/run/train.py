@@ -25,7 +25,7 @@ from ..tracking.mlflow_runs import MLflowSink
 from .checkpoint import DirCheckpointer, RayCheckpointer
 from .engine import build_engine, placement
 from .hooks import LoopHooks
-from .loop import Dist, TrainStep, run_loop
+from .loop import DataStop, Dist, TrainStep, run_loop
 from .plan import RunPlan
 from .sinks import MemorySink, MetricsSink, NullSink, ProgressSink, Sinks
 
@@ -84,8 +84,16 @@ def ray_worker(config: dict) -> None:
                              buffer_mb=d.buffer_mb)
     else:
         batches = LocalBatches(p.spec, dist.rank, dist.world)
-    run_loop(plan, p.step, batches, p.evaluator, RayCheckpointer(p.engine, plan, dist.rank, dist.world, args.run_dir), sink, dist,
-             args.hooks)
+    try:
+        run_loop(plan, p.step, batches, p.evaluator, RayCheckpointer(p.engine, plan, dist.rank, dist.world, args.run_dir),
+                 sink, dist, args.hooks)
+    except DataStop as e:
+        if args.progress is None:
+            raise  # no driver to tell: Ray Train's failure policy decides
+        # Every worker returns: the run ends without a restart, and the driver raises the error (launch._fit).
+        if dist.rank == 0:
+            ray.get(args.progress.stop.remote(e))
+        return
 
 
 @dataclass
