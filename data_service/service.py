@@ -196,14 +196,17 @@ class RayBatches:
     """Batches [start, stop) for one worker, built by Ray Data actors and streamed in order."""
 
     def __init__(self, spec: ServiceSpec, rank: int = 0, world: int = 1, *, actors: int = 1, cpus_per_actor: float = 0.5,
-                 prefetch: int = 4, chunk: int = 2048, buffer_mb: float | None = 256) -> None:
+                 prefetch: int = 4, chunk: int = 2048, buffer_mb: float | None = 256,
+                 resources: dict[str, float] | None = None) -> None:
         """buffer_mb: a cap on the object-store memory this worker's pipeline may hold (Ray Data's
         streaming executor stops launching builders at the cap); None = Ray Data's default share.
         chunk: batches per Ray dataset. Each new dataset starts its actor pool again (~10 s on 2
-        cores, a visible dip in samples/s), so datasets are long: 2048 batches (was 256)."""
+        cores, a visible dip in samples/s), so datasets are long: 2048 batches (was 256).
+        resources: custom Ray resources each actor takes; None: the actors prefer this worker's
+        node (soft affinity: elsewhere when it has no room, or is gone)."""
         self.spec, self.rank, self.world = spec, rank, world
         self.actors, self.cpus, self.prefetch, self.chunk = actors, cpus_per_actor, prefetch, chunk
-        self.buffer_mb = buffer_mb
+        self.buffer_mb, self.resources = buffer_mb, resources
         self._spec_bytes = pickle.dumps(spec)
 
     def iterate(self, start: int, stop: int) -> Iterator[ServedBatch]:
@@ -216,12 +219,23 @@ class RayBatches:
         if self.buffer_mb is not None:
             limits = ctx.execution_options.resource_limits
             ctx.execution_options.resource_limits = limits.copy(object_store_memory=self.buffer_mb * 2**20)
+        if self.resources:
+            placed = {"resources": dict(self.resources)}
+        else:
+            # deferred: importing ray only when used keeps start-up light
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = ray.get_runtime_context().get_node_id()
+            placed = {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=True)}
         for lo in range(start, stop, self.chunk):  # one dataset per chunk keeps per-dataset metadata small
             hi = min(stop, lo + self.chunk)
-            ds = ray.data.range(hi - lo, override_num_blocks=hi - lo).map(lambda r, lo=lo: {"id": r["id"] + lo})
+            # the ids' offset takes no CPU of its own: a node whose CPUs hold a training worker and its
+            # data actor (a restart after a node loss fills the spare) must still run it
+            ds = ray.data.range(hi - lo, override_num_blocks=hi - lo).map(lambda r, lo=lo: {"id": r["id"] + lo},
+                                                                           num_cpus=0)
             ds = ds.map_batches(_Builder, fn_constructor_args=(self._spec_bytes, self.rank, self.world),
                                 batch_size=1, compute=ray.data.ActorPoolStrategy(size=self.actors), num_cpus=self.cpus,
-                                batch_format="numpy")
+                                batch_format="numpy", **placed)
             try:
                 for row in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=self.prefetch):
                     served = pickle.loads(row["payload"][0])

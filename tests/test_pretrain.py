@@ -58,7 +58,7 @@ def config(root: Path, *overrides: str):
 
 @contextmanager
 def sockets_while_running():
-    """Every listening socket of the Ray session seen while the block runs (looked at every 0.25 s)."""
+    """Every listening socket of the Ray session seen while the block runs (looked at every 0.5 s)."""
     from popscale.listeners import listening_sockets
 
     seen, stop = set(), threading.Event()
@@ -66,7 +66,7 @@ def sockets_while_running():
     def watch() -> None:
         while not stop.is_set():
             seen.update(listening_sockets())
-            stop.wait(0.25)
+            stop.wait(0.5)
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()

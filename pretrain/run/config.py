@@ -57,6 +57,9 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loader: str = "ray"  # ray | local
     data_actors: int = 1  # Ray Data actors per training worker
+    # custom Ray resources each data actor takes (e.g. {data: 1} on nodes that offer it); empty: each
+    # worker's actors run on its own node when that node has room (no batch crosses the network)
+    actor_resources: dict[str, float] = field(default_factory=dict)
     prefetch: int = 4  # batches buffered per worker
     buffer_mb: float | None = 256  # object-store memory the data pipeline of one worker may hold (None: Ray's default)
     # an unreadable window (corrupt chunk, missing shard, deleted session) stops the run naming it;
@@ -90,6 +93,9 @@ class ClusterConfig:
     address: str | None = None  # None: start an embedded local Ray; "auto" or ray://... for a cluster
     num_workers: int = 1
     cpus_per_worker: float = 1.0
+    # custom Ray resources each training worker takes: {trainer: 1} with nodes that offer trainer: 1
+    # puts at most one worker on each of them (runbooks/cluster.md)
+    worker_resources: dict[str, float] = field(default_factory=dict)
     use_gpu: bool = False
     local_cpus: int | None = None  # logical CPUs of the embedded Ray (default: 2 x cores, so data tasks fit)
     storage_path: str = "runs/ray"

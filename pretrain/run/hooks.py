@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,11 @@ class FaultAndRecord(LoopHooks):
     # once per marker (several faults in one run need FailureConfig.max_failures at least as many)
     fault: str | None = None
     record_windows: str | None = None  # a directory: rank<r>.jsonl gets {pid, step, positions} per step
+    # "<rank>:<step>:<marker>[,...]": before that step the worker writes its Ray node id into the marker
+    # and holds there until whoever watches the marker kills it: its node (local_cluster.LocalCluster.kill)
+    # or the driver; once per marker
+    hold: str | None = None
+    hold_s: float = 300.0  # a held worker still alive after this long fails its step (nobody killed it)
 
     def faults(self) -> list[tuple[int, int, str]]:
         out = []
@@ -37,13 +44,22 @@ class FaultAndRecord(LoopHooks):
     def before_step(self, rank: int, step: int, last_checkpoint: int) -> None:
         if self.record_windows:  # steps-rank<r>.jsonl: every step a worker process began (restarts show as new pids)
             with open(Path(self.record_windows) / f"steps-rank{rank}.jsonl", "a") as f:
-                f.write(json.dumps({"pid": os.getpid(), "step": step}) + "\n")
+                f.write(json.dumps({"pid": os.getpid(), "step": step, "node": _node_id()}) + "\n")
         for r, s, marker in self.faults():
             if r == rank and s == step and not os.path.exists(marker):
                 # no waiting for Ray to register the last checkpoint: a restart resumes from it anyway
                 # (checkpoint.RayCheckpointer), which is what a kill right after a report checks
                 Path(marker).write_text(str(os.getpid()))
                 os.kill(os.getpid(), signal.SIGKILL)
+        for spec in filter(None, (self.hold or "").split(",")):
+            r, s, marker = spec.split(":", 2)
+            if int(r) == rank and int(s) == step and not os.path.exists(marker):
+                Path(marker + ".tmp").write_text(_node_id() or "")
+                os.replace(marker + ".tmp", marker)  # whole, for the watcher
+                deadline = time.monotonic() + self.hold_s
+                while time.monotonic() < deadline:  # its node or its driver dies under this worker
+                    time.sleep(0.1)
+                raise RuntimeError(f"fault drill: nobody killed rank {rank} within {self.hold_s:.0f} s of its hold")
 
     def on_batches(self, rank: int, step: int, served: list) -> None:
         if self.record_windows:
@@ -53,6 +69,14 @@ class FaultAndRecord(LoopHooks):
 
     @classmethod
     def from_env(cls) -> "FaultAndRecord | None":
-        """POPSCALE_TRAIN_FAULT="<rank>:<step>:<marker>[,...]", POPSCALE_RECORD_WINDOWS=<dir> (runbooks/pretrain.md)."""
-        fault, record = os.environ.get("POPSCALE_TRAIN_FAULT"), os.environ.get("POPSCALE_RECORD_WINDOWS")
-        return cls(fault=fault, record_windows=record) if fault or record else None
+        """POPSCALE_TRAIN_FAULT="<rank>:<step>:<marker>[,...]", POPSCALE_TRAIN_HOLD (the same form),
+        POPSCALE_RECORD_WINDOWS=<dir> (runbooks/pretrain.md)."""
+        env = os.environ.get
+        fault, hold, record = env("POPSCALE_TRAIN_FAULT"), env("POPSCALE_TRAIN_HOLD"), env("POPSCALE_RECORD_WINDOWS")
+        return cls(fault=fault, record_windows=record, hold=hold) if fault or record or hold else None
+
+
+def _node_id() -> str | None:
+    """This process's Ray node, when it is a Ray worker (a process that never imported Ray is not)."""
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None

@@ -99,8 +99,23 @@ def init_ray(run: RunConfig) -> None:
     if not run.cluster.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     os.environ.update(env)
+    # deferred: importing ray only when used keeps start-up light
+    from ray._private import ray_constants
+
     if run.cluster.address:
-        ray.init(address=run.cluster.address, runtime_env={"env_vars": env}, log_to_driver=True)
+        # A cluster on this machine's loopback (local_cluster.py, `ray start --node-ip-address 127.0.0.1`):
+        # this driver joins it at 127.0.0.1 too, and Ray would turn that (and the address) into the
+        # host's address outside its single-machine mode (below).
+        if run.cluster.address.split("://")[-1].startswith("127.0.0.1:"):
+            clusters = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+            ray_constants.ENABLE_RAY_CLUSTER = False
+            try:
+                ray.init(address=run.cluster.address, runtime_env={"env_vars": env}, log_to_driver=True,
+                         _node_ip_address="127.0.0.1")
+            finally:
+                ray_constants.ENABLE_RAY_CLUSTER = clusters
+        else:
+            ray.init(address=run.cluster.address, runtime_env={"env_vars": env}, log_to_driver=True)
         return
     # Logical CPUs above the physical count: training workers take one CPU each and Ray Data's
     # actors must still be schedulable, or Ray waits forever (the 2-core hang).
@@ -111,9 +126,6 @@ def init_ray(run: RunConfig) -> None:
     # multi-node clusters (its macOS/Windows mode, ray_constants.ENABLE_RAY_CLUSTER), so that flag
     # is off while this node starts. Ray's token authentication stays on (its default for a new
     # local cluster; RAY_AUTH_MODE is respected).
-    # deferred: importing ray only when used keeps start-up light
-    from ray._private import ray_constants
-
     clusters = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
@@ -132,6 +144,22 @@ def init_ray(run: RunConfig) -> None:
             token.chmod(0o600)
     except OSError:
         pass
+
+
+def pin_data_singletons() -> None:
+    """Ray Data (2.60) creates one AutoscalingCoordinator per cluster, a detached actor that restarts
+    forever, pinned to the node of the first process that runs a dataset: a training worker's. Were
+    that node lost, the actor could never come back and every later dataset would wait on it for
+    good (the restarted workers hang at their first batch; tests/test_multinode.py). Made here
+    first, it lives on the driver's node."""
+    try:
+        # deferred: Ray Data's private module, loaded only when a run starts
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:  # another Ray: nothing to pin, or pinned elsewhere
+        return
+    get_or_create_autoscaling_coordinator()
 
 
 def _progress_actor():
@@ -239,7 +267,8 @@ def _trainer(run: RunConfig, args: WorkerArgs, name: str, storage: str):
         ray_worker, train_loop_config={"args": args},
         torch_config=HostLocalTorchConfig(backend="nccl" if run.cluster.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=run.cluster.num_workers, use_gpu=run.cluster.use_gpu,
-                                               resources_per_worker={"CPU": run.cluster.cpus_per_worker}),
+                                               resources_per_worker={"CPU": run.cluster.cpus_per_worker,
+                                                                     **run.cluster.worker_resources}),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_arg(storage),
                                        storage_filesystem=pyarrow_filesystem(storage),
                                        failure_config=ray.train.FailureConfig(max_failures=run.train.max_failures),
@@ -312,6 +341,7 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
            f"{plan.run.model} on {run.cluster.num_workers} worker(s); checkpoints in {run_dir} "
            f"(if it stops, the same command with --resume {name} continues it)")
     init_ray(run)
+    pin_data_singletons()
     tracked = _tracked(run, plan, name, run_dir, meta, tags, notify)
     progress = _progress_actor()
     hooks = hooks if hooks is not None else FaultAndRecord.from_env() or LoopHooks()

@@ -81,7 +81,7 @@ def ray_worker(config: dict) -> None:
     d = plan.run.data
     if d.loader == "ray":
         batches = RayBatches(p.spec, dist.rank, dist.world, actors=d.data_actors, prefetch=d.prefetch,
-                             buffer_mb=d.buffer_mb)
+                             buffer_mb=d.buffer_mb, resources=d.actor_resources or None)
     else:
         batches = LocalBatches(p.spec, dist.rank, dist.world)
     try:

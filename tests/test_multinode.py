@@ -1,0 +1,153 @@
+"""Pretraining across several Ray nodes on this machine (pretrain/run/local_cluster.py): three
+nodes that offer one training slot each (`{"trainer": 1}`), so the two workers of a run sit on
+two different nodes, each with its own raylet, object store and data actors, and one slot is
+spare. A worker's node is killed whole mid-run, and separately the driver; each time the run
+goes on from its newest checkpoint and ends as an uninterrupted run on the same cluster did: the
+same windows in the same order, none lost or repeated, and the same weights (issue 28).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("ray.train")
+pytest.importorskip("deepspeed")
+
+from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
+from pretrain.run.hooks import FaultAndRecord  # noqa: E402
+from pretrain.run.launch import pretrain  # noqa: E402
+from pretrain.run.local_cluster import LocalCluster  # noqa: E402
+from test_pretrain import config, records, sequence, weights  # noqa: E402
+
+SLOT = {"trainer": 1.0}
+NODE = {"num_cpus": 2, "resources": SLOT}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    root = tmp_path_factory.mktemp("multinode")
+    synth_corpus(SynthConfig(sessions=3, subjects=2, minutes=1.5, min_units=20, max_units=40), root / "corpus",
+                 workers=1)
+    c = LocalCluster([NODE, NODE, NODE])
+    yield c, root
+    c.shutdown()
+
+
+def overrides(c: LocalCluster) -> list[str]:
+    return [f"cluster.address={c.address}", "cluster.num_workers=2", "cluster.worker_resources={trainer: 1}"]
+
+
+def watch(marker: Path, then, timeout: float = 240.0) -> threading.Thread:
+    """Call `then(node id)` once a held worker has written `marker` (FaultAndRecord.hold)."""
+    def run() -> None:
+        deadline = time.monotonic() + timeout
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if marker.exists():
+            then(marker.read_text())
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def nodes_by_rank(rec: Path) -> dict[int, list[str]]:
+    """Each rank's nodes, in the order its steps began."""
+    out: dict[int, list[str]] = {}
+    for f in sorted(rec.glob("steps-rank*.jsonl")):
+        rank = int(f.stem.split("rank")[1])
+        out[rank] = [json.loads(line)["node"] for line in f.read_text().splitlines()]
+    return out
+
+
+def same_run(rec: Path, result, ref_rec: Path, ref) -> None:
+    assert result.steps == ref.steps
+    assert sequence(rec, 2) == sequence(ref_rec, 2)  # nothing lost, nothing repeated, the same order
+    a, b = weights(ref), weights(result)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(cluster):
+    c, root = cluster
+    rec = root / "rec_ref"
+    rec.mkdir()
+    r = pretrain(config(root, "name=ref", *overrides(c)), show_progress=False,
+                 hooks=FaultAndRecord(record_windows=str(rec)))
+    nodes = nodes_by_rank(rec)
+    assert len({n for ns in nodes.values() for n in ns}) == 2, nodes  # the two workers on two nodes
+    return r, rec
+
+
+@pytest.mark.skip(reason="issue 28, open: after the node loss Ray Train restarts both workers from the step-2 "
+                         "checkpoint on the two nodes left, and their first Ray Data pipeline never yields a batch")
+def test_a_lost_node_and_its_worker_are_replaced_and_the_run_ends_as_an_uninterrupted_one(cluster, reference):
+    """While rank 1 holds right after the step-2 checkpoint, a worker's node (raylet, object store,
+    its worker and data actors) is killed; Ray Train restarts the group on the nodes left (fixed
+    scaling, the spare slot) from that checkpoint."""
+    c, root = cluster
+    ref, ref_rec = reference
+    rec, marker = root / "rec_node", root / "node-held"
+    rec.mkdir()
+    lost: list[str] = []
+
+    def kill(held_node: str) -> None:
+        head = c.nodes[0].node_id  # the head holds the cluster: lose the other worker's node then
+        node = held_node if held_node != head else nodes_by_rank(rec)[0][-1]
+        lost.append(node)
+        c.kill(node)
+
+    t = watch(marker, kill)
+    r = pretrain(config(root, "name=node-loss", "train.max_failures=1", *overrides(c)), show_progress=False,
+                 hooks=FaultAndRecord(record_windows=str(rec), hold=f"1:2:{marker}"))
+    t.join(timeout=5)
+    assert lost, "the held worker never wrote its marker"
+    nodes = nodes_by_rank(rec)
+    moved = [rank for rank, ns in nodes.items() if ns[0] == lost[0]]
+    assert len(moved) == 1 and lost[0] not in nodes[moved[0]][3:], nodes  # its rank went on elsewhere
+    same_run(rec, r, ref_rec, ref)
+
+
+def test_a_killed_driver_resumes_and_the_run_ends_as_an_uninterrupted_one(cluster, reference):
+    """`popscale pretrain` against the cluster is SIGKILLed while rank 0 holds after the step-2
+    checkpoint (Ray then ends the job's workers); the same command with --resume finishes it."""
+    c, root = cluster
+    ref, ref_rec = reference
+    rec, marker = root / "rec_driver", root / "driver-held"
+    rec.mkdir()
+    cfg = config(root, "name=driver-kill", "train.max_failures=0", *overrides(c))
+    (root / "driver.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "POPSCALE_RECORD_WINDOWS": str(rec), "POPSCALE_TRAIN_HOLD": f"0:2:{marker}",
+           "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "popscale.cli", "pretrain", "--no-progress", "--config", str(root / "driver.yaml")]
+    log = root / "driver.log"
+    with open(log, "wb") as out:
+        driver = subprocess.Popen(cmd, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        t = watch(marker, lambda node: os.killpg(driver.pid, signal.SIGKILL))
+        driver.wait(timeout=300)
+    t.join(timeout=5)
+    assert marker.exists() and driver.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    run = next(p.name for p in (root / "ray").iterdir() if p.name.startswith("driver-kill"))
+    r = pretrain(config(root, "name=driver-kill", *overrides(c)), resume=run, show_progress=False,
+                 hooks=FaultAndRecord(record_windows=str(rec)))
+    began = [json.loads(line)["step"] for line in (rec / "steps-rank0.jsonl").read_text().splitlines()]
+    assert sorted(began) == [0, 1, 2, 2, 3, 4, 5], began  # only the held step began twice: resumed from step 2
+    assert all(len(v) == 1 for v in records(rec).values())  # no window served twice
+    same_run(rec, r, ref_rec, ref)
