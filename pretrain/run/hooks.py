@@ -35,11 +35,10 @@ class FaultAndRecord(LoopHooks):
     hold_s: float = 300.0  # a held worker still alive after this long fails its step (nobody killed it)
 
     def faults(self) -> list[tuple[int, int, str]]:
-        out = []
-        for spec in filter(None, (self.fault or "").split(",")):
-            r, s, marker = spec.split(":", 2)
-            out.append((int(r), int(s), marker))
-        return out
+        return _specs(self.fault)
+
+    def holds(self) -> list[tuple[int, int, str]]:
+        return _specs(self.hold)
 
     def before_step(self, rank: int, step: int, last_checkpoint: int) -> None:
         if self.record_windows:  # steps-rank<r>.jsonl: every step a worker process began (restarts show as new pids)
@@ -51,9 +50,8 @@ class FaultAndRecord(LoopHooks):
                 # (checkpoint.RayCheckpointer), which is what a kill right after a report checks
                 Path(marker).write_text(str(os.getpid()))
                 os.kill(os.getpid(), signal.SIGKILL)
-        for spec in filter(None, (self.hold or "").split(",")):
-            r, s, marker = spec.split(":", 2)
-            if int(r) == rank and int(s) == step and not os.path.exists(marker):
+        for r, s, marker in self.holds():
+            if r == rank and s == step and not os.path.exists(marker):
                 Path(marker + ".tmp").write_text(_node_id() or "")
                 os.replace(marker + ".tmp", marker)  # whole, for the watcher
                 deadline = time.monotonic() + self.hold_s
@@ -74,6 +72,15 @@ class FaultAndRecord(LoopHooks):
         env = os.environ.get
         fault, hold, record = env("POPSCALE_TRAIN_FAULT"), env("POPSCALE_TRAIN_HOLD"), env("POPSCALE_RECORD_WINDOWS")
         return cls(fault=fault, record_windows=record, hold=hold) if fault or record or hold else None
+
+
+def _specs(text: str | None) -> list[tuple[int, int, str]]:
+    """(rank, step, marker) triples of "<rank>:<step>:<marker>[,...]"."""
+    out = []
+    for spec in filter(None, (text or "").split(",")):
+        r, s, marker = spec.split(":", 2)
+        out.append((int(r), int(s), marker))
+    return out
 
 
 def _node_id() -> str | None:

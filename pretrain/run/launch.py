@@ -14,6 +14,7 @@ import json
 import os
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -89,6 +90,22 @@ def unfinished_runs(storage: str, config_name: str) -> list[str]:
 GCS_BOUNDS = {"task_events_max_num_task_in_gcs": 5000, "maximum_gcs_destroyed_actor_cached_count": 500}
 
 
+@contextmanager
+def single_host_mode():
+    """Ray's single-machine mode (ray_constants.ENABLE_RAY_CLUSTER off, its macOS/Windows default)
+    while a node starts or a driver joins: only then does a loopback `_node_ip_address` stay
+    127.0.0.1 instead of becoming the host's address."""
+    # deferred: importing ray only when used keeps start-up light
+    from ray._private import ray_constants
+
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
 def init_ray(run: RunConfig) -> None:
     # deferred: importing ray only when used keeps start-up light
     import ray
@@ -99,43 +116,27 @@ def init_ray(run: RunConfig) -> None:
     if not run.cluster.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     os.environ.update(env)
-    # deferred: importing ray only when used keeps start-up light
-    from ray._private import ray_constants
-
     if run.cluster.address:
         # A cluster on this machine's loopback (local_cluster.py, `ray start --node-ip-address 127.0.0.1`):
-        # this driver joins it at 127.0.0.1 too, and Ray would turn that (and the address) into the
-        # host's address outside its single-machine mode (below).
-        if run.cluster.address.split("://")[-1].startswith("127.0.0.1:"):
-            clusters = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
-            ray_constants.ENABLE_RAY_CLUSTER = False
-            try:
-                ray.init(address=run.cluster.address, runtime_env={"env_vars": env}, log_to_driver=True,
-                         _node_ip_address="127.0.0.1")
-            finally:
-                ray_constants.ENABLE_RAY_CLUSTER = clusters
-        else:
-            ray.init(address=run.cluster.address, runtime_env={"env_vars": env}, log_to_driver=True)
+        # this driver joins it at 127.0.0.1 too, or Ray turns that (and the address) into the host's.
+        local = run.cluster.address.split("://")[-1].startswith("127.0.0.1:")
+        with single_host_mode() if local else nullcontext():
+            ray.init(address=run.cluster.address, runtime_env={"env_vars": env}, log_to_driver=True,
+                     **({"_node_ip_address": "127.0.0.1"} if local else {}))
         return
     # Logical CPUs above the physical count: training workers take one CPU each and Ray Data's
     # actors must still be schedulable, or Ray waits forever (the 2-core hang).
     cpus = run.cluster.local_cpus or max(4, 2 * (os.cpu_count() or 1))
     # Every socket of the embedded Ray binds loopback (runbooks/security.md): Ray's servers (GCS,
-    # raylet, workers, agents) listen on 127.0.0.1 only when the node's IP is 127.0.0.1, and
-    # ray.init turns a loopback `_node_ip_address` into the host's address unless Ray runs without
-    # multi-node clusters (its macOS/Windows mode, ray_constants.ENABLE_RAY_CLUSTER), so that flag
-    # is off while this node starts. Ray's token authentication stays on (its default for a new
-    # local cluster; RAY_AUTH_MODE is respected).
-    clusters = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
+    # raylet, workers, agents) listen on 127.0.0.1 only when the node's IP is 127.0.0.1, which
+    # single-host mode keeps. Ray's token authentication stays on (its default for a new local
+    # cluster; RAY_AUTH_MODE is respected).
+    with single_host_mode():
         # Worker logs stay in Ray's session directory unless asked for: the progress bar is the display.
         ray.init(num_cpus=cpus, include_dashboard=False, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": env}, object_store_memory=1 << 30, _system_config=GCS_BOUNDS,
                  log_to_driver=bool(os.environ.get("POPSCALE_RAY_LOGS")), configure_logging=True,
                  logging_level="WARNING")
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = clusters
     # the token Ray generated for it is written world-readable (umask 022): other users of the host
     # could reach the loopback ports with it
     token = Path.home() / ".ray" / "auth_token"
@@ -149,9 +150,9 @@ def init_ray(run: RunConfig) -> None:
 def pin_data_singletons() -> None:
     """Ray Data (2.60) creates one AutoscalingCoordinator per cluster, a detached actor that restarts
     forever, pinned to the node of the first process that runs a dataset: a training worker's. Were
-    that node lost, the actor could never come back and every later dataset would wait on it for
-    good (the restarted workers hang at their first batch; tests/test_multinode.py). Made here
-    first, it lives on the driver's node."""
+    that node lost, the actor could never come back and every later dataset that asks it would
+    wait for good. Made here first, it lives on the driver's node. (Not enough on its own: after a
+    node loss the restarted workers' pipelines still stall, tests/test_multinode.py, issue 28.)"""
     try:
         # deferred: Ray Data's private module, loaded only when a run starts
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (

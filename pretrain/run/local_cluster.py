@@ -2,9 +2,10 @@
 before renting one: each node its own raylet, object store and workers (Ray's
 `cluster_utils.Cluster`), every socket on loopback (runbooks/security.md), nodes that can be
 killed whole (`kill`: the raylet, its object store and every worker and data actor on it).
-(Adding a node back after a kill is left out: on Ray 2.60 a node added to a `Cluster` after
-another was removed died seconds after it joined; spare capacity stands in for it.) Custom resources (`{"trainer": 1}`) place training workers and data actors on chosen
-nodes (cluster.worker_resources, data.actor_resources).
+Custom resources (`{"trainer": 1}`) place training workers and data actors on chosen nodes
+(cluster.worker_resources, data.actor_resources). Adding a node back after a kill is left out:
+on Ray 2.60 a node added to a `Cluster` after another was removed died seconds after it joined;
+spare capacity stands in for it.
 
     with LocalCluster([{"num_cpus": 2}, {"num_cpus": 2, "resources": {"trainer": 1}}]) as c:
         pretrain(config(cluster.address=c.address, ...))
@@ -14,24 +15,13 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
 
 import ray
-from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
+from .launch import single_host_mode
+
 LOOPBACK = "127.0.0.1"
-
-
-@contextmanager
-def _single_host_mode():
-    """Ray keeps a node's servers on 127.0.0.1 only in its single-machine mode (launch.init_ray)."""
-    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 class LocalCluster:
@@ -40,7 +30,7 @@ class LocalCluster:
     def __init__(self, nodes: list[dict], connect: bool = True) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         head, *rest = nodes
-        with _single_host_mode():
+        with single_host_mode():
             self.cluster = Cluster(initialize_head=True, head_node_args=self._args(head, head=True))
             self.nodes = [self.cluster.head_node] + [self.cluster.add_node(**self._args(n)) for n in rest]
             self.cluster.wait_for_nodes()

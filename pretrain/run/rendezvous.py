@@ -9,7 +9,7 @@ kept on the loopback interface. Workers on several hosts must reach each other, 
 TCPStore stays (protect it with the host firewall).
 
 `HostLocalTorchConfig` is Ray Train's TorchConfig with that one difference; it builds on Ray
-Train's private torch backend (ray 2.60 is pinned), and tests/test_security.py checks the sockets
+Train's private torch backend (ray 2.60 is pinned), and tests/test_pretrain.py watches the sockets
 of a two-worker run, so a Ray upgrade that changes it fails there first.
 """
 
