@@ -55,6 +55,11 @@ RAT = {"R042-2013-08-20"}  # decoded: position (x, y)
 ARMS = ["unit-id", "full", "unit-id-then-full", "scratch", "ridge", "gru", "ridge-nc", "gru-nc"]
 ADAPTED = ("unit-id", "full", "unit-id-then-full", "unit-id-x5")  # the arms that adapt a pretrained model
 EVAL_EVERY = 25  # validations every this many steps, for every trained arm (model selection)
+
+
+def eval_every(steps: int) -> int:
+    """Every 25 steps, at most 20 validations a run: long schedules choose their step on valid too."""
+    return min(steps, max(EVAL_EVERY, steps // 20))
 SPEED = "mihi_demo-te"  # the ~200-unit session the wall-time goal is measured on (and unit-id at 5x the steps)
 
 
@@ -111,7 +116,7 @@ def scratch(out: Path, corpus: Path, held: str, labels: str, seed: int, steps: i
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [
         f"data.corpus={corpus}", "data.synth=null", "data.loader=local", f"train.steps={steps}",
-        f"train.warmup_steps={max(1, steps // 10)}", f"train.eval_every={min(EVAL_EVERY, steps)}",
+        f"train.warmup_steps={max(1, steps // 10)}", f"train.eval_every={eval_every(steps)}",
         f"train.checkpoint_every={steps}", f"data.sessions={json.dumps([held])}", f"data.labels={labels}",
         f"data.seed={seed}", f"train.seed={seed}", "cluster.cpus_per_worker=2",
         *(["data.readouts={head_direction: [compass_direction]}", "data.readout_kinds={head_direction: angular}",
@@ -155,7 +160,7 @@ def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int
         arm, steps = "unit-id", 5 * steps
     rates = {} if lr is None else {"lr_full": lr} if arm == "full" else {"lr_unit_id": lr}
     r = finetune(FinetuneConfig(model=str(src), corpus=str(corpus), sessions=[held], mode=arm, labels=labels,
-                                steps=steps, seed=seed, eval_every=min(EVAL_EVERY, steps), **rates,
+                                steps=steps, seed=seed, eval_every=eval_every(steps), **rates,
                                 tracking_uri=f"sqlite:///{out / 'mlflow.db'}", out=str(out / "finetune"),
                                 name=f"{held}-{arm}-{steps}-{labels.rstrip('%')}-{seed}" + (f"-lr{lr:g}" if lr else ""),
                                 readouts=[HD] if held == MOUSE else [],
@@ -272,7 +277,7 @@ def main() -> None:
             if not (arm == "unit-id-then-full" and lab == "10%" and model is None)]
     print(f"\ntest R2 [95 % bootstrap over test trials or blocks, mean of the seeds' bounds] ±sd over {seeds} seeds; "
           + (f"pretrained: {model.name}" if model else f"pretraining {pre} steps") +
-          f", adaptation and scratch {steps} steps, validation every {EVAL_EVERY}")
+          f", adaptation and scratch {steps} steps, validation every {eval_every(steps)}")
     print("| session | sibling in pretraining | valid s (selection) | " + " | ".join(f"{a_} {lab}" for a_, lab in cols) + " |")
     print("|---|---|---|" + "---|" * len(cols))
     for s in sessions:

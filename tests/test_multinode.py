@@ -96,8 +96,6 @@ def reference(cluster):
     return r, rec
 
 
-@pytest.mark.skip(reason="issue 28, open: after the node loss Ray Train restarts both workers from the step-2 "
-                         "checkpoint on the two nodes left, and their first Ray Data pipeline never yields a batch")
 def test_a_lost_node_and_its_worker_are_replaced_and_the_run_ends_as_an_uninterrupted_one(cluster, reference):
     """While rank 1 holds right after the step-2 checkpoint, a worker's node (raylet, object store,
     its worker and data actors) is killed; Ray Train restarts the group on the nodes left (fixed

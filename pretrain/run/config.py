@@ -57,6 +57,11 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loader: str = "ray"  # ray | local
     data_actors: int = 1  # Ray Data actors per training worker
+    # logical CPUs each data actor asks of Ray. 0 by default: Ray Data 2.60 splits every node's CPUs among
+    # all live pipelines (one per worker) by integer division, so with more pipelines than a node has CPUs,
+    # or after a restart while the dead pipelines' claims last (180 s), a pipeline that asks any CPU gets
+    # none and never starts (runbooks/cluster.md). data_actors bounds the actors instead.
+    actor_cpus: float = 0.0
     # custom Ray resources each data actor takes (e.g. {data: 1} on nodes that offer it); empty: each
     # worker's actors run on its own node when that node has room (no batch crosses the network)
     actor_resources: dict[str, float] = field(default_factory=dict)
@@ -180,7 +185,8 @@ def _at_least(n):
 # values a config may type correctly and still not run with: refused at load, before Ray or a corpus
 _RANGES: dict[str, tuple] = {
     "data.window_s": ((lambda v: v > 0), "a positive number of seconds"),
-    "data.global_batch": _at_least(1), "data.data_actors": _at_least(1), "data.prefetch": _at_least(1),
+    "data.global_batch": _at_least(1), "data.data_actors": _at_least(1),
+    "data.actor_cpus": ((lambda v: v >= 0), "zero or more"), "data.prefetch": _at_least(1),
     "data.block_windows": ((lambda v: v >= 1), "a whole number of windows >= 1 (1: no blocks)"),
     "data.target_rms": ((lambda v: v > 0), "positive"),
     "data.loader": ((lambda v: v in ("ray", "local")), "ray or local"),

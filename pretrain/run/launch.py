@@ -151,8 +151,8 @@ def pin_data_singletons() -> None:
     """Ray Data (2.60) creates one AutoscalingCoordinator per cluster, a detached actor that restarts
     forever, pinned to the node of the first process that runs a dataset: a training worker's. Were
     that node lost, the actor could never come back and every later dataset that asks it would
-    wait for good. Made here first, it lives on the driver's node. (Not enough on its own: after a
-    node loss the restarted workers' pipelines still stall, tests/test_multinode.py, issue 28.)"""
+    wait for good. Made here first, it lives on the driver's node. (The other half of surviving a
+    node loss is data.actor_cpus = 0: the coordinator's CPU split, pretrain/run/config.py.)"""
     try:
         # deferred: Ray Data's private module, loaded only when a run starts
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
