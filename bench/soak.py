@@ -6,7 +6,8 @@ data-service spec of the run plan a training worker gets (`load_config` defaults
 global batch 32, `data.data_actors`/`prefetch`/`buffer_mb` defaults) over a synthetic corpus
 (data_service.synth, made once under runs/bench/). The driver pulls batches as fast as they come
 and does what the trainer does with each (`PackedBatch.to("cpu")`); nothing trains, so the
-service runs flat out. One stream of 256-batch Ray datasets after another, as in a long run.
+service runs flat out. One stream of 2,048-batch Ray datasets after another (RayBatches' chunk), as in a
+long run.
 
 Every --interval seconds (default 5) a sampler thread records: windows/s over the interval; the
 memory of the driver and of every process of the Ray session (found as in popscale.listeners:
@@ -38,7 +39,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # not a line per 256-batch dataset on the console
+os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # not a line per Ray dataset on the console
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
@@ -81,7 +82,7 @@ def kind_of(proc: psutil.Process, driver: int) -> str:
         return "raylet"
     if "Agent" in name:  # ray::DashboardAgent, ray::RuntimeEnvAgent
         return "agents"
-    if "MapWorker" in name:  # ray::MapWorker(MapBatches(_Builder)): a batch builder, one per 256-batch dataset
+    if "MapWorker" in name:  # ray::MapWorker(MapBatches(_Builder)): a batch builder, one per Ray dataset
         return "data_actors"
     if any(a in name for a in DATA_SYSTEM):
         return "data_system"
@@ -282,7 +283,8 @@ def main() -> None:
     print(f"soak: RayBatches ({d.data_actors} actor(s), prefetch {d.prefetch}, buffer {d.buffer_mb} MB) on the "
           f"embedded Ray, {len(plan.sessions)} sessions, batches of {GLOBAL_BATCH} x 1 s windows, {minutes:g} min "
           f"({warmup_s / 60:.1f} min warm-up), a sample every {a.interval:g} s", file=sys.stderr)
-    loader = RayBatches(spec, 0, 1, actors=d.data_actors, prefetch=d.prefetch, buffer_mb=d.buffer_mb)
+    loader = RayBatches(spec, 0, 1, actors=d.data_actors, cpus_per_actor=d.actor_cpus, prefetch=d.prefetch,
+                        buffer_mb=d.buffer_mb)
     sampler.start()
     try:
         with Progress(TextColumn("soak"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),

@@ -22,7 +22,7 @@ import json
 import logging
 import pickle
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -66,6 +66,9 @@ class ServiceSpec:
     # a window that cannot be read (corrupt or truncated chunk, missing shard, deleted session) stops
     # the service with an error naming it; True drops it from its batch instead, and says so
     skip_bad_windows: bool = False
+    # the index's intervals (WindowIndex.split_intervals), read once by the consumer: a data actor then
+    # makes the index from them instead of opening every session of the corpus (None: it opens them)
+    split_intervals: dict[str, Any] | None = None
 
 
 @dataclass
@@ -81,15 +84,34 @@ class ServedBatch:
 @lru_cache(maxsize=8)
 def _index(corpus: str, index_json: str, expected: str | None) -> WindowIndex:
     index = WindowIndex(open_corpus(corpus), IndexConfig(**json.loads(index_json)))
+    _check(index, expected, corpus)
+    return index
+
+
+def _check(index: WindowIndex, expected: str | None, corpus: str) -> None:
     if expected is not None and index.fingerprint != expected:
         raise CorpusError(f"the corpus changed since the run was planned (window-index fingerprint {index.fingerprint}, "
                           f"planned {expected}): its window order would not be the planned one", file=corpus)
-    return index
+
+
+_from_intervals: dict[int, tuple[dict, WindowIndex]] = {}  # id(spec.split_intervals) -> (them, their index)
 
 
 def window_index(spec: ServiceSpec) -> WindowIndex:
     """The spec's index, built once per process. Called once per batch: the cache key (the index
-    config as JSON, which holds the session list) is built once per spec, not per batch."""
+    config as JSON, which holds the session list) is built once per spec, not per batch. With
+    `split_intervals` it is made from them (the same index, bit for bit) and no session is opened."""
+    rows = spec.split_intervals
+    if rows is not None:
+        hit = _from_intervals.get(id(rows))
+        if hit is None or hit[0] is not rows:
+            corpus = open_corpus(spec.corpus)
+            index = WindowIndex.from_intervals(rows, corpus.fingerprint, spec.index, spec.corpus)
+            _check(index, spec.index_fingerprint, spec.corpus)
+            if len(_from_intervals) >= 8:
+                _from_intervals.clear()
+            hit = _from_intervals[id(rows)] = (rows, index)
+        return hit[1]
     key = spec.__dict__.get("_index_key")
     if key is None:
         key = spec.__dict__["_index_key"] = json.dumps(asdict(spec.index), sort_keys=True)
@@ -195,7 +217,7 @@ class _Builder:
 class RayBatches:
     """Batches [start, stop) for one worker, built by Ray Data actors and streamed in order."""
 
-    def __init__(self, spec: ServiceSpec, rank: int = 0, world: int = 1, *, actors: int = 1, cpus_per_actor: float = 0.5,
+    def __init__(self, spec: ServiceSpec, rank: int = 0, world: int = 1, *, actors: int = 1, cpus_per_actor: float = 0.0,
                  prefetch: int = 4, chunk: int = 2048, buffer_mb: float | None = 256,
                  resources: dict[str, float] | None = None) -> None:
         """buffer_mb: a cap on the object-store memory this worker's pipeline may hold (Ray Data's
@@ -207,7 +229,18 @@ class RayBatches:
         self.spec, self.rank, self.world = spec, rank, world
         self.actors, self.cpus, self.prefetch, self.chunk = actors, cpus_per_actor, prefetch, chunk
         self.buffer_mb, self.resources = buffer_mb, resources
-        self._spec_bytes = pickle.dumps(spec)
+        self._spec_bytes: bytes | None = None
+
+    def _actor_spec(self) -> bytes:
+        """The spec the actors get, with the index's intervals read here once (each dataset's actors
+        are new processes: without them every one would open every session to make its index).
+        Read at the first batch, so an unreadable session is a data error of the stream."""
+        if self._spec_bytes is None:
+            spec = self.spec
+            if spec.split_intervals is None:
+                spec = replace(spec, split_intervals=WindowIndex.split_intervals(open_corpus(spec.corpus), spec.index))
+            self._spec_bytes = pickle.dumps(spec)
+        return self._spec_bytes
 
     def iterate(self, start: int, stop: int) -> Iterator[ServedBatch]:
         # deferred: importing ray only when used keeps start-up light
@@ -227,13 +260,14 @@ class RayBatches:
 
             here = ray.get_runtime_context().get_node_id()
             placed = {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=True)}
+        spec_bytes = self._actor_spec()
         for lo in range(start, stop, self.chunk):  # one dataset per chunk keeps per-dataset metadata small
             hi = min(stop, lo + self.chunk)
             # the ids' offset takes no CPU of its own: a node whose CPUs hold a training worker and its
             # data actor (a restart after a node loss fills the spare) must still run it
             ds = ray.data.range(hi - lo, override_num_blocks=hi - lo).map(lambda r, lo=lo: {"id": r["id"] + lo},
                                                                            num_cpus=0)
-            ds = ds.map_batches(_Builder, fn_constructor_args=(self._spec_bytes, self.rank, self.world),
+            ds = ds.map_batches(_Builder, fn_constructor_args=(spec_bytes, self.rank, self.world),
                                 batch_size=1, compute=ray.data.ActorPoolStrategy(size=self.actors), num_cpus=self.cpus,
                                 batch_format="numpy", **placed)
             try:

@@ -42,3 +42,34 @@ def test_time_scaling_squeezes_times_and_scales_rates(setup):
     assert np.allclose(w.behaviour["hand_pos"].values, raw.behaviour["hand_pos"].values)
     assert np.allclose(w.behaviour["hand_vel"].timestamps, raw.behaviour["hand_vel"].timestamps / 1.5)
     assert rate_factor("cm/s", 2.0) == 2.0 and rate_factor("m/s^2", 2.0) == 4.0 and rate_factor("cm", 2.0) == 1.0
+
+
+def test_a_data_actor_makes_the_index_from_intervals_read_once_and_opens_no_session(tmp_path, monkeypatch):
+    """RayBatches reads the index's intervals once and hands them to its actors (a new process per
+    Ray dataset): the index they make is the opened one, window for window, without a session
+    opened; a corpus changed since the plan is still refused."""
+    from data_service.errors import CorpusError
+    from data_service.service import window_index
+    from data_service.window_index import WindowIndex
+
+    root = tmp_path / "c"
+    synth_corpus(SynthConfig(sessions=3, subjects=2, minutes=1.0, min_units=10, max_units=20, seed=3), root)
+    corpus = open_corpus(root)
+    cfg = IndexConfig(window_s=1.0, sessions=corpus.session_ids[::-1][:2])  # a subset, out of corpus order
+    opened = window_index(ServiceSpec(corpus=str(root), index=cfg, tokenizer=None))
+    rows = WindowIndex.split_intervals(corpus, cfg)
+    assert list(rows) == cfg.sessions
+
+    def no_session(self, session_id):
+        raise AssertionError(f"opened {session_id}")
+
+    monkeypatch.setattr(type(corpus), "session", no_session)
+    made = window_index(ServiceSpec(corpus=str(root), index=cfg, tokenizer=None, split_intervals=rows,
+                                    index_fingerprint=opened.fingerprint))
+    assert made is not opened and made.fingerprint == opened.fingerprint
+    for b in (0, 1, 7, 40):  # 40 lies past the first epoch
+        for rank in (0, 1):
+            assert made.worker_windows(b, 8, rank, 2) == opened.worker_windows(b, 8, rank, 2)
+    with pytest.raises(CorpusError, match="changed since the run was planned"):
+        window_index(ServiceSpec(corpus=str(root), index=cfg, tokenizer=None, split_intervals=dict(rows),
+                                 index_fingerprint="0" * 16))
