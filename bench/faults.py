@@ -10,6 +10,11 @@ Ray Train + DeepSpeed on CPU, MLflow on sqlite) on a small synthetic corpus and 
   `popscale pretrain ... --resume NAME` (the name it printed when it started);
 - a chunk corrupted under the running job (chunk cache off, so the next read sees it): the
   run stops naming session and array; the chunk is restored and `--resume` finishes the run;
+- a node lost (`--drills node`): a 3-node Ray cluster on loopback (pretrain/run/local_cluster.py,
+  one training slot a node), `popscale pretrain` with 2 workers on two of them; the node under a
+  worker is killed whole (raylet, object store, worker, data actors) right after a checkpoint at a
+  random step, and the run goes on on the spare node; compared against an uninterrupted 2-worker
+  run on the same cluster, every rank's windows;
 - ingest killed at random points (fault points and wall-clock kills): readers see only complete
   sessions, and re-running the same ingest finishes with the bytes of a clean one.
 
@@ -112,10 +117,10 @@ class Run:
         return dict(kv.split("=", 1) for kv in lines[-1].split()[1:]) if lines else {}
 
 
-def sequence(rec: Path) -> list[int]:
+def sequence(rec: Path, rank: int = 0) -> list[int]:
     """Stream positions the final model saw: the last record of each step."""
     last: dict[int, list[int]] = {}
-    for line in (rec / "rank0.jsonl").read_text().splitlines():
+    for line in (rec / f"rank{rank}.jsonl").read_text().splitlines():
         r = json.loads(line)
         last[r["step"]] = r["positions"]
     return [p for s in sorted(last) for p in last[s]]
@@ -154,12 +159,17 @@ def ray_leftovers(pgid: int) -> int:
     return n
 
 
-def kill_data_actor() -> int:
+def kill_data_actor(pgid: int) -> int:
+    """SIGKILL a Ray Data actor of this run (its driver's process group), never another job's."""
     import psutil
 
     for p in psutil.process_iter(["cmdline"]):
         cmd = (p.info["cmdline"] or [""])[:1]
-        if cmd and "_Builder" in cmd[0]:
+        try:
+            ours = os.getpgid(p.pid) == pgid
+        except ProcessLookupError:
+            continue
+        if ours and cmd and "_Builder" in cmd[0]:
             os.kill(p.pid, signal.SIGKILL)
             return p.pid
     return 0
@@ -179,7 +189,7 @@ def drill_kills(work, config, rng, steps, kinds: list[str]) -> dict:
             while run.last()[1] == pid and run.p.poll() is None:
                 time.sleep(0.05)
         else:
-            pid = kill_data_actor()
+            pid = kill_data_actor(run.p.pid)
         done.append({"kind": kind, "step": step, "pid": pid})
     rc = run.finish()
     return {"run": run, "rc": rc, "faults": done}
@@ -234,6 +244,43 @@ def drill_corrupt(work, config, corpus_copy: Path, rng, steps) -> dict:
     rc = again.finish()
     return {"run": again, "rc": rc, "stopped_rc": rc_fail, "stop_line": stop_line, "named": named,
             "faults": [{"kind": "corrupt chunk", "step": step, "session": session}], "name": name}
+
+
+def drill_node(work, corpus: Path, rng, steps) -> tuple[dict, dict]:
+    """Lose the node under a training worker: 3 nodes with one training slot each, 2 workers, the
+    worker of rank 1 held right after a random checkpoint, then its node killed whole (when it sits
+    on the head, which holds the cluster, rank 0's node instead). Returns (reference, drill)."""
+    import yaml
+
+    from pretrain.run.local_cluster import LocalCluster
+
+    node = {"num_cpus": 2, "resources": {"trainer": 1}}
+    with LocalCluster([node, node, node]) as c:
+        def config(tag: str) -> Path:
+            p = run_config(work, corpus, steps, 8, tag)
+            cfg = yaml.safe_load(p.read_text())
+            cfg["cluster"].update(address=c.address, num_workers=2, worker_resources={"trainer": 1})
+            p.write_text(yaml.safe_dump(cfg))
+            return p
+
+        ref = Run(work, config("node-ref"), "node-ref")
+        ref_rc = ref.finish()
+        step = 2 * rng.randrange(1, steps // 2 - 1)  # right after a checkpoint (every 2 steps)
+        marker = work / "node-held"
+        run = Run(work, config("node"), "node", env={"POPSCALE_TRAIN_HOLD": f"1:{step}:{marker}"})
+        deadline = time.monotonic() + 600
+        while not marker.exists() and run.p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        lost = None
+        if marker.exists():
+            held = marker.read_text()
+            lost = held
+            if held == c.nodes[0].node_id:
+                lost = next(json.loads(ln)["node"] for ln in (run.rec / "steps-rank0.jsonl").read_text().splitlines())
+            c.kill(lost)
+        rc = run.finish()
+    fault = {"kind": "node", "step": step, "node": (lost or "")[:8]}
+    return {"run": ref, "rc": ref_rc, "faults": []}, {"run": run, "rc": rc, "faults": [fault]}
 
 
 def drill_ingest(work, rng, n: int) -> list[dict]:
@@ -297,7 +344,7 @@ def main() -> None:
                                  "(about 5 min: every run starts its own Ray, which no quick mode can shorten)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--drills", default="kills,driver,corrupt,ingest", help="which drills (comma-separated)")
+    ap.add_argument("--drills", default="kills,driver,corrupt,node,ingest", help="which drills (comma-separated)")
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one, removed after)")
     a = ap.parse_args()
     rng = random.Random(a.seed)
@@ -337,6 +384,20 @@ def main() -> None:
         shutil.copytree(corpus, copy)
         row("corrupt chunk + --resume", drill_corrupt(work, run_config(work, copy, steps, 8, "corrupt"), copy, rng,
                                                       steps))
+    if "node" in drills:  # its own uninterrupted run: 2 workers on the cluster, every rank's windows compared
+        node_ref, node = drill_node(work, corpus, rng, steps)
+        if node_ref["rc"] != 0:
+            raise RuntimeError(f"the 2-worker reference on the cluster failed; see {node_ref['run'].log}")
+        ok = node["rc"] == 0
+        cmp: dict = {}
+        if ok:
+            ref2 = node_ref["run"]
+            seq_ref = sequence(ref2.rec, 0) + sequence(ref2.rec, 1)
+            seq = sequence(node["run"].rec, 0) + sequence(node["run"].rec, 1)
+            cmp = compare(seq_ref, seq, weights(work, ref2.name()), weights(work, node["run"].name()))
+        rows.append({"drill": "node lost (3-node cluster, 2 workers)", "faults": node["faults"], "completed": ok,
+                     "attempts": attempts(node["run"].rec), **cmp})
+        print(f"node: {'completed' if ok else 'FAILED'} {cmp}", flush=True)
     ingest_rows = drill_ingest(work, rng, 3 if a.quick else 8) if "ingest" in drills else []
     seconds = time.monotonic() - t0
 

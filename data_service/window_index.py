@@ -35,6 +35,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -125,7 +126,7 @@ class WindowIndex:
                     str(corpus.root))
 
     @staticmethod
-    def split_intervals(corpus: Corpus, cfg: IndexConfig) -> dict[str, np.ndarray | None]:
+    def split_intervals(corpus: Corpus, cfg: IndexConfig, threads: int = 8) -> dict[str, np.ndarray | None]:
         """Each indexed session's `cfg.split` intervals, in index order: what `from_intervals` needs
         to make this same index again without opening a session. Opening every session costs ~6 ms
         each on a local disk and several requests each on object storage; a data actor (a new one per
@@ -134,11 +135,13 @@ class WindowIndex:
         unknown = [s for s in ids if s not in corpus.rows]
         if unknown:
             raise CorpusError(f"sessions not in the corpus: {unknown[:5]}", file=str(corpus.root))
-        out = {}
-        for sid in ids:
+        def read(sid: str) -> np.ndarray | None:
             iv = corpus.session(sid).intervals.get(cfg.split)
-            out[sid] = None if iv is None else np.asarray(iv, dtype=np.float64)
-        return out
+            return None if iv is None else np.asarray(iv, dtype=np.float64)
+
+        # threads: on object storage each session is a few requests' latency, not CPU
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(ids)))) as pool:
+            return dict(zip(ids, pool.map(read, ids)))
 
     @classmethod
     def from_intervals(cls, intervals: Mapping[str, np.ndarray | None], corpus_fingerprint: str, cfg: IndexConfig,

@@ -346,7 +346,7 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
     tracked = _tracked(run, plan, name, run_dir, meta, tags, notify)
     progress = _progress_actor()
     hooks = hooks if hooks is not None else FaultAndRecord.from_env() or LoopHooks()
-    args = WorkerArgs(plan, tracked.run_id, progress, hooks, run_dir)
+    args = WorkerArgs(plan, tracked.run_id, progress, hooks, run_dir, plan.index_intervals())
     result = _fit(_trainer(run, args, name, storage), progress, run, name, show_progress)
     metrics = result.metrics or {}
     stopped_early = run.train.stop_at is not None and run.train.stop_at < run.train.steps

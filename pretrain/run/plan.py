@@ -28,7 +28,7 @@ from data_service.errors import ConfigError, CorpusError
 from data_service.reader import Corpus, open_corpus
 from data_service.remote import join, read_text, write_text
 from data_service.service import ServiceSpec
-from data_service.window_index import IndexConfig, index_fingerprint
+from data_service.window_index import IndexConfig, WindowIndex, index_fingerprint
 
 from ..model.config import ModelConfig
 from ..model.vocab import StaticVocab
@@ -92,6 +92,12 @@ class RunPlan:
         return ServiceSpec(corpus=self.corpus, index=self.index, tokenizer=self.make_tokenizer(),
                            global_batch=d.global_batch, seed=d.seed, augment=d.augment,
                            index_fingerprint=self.index_fingerprint, skip_bad_windows=d.skip_bad_windows)
+
+    def index_intervals(self) -> dict[str, np.ndarray | None]:
+        """The training index's intervals, read here once and handed to every worker, whose data
+        actors (new ones for every Ray dataset) then make the index without opening a session:
+        at 10,000 sessions on object storage that is tens of thousands of requests per actor."""
+        return WindowIndex.split_intervals(open_corpus(self.corpus), self.index)
 
     # ---- serialisation --------------------------------------------------------------------------------
     def to_dict(self) -> dict:

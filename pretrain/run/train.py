@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -39,6 +39,9 @@ class WorkerArgs:
     progress: Any = None  # the driver's progress actor (rank 0 updates it)
     hooks: LoopHooks = field(default_factory=LoopHooks)
     run_dir: str | None = None  # the Ray run directory (checkpoints land there; see checkpoint.py)
+    # the training index's intervals, read once by the driver (RunPlan.index_intervals): no worker and
+    # no data actor opens every session of the corpus to make its index (None: each reads them itself)
+    split_intervals: dict | None = None
 
 
 class Parts(NamedTuple):
@@ -51,11 +54,13 @@ class Parts(NamedTuple):
     evaluator: Evaluator
 
 
-def _parts(plan: RunPlan, rank: int, world: int, local_rank: int = 0) -> Parts:
+def _parts(plan: RunPlan, rank: int, world: int, local_rank: int = 0, split_intervals: dict | None = None) -> Parts:
     where = placement(plan, rank, world, local_rank)
     dist = Dist(rank, world, where.device)
     engine, scheduler = build_engine(plan, where)
     spec = plan.service_spec()
+    if split_intervals is not None:
+        spec = replace(spec, split_intervals=split_intervals)
     kinds = [r.kind for r in plan.tokenizer.readouts]
     return Parts(dist, engine, TrainStep(engine, scheduler, dist, plan.run.train.seed, kinds), spec,
                  Evaluator(spec.tokenizer, plan.corpus, plan.valid_sessions, dist))
@@ -68,7 +73,7 @@ def ray_worker(config: dict) -> None:
 
     args: WorkerArgs = config["args"]
     plan, ctx = args.plan, ray.train.get_context()
-    p = _parts(plan, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
+    p = _parts(plan, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), args.split_intervals)
     dist = p.dist
     sink: MetricsSink = NullSink()
     if dist.rank == 0:
