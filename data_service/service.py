@@ -204,14 +204,15 @@ class _Builder:
         self.rank, self.world = rank, world
         window_index(self.spec)  # build the index once per actor
 
-    def __call__(self, rows: dict) -> dict:
+    def __call__(self, rows: dict, offset: int = 0) -> dict:
         out = []
-        for b in rows["id"]:
+        ids = rows["id"] + offset
+        for b in ids:
             try:
                 out.append(pickle.dumps(build_batch(self.spec, int(b), self.rank, self.world), protocol=5))
             except CorpusError as e:  # sent in the batch's place, raised by the consumer: Ray Data
                 out.append(pickle.dumps(e))  # would keep only its traceback text, not where it was
-        return {"id": rows["id"], "payload": np.array(out, dtype=object)}
+        return {"id": ids, "payload": np.array(out, dtype=object)}
 
 
 class RayBatches:
@@ -263,11 +264,10 @@ class RayBatches:
         spec_bytes = self._actor_spec()
         for lo in range(start, stop, self.chunk):  # one dataset per chunk keeps per-dataset metadata small
             hi = min(stop, lo + self.chunk)
-            # the ids' offset takes no CPU of its own: a node whose CPUs hold a training worker and its
-            # data actor (a restart after a node loss fills the spare) must still run it
-            ds = ray.data.range(hi - lo, override_num_blocks=hi - lo).map(lambda r, lo=lo: {"id": r["id"] + lo},
-                                                                           num_cpus=0)
-            ds = ds.map_batches(_Builder, fn_constructor_args=(spec_bytes, self.rank, self.world),
+            # batch numbers 0..n-1 of this dataset, one block each; the builder adds `lo` (a stage of its own
+            # for the offset ran as zero-CPU tasks, for which Ray started a new worker process every few seconds)
+            ds = ray.data.range(hi - lo, override_num_blocks=hi - lo)
+            ds = ds.map_batches(_Builder, fn_constructor_args=(spec_bytes, self.rank, self.world), fn_kwargs={"offset": lo},
                                 batch_size=1, compute=ray.data.ActorPoolStrategy(size=self.actors), num_cpus=self.cpus,
                                 batch_format="numpy", **placed)
             try:
