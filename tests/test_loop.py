@@ -118,3 +118,30 @@ def test_deepspeed_cpu_engine_never_compiles_the_shm_kernel():
 
     skip_cpu_shm_kernel()
     assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None
+
+
+def test_a_worker_that_holds_the_others_up_is_named_with_its_data_wait():
+    """Three workers; the meter sees its own rank's times and the all-reduce brings the others'
+    (stubbed here: what ranks 0 and 2 put in their slots). Rank 1 waits 0.6 s a step for data:
+    it is the slowest, the progress line says so; a group in step says nothing."""
+    from pretrain.run.launch import progress_info
+    from pretrain.run.loop import Dist, Meter, StepStats
+
+    class ThreeWorkers(Dist):
+        others: list[float] = []
+
+        def all_sum(self, *values: float) -> list[float]:
+            return [v + o for v, o in zip(values, self.others)]
+
+    d = ThreeWorkers(rank=1, world=3)
+    # after loss, weight, tokens: own-time slots of ranks 0..2, then data-wait slots of ranks 0..2
+    d.others = [3.0, 3.0, 300.0, 0.10, 0.0, 0.12, 0.01, 0.0, 0.02]
+    m = Meter(d, samples_per_step=8)
+    for _ in range(2):
+        m.add(StepStats(loss_x_weight=1.0, weight=2.0, spike_tokens=100, forward_s=0.05), wait_s=0.6)
+    out = m.read(lr=1e-3)
+    assert out["slowest_rank"] == 1 and out["own_s_max"] == pytest.approx(0.65)
+    assert out["own_s_median"] == pytest.approx(0.12) and out["slowest_data_wait_s"] == pytest.approx(0.6)
+    assert out["train_loss"] == pytest.approx((2.0 + 3.0) / (4.0 + 3.0))
+    assert "slow: rank 1 0.65 s/step (median 0.12; 0.60 of it waiting for data)" in progress_info(out)
+    assert "slow" not in progress_info({**out, "own_s_max": 0.13})

@@ -189,6 +189,24 @@ def _progress_actor():
     return Progress.remote()
 
 
+SLOW = 1.5  # a worker whose own time a step (data wait + forward) is this many times the median holds the others up
+
+
+def progress_info(m: dict[str, float]) -> str:
+    """The live figures of the progress line, from rank 0's latest metrics; a worker that holds
+    the others up is named (loop.Meter: its own time a step against the median worker's)."""
+    info = f"loss {m['train_loss']:.3f}" if "train_loss" in m else "starting workers"
+    if "samples_per_s" in m:
+        info += f"  {m['samples_per_s']:.1f} samples/s"
+    if "valid_r2" in m:
+        info += f"  valid R2 {m['valid_r2']:.3f}"
+    top, mid = m.get("own_s_max", 0.0), m.get("own_s_median", 0.0)
+    if top > SLOW * mid and top - mid > 0.01:
+        waited = m.get("slowest_data_wait_s", 0.0)
+        info += f"  slow: rank {int(m['slowest_rank'])} {top:.2f} s/step (median {mid:.2f}; {waited:.2f} of it waiting for data)"
+    return info
+
+
 def _fit_with_progress(trainer, progress, total: int, show: bool):
     # deferred: importing ray only when used keeps start-up light
     import ray
@@ -209,12 +227,7 @@ def _fit_with_progress(trainer, progress, total: int, show: bool):
                 step, m = ray.get(progress.get.remote(), timeout=5)
             except Exception:  # noqa: BLE001 - progress is best effort
                 continue
-            info = f"loss {m['train_loss']:.3f}" if "train_loss" in m else "starting workers"
-            if "samples_per_s" in m:
-                info += f"  {m['samples_per_s']:.1f} samples/s"
-            if "valid_r2" in m:
-                info += f"  valid R2 {m['valid_r2']:.3f}"
-            bar.update(completed=step, info=info)
+            bar.update(completed=step, info=progress_info(m))
     if "error" in out:
         raise out["error"]
     return out["result"]

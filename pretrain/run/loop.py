@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -90,6 +91,7 @@ class StepStats:
     loss_x_weight: float  # this worker's loss summed with its loss weights
     weight: float
     spike_tokens: int
+    forward_s: float = 0.0  # this worker's forward passes: its own compute, no collective in it
 
 
 class TrainStep:
@@ -121,7 +123,9 @@ class TrainStep:
         for b in batches:
             b = b.to(d.device)
             (wsum,) = d.all_sum(float(b.weight.sum()))
+            t = time.perf_counter()
             loss, _ = weighted_mse(self.engine(b), b, self.model.readout_names, self.kinds)
+            stats.forward_s += time.perf_counter() - t
             local_w = float(b.weight.sum())
             self.engine.backward(loss * (local_w / max(wsum, 1e-12)) * d.world)
             self.engine.step()
@@ -133,27 +137,42 @@ class TrainStep:
 
 class Meter:
     """Train loss and throughput since the last read, over all workers; time spent evaluating or
-    checkpointing (`paused`) is not training time."""
+    checkpointing (`paused`) is not training time.
+
+    And which worker holds the others up. In synchronous data parallelism every worker's step
+    lasts as long as the slowest one's (the others wait in the gradient all-reduce), so step time
+    cannot tell; what each worker spends on its own is its wait for data plus its forward passes
+    (no collective in either). In seconds a step: `own_s_max` (of `slowest_rank`, with its
+    `slowest_data_wait_s`: data or compute) against `own_s_median`; `data_wait_s`, the mean."""
 
     def __init__(self, dist: Dist, samples_per_step: int) -> None:
         self.dist, self.samples_per_step = dist, samples_per_step
         self._reset()
 
     def _reset(self) -> None:
-        self.loss = self.weight = self.tokens = 0.0
+        self.loss = self.weight = self.tokens = self.wait = self.forward = 0.0
         self.steps, self.t0 = 0, time.perf_counter()
 
-    def add(self, s: StepStats) -> None:
+    def add(self, s: StepStats, wait_s: float = 0.0) -> None:
         self.loss += s.loss_x_weight
         self.weight += s.weight
         self.tokens += s.spike_tokens
+        self.wait += wait_s
+        self.forward += s.forward_s
         self.steps += 1
 
     def read(self, lr: float) -> dict[str, float]:
-        loss, weight, tokens = self.dist.all_sum(self.loss, self.weight, self.tokens)
+        d, n = self.dist, max(self.steps, 1)
+        slots = [0.0] * (2 * d.world)  # one own-time and one data-wait slot a worker: the sum hands each all
+        slots[d.rank], slots[d.world + d.rank] = (self.wait + self.forward) / n, self.wait / n
+        loss, weight, tokens, *slots = d.all_sum(self.loss, self.weight, self.tokens, *slots)
+        own, wait = slots[:d.world], slots[d.world:]
         dt = time.perf_counter() - self.t0
+        slowest = max(range(d.world), key=own.__getitem__)
         out = {"train_loss": loss / max(weight, 1e-12), "lr": lr,
-               "samples_per_s": self.steps * self.samples_per_step / dt, "spike_tokens_per_s": tokens / dt}
+               "samples_per_s": self.steps * self.samples_per_step / dt, "spike_tokens_per_s": tokens / dt,
+               "data_wait_s": float(np.mean(wait)), "own_s_max": own[slowest], "own_s_median": float(np.median(own)),
+               "slowest_rank": float(slowest), "slowest_data_wait_s": wait[slowest]}
         self._reset()
         return out
 
@@ -182,13 +201,15 @@ def run_loop(plan: RunPlan, step: TrainStep, batches, evaluator, checkpointer, s
     skipped = 0
     for s in range(start, stop):
         hooks.before_step(dist.rank, s, checkpointer.last_step)
+        t = time.perf_counter()
         served = take(stream, accum, dist)
+        wait_s = time.perf_counter() - t
         hooks.on_batches(dist.rank, s, served)
         for b in served:  # data.skip_bad_windows: the windows the service dropped, one line each
             for w in b.skipped:
                 print(f"popscale: step {s} rank {dist.rank}: skipped unreadable window {w}", file=sys.stderr, flush=True)
                 skipped += 1
-        meter.add(step(s, [b.data for b in served]))
+        meter.add(step(s, [b.data for b in served]), wait_s)
         done = s + 1
         if due(done, train.log_every, stop):
             latest.update(m := meter.read(step.lr))
