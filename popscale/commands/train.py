@@ -51,7 +51,8 @@ def add_finetune(sub) -> None:
     s.add_argument("--labels", default="100%", help="label budget: 10%% of the train split, or a duration (2m, 90s)")
     s.add_argument("--steps", type=int, default=100)
     s.add_argument("--unfreeze-after", type=int, help="unit-id-then-full: unit-id steps first (default half)")
-    s.add_argument("--lr", type=float, help="learning rate (default 1e-2 unit-id, 1e-3 full)")
+    s.add_argument("--lr", type=float, help="learning rate (default: by the model's pretraining optimizer, "
+                   "AdamW 1e-2 unit-id / 1e-3 full, LAMB 0.1 / 4e-3)")
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--seed", type=int, default=0, help="seeds the label draw and the training")
     s.add_argument("--eval-every", type=int, default=25)

@@ -11,6 +11,17 @@ from ..tokens.config import Readout
 
 MODES = ("unit-id", "full", "unit-id-then-full")
 
+# (unit-id, full) learning rates by the source model's optimizer. AdamW: set on the demo's models. LAMB
+# scales every step by each layer's weight norm, so its rates are another scale: the median of the rates
+# chosen on the validation splits of poyo-real-1's five evaluation sessions (bench/RESULTS.md, issue 27)
+DEFAULT_RATES = {"adamw": (1e-2, 1e-3), "lamb": (0.1, 4e-3)}
+
+
+def rates(cfg: "FinetuneConfig", algo: str) -> tuple[float, float]:
+    """(unit-id, full) learning rates: the ones asked for, else DEFAULT_RATES of the source's optimizer."""
+    unit, full = DEFAULT_RATES.get(algo, DEFAULT_RATES["adamw"])
+    return (cfg.lr_unit_id if cfg.lr_unit_id is not None else unit, cfg.lr_full if cfg.lr_full is not None else full)
+
 
 @dataclass
 class FinetuneConfig:
@@ -21,8 +32,9 @@ class FinetuneConfig:
     labels: str = "100%"  # a fraction of the labelled train time (10%) or a duration (2m, 90s)
     steps: int = 100
     unfreeze_after: int | None = None  # unit-id-then-full: steps of unit-id first (default: half)
-    lr_unit_id: float = 1e-2  # new embedding rows alone can move fast
-    lr_full: float = 1e-3
+    # None: by the optimizer the source model was pretrained with (DEFAULT_RATES)
+    lr_unit_id: float | None = None
+    lr_full: float | None = None
     batch: int = 16
     seed: int = 0  # the label draw and the training
     eval_every: int = 25

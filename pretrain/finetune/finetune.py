@@ -42,7 +42,7 @@ from ..tracking.export import export_model, model_card, provenance
 from ..tracking.mlflow_runs import tracking_uri
 from ..tracking.registry import locate
 from ..tracking.tracked_run import TrackedRun
-from .config import FinetuneConfig, FinetuneResult
+from .config import FinetuneConfig, FinetuneResult, rates
 from .plan import phase_run, plan_adaptation
 from .select import BestValid
 
@@ -75,7 +75,7 @@ def _phases(plan: RunPlan, cfg: FinetuneConfig) -> list[RunPlan]:
         return [plan]
     k = plan.run.train.steps
     return [plan, replace(plan, run=phase_run(plan.run, cfg, plan.tokenizer, plan.corpus, cfg.steps - k,
-                                              cfg.lr_full, 1, "none"))]
+                                              rates(cfg, plan.run.train.optim.algo)[1], 1, "none"))]
 
 
 def _train(phases: list[RunPlan], cfg: FinetuneConfig, out: Path, tracked, show_progress: bool):

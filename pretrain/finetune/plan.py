@@ -22,7 +22,7 @@ from ..tokens.config import TokenizerConfig
 from ..tokens.labels import LabelBudget, labelled_intervals, window_stretches
 from ..tokens.targets import target_stats
 from ..tracking.export import load_exported
-from .config import FinetuneConfig, parse_readout
+from .config import FinetuneConfig, parse_readout, rates
 
 
 # ---- checking what was asked, before anything is written -------------------------------------------------
@@ -106,12 +106,13 @@ def plan_adaptation(cfg: FinetuneConfig, src: Path, corpus: Corpus, progress: bo
     base = _base_run(src)
     warm = cfg.warm_start if cfg.warm_start != "auto" else base.train.warm_start.method
     first_mode = "new" if cfg.mode.startswith("unit-id") else "all"
+    lr_unit, lr_full = rates(cfg, base.train.optim.algo)
     if cfg.mode == "unit-id":
-        steps, lr = cfg.steps, cfg.lr_unit_id
+        steps, lr = cfg.steps, lr_unit
     elif cfg.mode == "full":
-        steps, lr = cfg.steps, cfg.lr_full
+        steps, lr = cfg.steps, lr_full
     else:
-        steps, lr = (cfg.steps // 2 if cfg.unfreeze_after is None else cfg.unfreeze_after), cfg.lr_unit_id
+        steps, lr = (cfg.steps // 2 if cfg.unfreeze_after is None else cfg.unfreeze_after), lr_unit
     run = phase_run(base, cfg, tok, str(corpus.root), steps, lr, 0, warm)
     new_units = [u for s in cfg.sessions for u in corpus.session(s).unit_ids.tolist()]
     units = list(model.unit_emb.ids) + [u for u in dict.fromkeys(new_units) if u not in model.unit_emb.index]
