@@ -164,10 +164,16 @@ def pin_data_singletons() -> None:
 
 
 def _progress_actor():
+    """The driver's mailbox for rank 0's metrics and a data error, on the driver's own node: placed
+    anywhere it could sit on a worker's node, and when that node is lost the run, though restarted
+    and finished, would fail asking it whether data stopped it (bench/faults.py's node drill)."""
     # deferred: importing ray only when used keeps start-up light
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    @ray.remote(num_cpus=0)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+    @ray.remote(num_cpus=0, scheduling_strategy=here)
     class Progress:
         """Rank 0's latest metrics for the progress bar, and the data error that stopped the run."""
 
