@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 POPSCALE = [sys.executable, "-m", "popscale.cli"]
 OUT = REPO / "bench" / "figures" / "faults"
 
+DRILLS = "kills,driver,corrupt,node,ingest"
 TINY = {"dim": 32, "depth": 1, "dim_head": 16, "cross_heads": 1, "self_heads": 2, "latents_per_step": 4}
 
 
@@ -344,7 +345,7 @@ def main() -> None:
                                  "(about 5 min: every run starts its own Ray, which no quick mode can shorten)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--drills", default="kills,driver,corrupt,node,ingest", help="which drills (comma-separated)")
+    ap.add_argument("--drills", default=DRILLS, help="which drills (comma-separated)")
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one, removed after)")
     a = ap.parse_args()
     rng = random.Random(a.seed)
@@ -402,7 +403,8 @@ def main() -> None:
     seconds = time.monotonic() - t0
 
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"faults{'-quick' if a.quick else ''}.json").write_text(json.dumps(
+    some = "" if drills == set(DRILLS.split(",")) else "-" + "-".join(sorted(drills))  # a subset: its own file
+    (OUT / f"faults{'-quick' if a.quick else ''}{some}.json").write_text(json.dumps(
         {"steps": steps, "seed": a.seed, "seconds": seconds, "pretrain": rows, "ingest": ingest_rows}, indent=2))
     print("\n| drill | faults injected | completed | attempts | windows lost | repeated | same order | max |w - w_ref| |")
     print("|---|---|---|---|---|---|---|---|")

@@ -226,7 +226,8 @@ class RayBatches:
         chunk: batches per Ray dataset. Each new dataset starts its actor pool again (~10 s on 2
         cores, a visible dip in samples/s), so datasets are long: 2048 batches (was 256).
         resources: custom Ray resources each actor takes; None: the actors prefer this worker's
-        node (soft affinity: elsewhere when it has no room, or is gone)."""
+        node (soft affinity: elsewhere when it has no room, or is gone). cpus_per_actor: logical
+        CPUs each actor asks; 0 by default (why: pretrain/run/config.py, data.actor_cpus)."""
         self.spec, self.rank, self.world = spec, rank, world
         self.actors, self.cpus, self.prefetch, self.chunk = actors, cpus_per_actor, prefetch, chunk
         self.buffer_mb, self.resources = buffer_mb, resources
