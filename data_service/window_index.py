@@ -118,12 +118,8 @@ class WindowIndex:
     """Random-access view of the training-window stream of a corpus."""
 
     def __init__(self, corpus: Corpus, cfg: IndexConfig) -> None:
-        ids = cfg.sessions if cfg.sessions is not None else corpus.session_ids
-        unknown = [s for s in ids if s not in corpus.rows]
-        if unknown:
-            raise CorpusError(f"sessions not in the corpus: {unknown[:5]}", file=str(corpus.root))
-        self._build(ids, lambda sid: corpus.session(sid).intervals.get(cfg.split), corpus.fingerprint, cfg,
-                    str(corpus.root))
+        rows = self.split_intervals(corpus, cfg)
+        self._build(list(rows), rows.__getitem__, corpus.fingerprint, cfg, str(corpus.root))
 
     @staticmethod
     def split_intervals(corpus: Corpus, cfg: IndexConfig, threads: int = 8) -> dict[str, np.ndarray | None]:
@@ -135,6 +131,7 @@ class WindowIndex:
         unknown = [s for s in ids if s not in corpus.rows]
         if unknown:
             raise CorpusError(f"sessions not in the corpus: {unknown[:5]}", file=str(corpus.root))
+
         def read(sid: str) -> np.ndarray | None:
             iv = corpus.session(sid).intervals.get(cfg.split)
             return None if iv is None else np.asarray(iv, dtype=np.float64)
