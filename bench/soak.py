@@ -6,8 +6,8 @@ data-service spec of the run plan a training worker gets (`load_config` defaults
 global batch 32, `data.data_actors`/`prefetch`/`buffer_mb` defaults) over a synthetic corpus
 (data_service.synth, made once under runs/bench/). The driver pulls batches as fast as they come
 and does what the trainer does with each (`PackedBatch.to("cpu")`); nothing trains, so the
-service runs flat out. One stream of 2,048-batch Ray datasets after another (RayBatches' chunk), as in a
-long run.
+service runs flat out. One stream of Ray datasets after another (RayBatches' chunk: 2,048 blocks of
+data.block_batches batches), as in a long run.
 
 Every --interval seconds (default 5) a sampler thread records: windows/s over the interval; the
 memory of the driver and of every process of the Ray session (found as in popscale.listeners:
@@ -284,6 +284,7 @@ def main() -> None:
           f"embedded Ray, {len(plan.sessions)} sessions, batches of {GLOBAL_BATCH} x 1 s windows, {minutes:g} min "
           f"({warmup_s / 60:.1f} min warm-up), a sample every {a.interval:g} s", file=sys.stderr)
     loader = RayBatches(spec, 0, 1, actors=d.data_actors, cpus_per_actor=d.actor_cpus, prefetch=d.prefetch,
+                        block_batches=d.block_batches,
                         buffer_mb=d.buffer_mb)
     sampler.start()
     try:

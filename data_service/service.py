@@ -219,18 +219,25 @@ class RayBatches:
     """Batches [start, stop) for one worker, built by Ray Data actors and streamed in order."""
 
     def __init__(self, spec: ServiceSpec, rank: int = 0, world: int = 1, *, actors: int = 1, cpus_per_actor: float = 0.0,
-                 prefetch: int = 4, chunk: int = 2048, buffer_mb: float | None = 256,
-                 resources: dict[str, float] | None = None) -> None:
+                 prefetch: int = 4, chunk: int | None = None, buffer_mb: float | None = 256,
+                 resources: dict[str, float] | None = None, block_batches: int = 8) -> None:
         """buffer_mb: a cap on the object-store memory this worker's pipeline may hold (Ray Data's
         streaming executor stops launching builders at the cap); None = Ray Data's default share.
-        chunk: batches per Ray dataset. Each new dataset starts its actor pool again (~10 s on 2
-        cores, a visible dip in samples/s), so datasets are long: 2048 batches (was 256).
+        chunk: batches per Ray dataset; None: 2,048 blocks' worth. Each new dataset starts its actor pool
+        again (10-40 s on 2 cores, a dip in samples/s), and Ray Data keeps a stats record per block
+        until its dataset ends (ray-project/ray#66016), so a dataset is as long as that allows.
+        block_batches: consecutive batches one actor call builds into one Ray Data block. Ray's cost
+        a block (a task, its object, its stats) was paid once a batch at 1: ~0.1 s a batch on this
+        2-core machine, the service's bound, and most of the soak's memory growth (bench/RESULTS.md).
+        The sequence served does not depend on it.
         resources: custom Ray resources each actor takes; None: the actors prefer this worker's
         node (soft affinity: elsewhere when it has no room, or is gone). cpus_per_actor: logical
         CPUs each actor asks; 0 by default (why: pretrain/run/config.py, data.actor_cpus)."""
         self.spec, self.rank, self.world = spec, rank, world
-        self.actors, self.cpus, self.prefetch, self.chunk = actors, cpus_per_actor, prefetch, chunk
+        self.actors, self.cpus, self.prefetch = actors, cpus_per_actor, prefetch
         self.buffer_mb, self.resources = buffer_mb, resources
+        self.block_batches = max(1, block_batches)
+        self.chunk = chunk or 2048 * self.block_batches
         self._spec_bytes: bytes | None = None
 
     def _actor_spec(self) -> bytes:
@@ -265,11 +272,12 @@ class RayBatches:
         spec_bytes = self._actor_spec()
         for lo in range(start, stop, self.chunk):  # one dataset per chunk keeps per-dataset metadata small
             hi = min(stop, lo + self.chunk)
-            # batch numbers 0..n-1 of this dataset, one block each; the builder adds `lo` (a stage of its own
+            # batch numbers 0..n-1 of this dataset, block_batches a block; the builder adds `lo` (a stage of its own
             # for the offset ran as zero-CPU tasks, for which Ray started a new worker process every few seconds)
-            ds = ray.data.range(hi - lo, override_num_blocks=hi - lo)
+            k = self.block_batches
+            ds = ray.data.range(hi - lo, override_num_blocks=-(-(hi - lo) // k))
             ds = ds.map_batches(_Builder, fn_constructor_args=(spec_bytes, self.rank, self.world), fn_kwargs={"offset": lo},
-                                batch_size=1, compute=ray.data.ActorPoolStrategy(size=self.actors), num_cpus=self.cpus,
+                                batch_size=k, compute=ray.data.ActorPoolStrategy(size=self.actors), num_cpus=self.cpus,
                                 batch_format="numpy", **placed)
             try:
                 for row in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=self.prefetch):

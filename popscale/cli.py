@@ -14,7 +14,7 @@ import sys
 
 from data_service.errors import ConfigError, CorpusError
 
-from .commands import cluster, data, models, train
+from .commands import cluster, data, live, models, train
 from .commands.common import console, fail, result, say
 
 __all__ = ["build_parser", "console", "fail", "main", "result", "say"]
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="popscale", description="Pretraining for neural population decoding.")
     p.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (data, train, models, cluster):
+    for group in (data, train, models, cluster, live):
         group.add_commands(sub)
     return p
 

@@ -239,7 +239,8 @@ def test_ray_and_local_batches_are_identical(env):
     spec = build_plan(config(env)).service_spec()  # no model is needed to serve batches
     for rank in (0, 1):
         local = list(LocalBatches(spec, rank, 2).iterate(3, 8))
-        remote = list(RayBatches(spec, rank, 2, chunk=3, prefetch=2).iterate(3, 8))  # chunk boundary inside
+        # a dataset boundary (chunk) and a block boundary (block_batches) inside, neither aligned
+        remote = list(RayBatches(spec, rank, 2, chunk=3, prefetch=2, block_batches=2).iterate(3, 8))
         assert [d.number for d in remote] == list(range(3, 8))
         for a, b in zip(local, remote, strict=True):
             assert a.number == b.number and np.array_equal(a.positions, b.positions)

@@ -63,3 +63,47 @@ def test_every_test_sample_is_scored_once_stitched(session):
     long = rows[rows[:, 1] - rows[:, 0] >= 3.0]
     interior = iv.contains(np.stack([long[:, 0] + 0.5, long[:, 1] - 1.5], 1), d.times) if len(long) else inside & False
     assert interior.sum() > 100 and (d.windows[interior] == 2).all()
+
+
+def test_causal_prediction_sees_no_spike_at_or_after_its_tick(session):
+    from pretrain.decoding.causal import CausalDecoder, causal_decode_session
+
+    reader, model, tok = session
+    dec = CausalDecoder(model, tok, reader)
+    t, u = reader.spikes()
+    ticks = np.array([10.0, 10.05, 37.3, 60.0])
+    base = causal_decode_session(dec, ticks)
+    name = next(iter(base))
+    assert base[name].shape[0] == 4 and np.isfinite(base[name]).all()
+    for i, tick in enumerate(ticks):
+        # everything at or after the tick removed, or a burst added at and after it: the same prediction
+        before = t < tick
+        cut = causal_decode_session(dec, ticks[i:i + 1], spikes=(t[before], u[before]))
+        burst_t = np.concatenate([t, np.full(50, tick), tick + np.linspace(0, 0.5, 50)])
+        burst_u = np.concatenate([u, np.zeros(100, np.int64)])
+        o = np.argsort(burst_t, kind="stable")
+        burst = causal_decode_session(dec, ticks[i:i + 1], spikes=(burst_t[o], burst_u[o]))
+        np.testing.assert_allclose(cut[name][0], base[name][i], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(burst[name][0], base[name][i], rtol=1e-5, atol=1e-6)
+    # the same burst just before the tick does change it: the test can fail
+    early_t = np.concatenate([t, np.full(100, ticks[0] - 0.01)])
+    o = np.argsort(early_t, kind="stable")
+    early = causal_decode_session(dec, ticks[:1], spikes=(early_t[o], np.concatenate([u, np.zeros(100, np.int64)])[o]))
+    assert not np.allclose(early[name][0], base[name][0])
+
+
+def test_causal_decode_predicts_at_the_stitched_times_and_writes_them(session, tmp_path):
+    from pretrain.decoding.causal import CausalDecoder, causal_decode, causal_decode_session
+    from pretrain.decoding.stitch import write_csv
+
+    reader, model, tok = session
+    rows = iv.normalize(reader.intervals["test"])
+    d = causal_decode(model, tok, reader, rows)
+    stitched = decode_session(model, tok, reader, rows)
+    for name, c in d.items():
+        s = stitched[name]
+        assert np.array_equal(c.times, s.times[iv.contains(rows, s.times)])  # the same query times
+        again = causal_decode_session(CausalDecoder(model, tok, reader), c.times[:7])[name]
+        np.testing.assert_allclose(c.values[:7], again, rtol=1e-5, atol=1e-6)  # batching changes nothing
+    lines = write_csv(d, tmp_path / "causal.csv").read_text().splitlines()
+    assert len(lines) == 1 + sum(len(c.times) for c in d.values())

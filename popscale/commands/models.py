@@ -232,6 +232,8 @@ def add_decode(sub) -> None:
     s.add_argument("--hz", type=float, default=100.0, help="query rate where the recording has no behaviour samples")
     s.add_argument("--split", choices=["train", "valid", "test"],
                    help="decode only this split's intervals, with the windows `evaluate` uses (default: everything)")
+    s.add_argument("--causal", action="store_true",
+                   help="each prediction from the window that ends at its time (no later spike): what `serve` outputs live")
     s.add_argument("--cache", default="runs/models")
     tracking_flag(s)
     s.set_defaults(fn=cmd_decode)
@@ -255,7 +257,13 @@ def cmd_decode(a: argparse.Namespace) -> int:
             rows = reader.intervals.get(a.split)
             if rows is None or not len(rows):
                 raise CorpusError(f"the session has no {a.split} split", file=str(corpus.root), session=sid)
-        decoded = decode_session(model, tok, reader, rows, hz=a.hz, model_uri=a.model)
+        if a.causal:
+            # deferred with the rest of the decoder
+            from pretrain.decoding.causal import causal_decode
+
+            decoded = causal_decode(model, tok, reader, rows, hz=a.hz, model_uri=a.model)
+        else:
+            decoded = decode_session(model, tok, reader, rows, hz=a.hz, model_uri=a.model)
         units = {b: meta.get("unit", "unknown") for b, meta in reader.attrs.get("behaviour", {}).items()}
         if out.suffix == ".csv":
             write_csv(decoded, out)

@@ -82,6 +82,18 @@ def _tokenizer_for(tokenizer: Tokenizer, reader: SessionReader, model_uri: str):
         ) from None
 
 
+def to_values(kind: str, raw: np.ndarray, shift: np.ndarray, scale: np.ndarray, dims: int,
+              seen: np.ndarray | None = None) -> np.ndarray:
+    """A readout's outputs in the behaviour's own units: an angle from its (cos, sin), a class from
+    its logits (NaN where no window `seen` the sample), a continuous value de-normalised."""
+    if kind == "angular":
+        return np.arctan2(raw[:, 1], raw[:, 0])[:, None]
+    if kind == "categorical":
+        seen = np.ones(len(raw), bool) if seen is None else seen
+        return np.where(seen, np.nan_to_num(raw).argmax(1), np.nan).astype(np.float64)[:, None]
+    return raw * scale[:dims] + shift[:dims]
+
+
 @torch.no_grad()
 def decode_session(model, tokenizer: Tokenizer, reader: SessionReader, rows: np.ndarray | None = None,
                    hz: float = 100.0, batch_size: int = 32, device: torch.device | str = "cpu",
@@ -133,12 +145,7 @@ def decode_session(model, tokenizer: Tokenizer, reader: SessionReader, rows: np.
         kind = tok.cfg.readouts[k].kind
         with np.errstate(invalid="ignore", divide="ignore"):
             raw = total[k] / count[k][:, None]
-        if kind == "angular":
-            values = np.arctan2(raw[:, 1], raw[:, 0])[:, None]
-        elif kind == "categorical":
-            values = np.where(count[k] > 0, np.nan_to_num(raw).argmax(1), np.nan).astype(np.float64)[:, None]
-        else:
-            values = raw * scale[:dims] + shift[:dims]
+        values = to_values(kind, raw, shift, scale, dims, count[k] > 0)
         result[names[k]] = Decoded(reader.session_id, names[k], b, times, values, count[k], kind,
                                    None if kind == "continuous" else raw, tok.column(reader.session_id, k))
     return result

@@ -66,6 +66,9 @@ class DataConfig:
     # worker's actors run on its own node when that node has room (no batch crosses the network)
     actor_resources: dict[str, float] = field(default_factory=dict)
     prefetch: int = 4  # batches buffered per worker
+    # consecutive batches a data actor builds into one Ray Data block: Ray's cost a block (a task, an
+    # object, its stats) is paid once per block_batches batches (RayBatches; bench/RESULTS.md, the soak)
+    block_batches: int = 8
     buffer_mb: float | None = 256  # object-store memory the data pipeline of one worker may hold (None: Ray's default)
     # an unreadable window (corrupt chunk, missing shard, deleted session) stops the run naming it;
     # true drops it from its batch instead, and every window dropped is logged (the sequence changes)
@@ -187,6 +190,7 @@ _RANGES: dict[str, tuple] = {
     "data.window_s": ((lambda v: v > 0), "a positive number of seconds"),
     "data.global_batch": _at_least(1), "data.data_actors": _at_least(1),
     "data.actor_cpus": ((lambda v: v >= 0), "zero or more"), "data.prefetch": _at_least(1),
+    "data.block_batches": _at_least(1),
     "data.block_windows": ((lambda v: v >= 1), "a whole number of windows >= 1 (1: no blocks)"),
     "data.target_rms": ((lambda v: v > 0), "positive"),
     "data.loader": ((lambda v: v in ("ray", "local")), "ray or local"),

@@ -85,7 +85,8 @@ def ray_worker(config: dict) -> None:
                      ProgressSink(args.progress) if args.progress is not None else None)
     d = plan.run.data
     if d.loader == "ray":
-        batches = RayBatches(p.spec, dist.rank, dist.world, actors=d.data_actors, cpus_per_actor=d.actor_cpus, prefetch=d.prefetch,
+        batches = RayBatches(p.spec, dist.rank, dist.world, actors=d.data_actors, cpus_per_actor=d.actor_cpus,
+                             prefetch=d.prefetch, block_batches=d.block_batches,
                              buffer_mb=d.buffer_mb, resources=d.actor_resources or None)
     else:
         batches = LocalBatches(p.spec, dist.rank, dist.world)

@@ -1,0 +1,99 @@
+"""The Lab Streaming Layer side of live decoding: the stream formats and a machine-only liblsl.
+
+Spike stream (type `Spikes`, irregular rate, one int32 channel): one sample per spike, its value
+the unit's index in the session's unit list and its LSL timestamp the spike's time. The list is in
+the stream's description (`<desc><units><unit><index/><id/></unit>...`): a rig maps its channels to
+the unit ids the model was finetuned on there (runbooks/live.md). Behaviour stream (type
+`Behaviour`, float32, one channel per dimension): the session's recorded behaviour, so a replayed
+session can be scored live.
+
+liblsl binds its data ports to every interface whatever ListenAddress says; unless the user points
+LSLAPICFG at their own file, popscale writes one that keeps discovery on this machine (ResolveScope
+machine, KnownPeers 127.0.0.1, no IPv6) before liblsl is first loaded. runbooks/security.md says what
+still listens and how to firewall it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+SPIKES, BEHAVIOUR = "Spikes", "Behaviour"
+
+MACHINE_ONLY = """\
+; popscale: LSL discovery on this machine only (runbooks/security.md)
+[ports]
+IPv6 = disable
+[multicast]
+ResolveScope = machine
+KnownPeers = {127.0.0.1}
+"""
+
+
+def machine_only_config(directory: Path | None = None) -> Path:
+    """Writes the machine-only lsl_api.cfg (in `directory`, default a temp dir) and returns it."""
+    d = Path(directory) if directory else Path(tempfile.gettempdir()) / "popscale-lsl"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "lsl_api.cfg"
+    if not path.exists() or path.read_text() != MACHINE_ONLY:
+        path.write_text(MACHINE_ONLY)
+    return path
+
+
+def lsl():
+    """pylsl, loaded with the machine-only config unless LSLAPICFG names another. liblsl reads its
+    config once, at its first call: set LSLAPICFG before anything touches pylsl."""
+    os.environ.setdefault("LSLAPICFG", str(machine_only_config()))
+    try:
+        import pylsl  # deferred: liblsl reads LSLAPICFG once, when loaded: set just above
+    except ImportError as e:  # an extra: its wheel needs glibc >= 2.35
+        raise RuntimeError("live decoding needs pylsl: pip install 'popscale[live]' (a manylinux_2_35 wheel "
+                           "that bundles liblsl)") from e
+    return pylsl
+
+
+@dataclass(frozen=True)
+class SpikeStreamInfo:
+    """What a spike stream says about itself: its name, source and the units its values index."""
+    name: str
+    source_id: str
+    unit_ids: list[str]
+    session: str
+
+
+def spike_stream_info(name: str, source_id: str, session: str, unit_ids: list[str]):
+    """An LSL StreamInfo for spikes, the unit list in its description."""
+    pylsl = lsl()
+    info = pylsl.StreamInfo(name, SPIKES, 1, pylsl.IRREGULAR_RATE, pylsl.cf_int32, source_id)
+    desc = info.desc()
+    desc.append_child_value("session", session)
+    units = desc.append_child("units")
+    for i, u in enumerate(unit_ids):
+        unit = units.append_child("unit")
+        unit.append_child_value("index", str(i))
+        unit.append_child_value("id", str(u))
+    return info
+
+
+def behaviour_stream_info(name: str, source_id: str, session: str, behaviour: str, dims: int, rate: float):
+    """An LSL StreamInfo for one behaviour of a session (float32, `dims` channels)."""
+    pylsl = lsl()
+    info = pylsl.StreamInfo(name, BEHAVIOUR, dims, rate, pylsl.cf_float32, source_id)
+    info.desc().append_child_value("session", session)
+    info.desc().append_child_value("behaviour", behaviour)
+    return info
+
+
+def read_spike_stream_info(info) -> SpikeStreamInfo:
+    """The unit list and session of a resolved spike stream (from its full XML description)."""
+    root = ET.fromstring(info.as_xml())
+    desc = root.find("desc")
+    units = [] if desc is None or desc.find("units") is None else desc.find("units").findall("unit")
+    ids = [""] * len(units)
+    for u in units:
+        ids[int(u.findtext("index"))] = u.findtext("id") or ""
+    session = (desc.findtext("session") if desc is not None else None) or ""
+    return SpikeStreamInfo(info.name(), info.source_id(), ids, session)

@@ -1,0 +1,163 @@
+"""Live decoding over a real LSL stack on loopback (liblsl kept on this machine: pretrain/live/streams.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import result_line, run_cli, simple_session
+
+from data_service.store import CorpusStore
+
+pylsl = pytest.importorskip("pylsl")  # the `live` extra; part of `dev`
+
+from pretrain.live.replay import ReplayConfig, replay  # noqa: E402
+from pretrain.live.streams import lsl, read_spike_stream_info  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("live") / "c"
+    with CorpusStore(root) as st:
+        st.add(simple_session("s1", duration=30.0, n_units=12, rate=15.0))
+    return root
+
+
+def _resolve(source_id: str):
+    found = lsl().resolve_byprop("source_id", source_id, timeout=20)
+    assert found, f"no LSL stream {source_id} on this machine"
+    return found[0]
+
+
+def _drain(inlet, n: int, deadline_s: float = 30.0) -> tuple[list, list]:
+    values, stamps = [], []
+    end = time.monotonic() + deadline_s
+    while len(values) < n and time.monotonic() < end:
+        v, t = inlet.pull_chunk(timeout=0.5)
+        values += v
+        stamps += t
+    return values, stamps
+
+
+def test_replay_streams_every_spike_and_sample_at_its_time(corpus):
+    from data_service.reader import open_corpus
+
+    cfg = ReplayConfig(str(corpus), "s1", speed=10.0, start_s=5.0, duration_s=6.0, source_id="test-replay",
+                       wait_consumers_s=20.0, linger_s=2.0)
+    out = {}
+    th = threading.Thread(target=lambda: out.setdefault("r", replay(cfg)))
+    th.start()
+    try:
+        # the behaviour inlet first: replay starts when the spike stream has a consumer
+        beh = pylsl.StreamInlet(_resolve("test-replay-behaviour"), max_buflen=60)
+        beh.open_stream(timeout=20)
+        spikes = pylsl.StreamInlet(_resolve("test-replay"), max_buflen=60)
+        spikes.open_stream(timeout=20)
+        info = read_spike_stream_info(spikes.info(timeout=20))
+        reader = open_corpus(corpus).session("s1")
+        t, u = reader.spikes()
+        keep = (t >= 5.0) & (t < 11.0)
+        bt, bv = reader.behaviour("hand_vel")
+        bkeep = (bt >= 5.0) & (bt < 11.0)
+        v, ts = _drain(spikes, int(keep.sum()))
+        bvals, bts = _drain(beh, int(bkeep.sum()))
+    finally:
+        th.join(timeout=60)
+    r = out["r"]
+    assert info.session == "s1" and info.unit_ids == [str(x) for x in reader.unit_ids]
+    assert r.spikes == keep.sum() and len(v) == keep.sum()  # none lost, none added
+    np.testing.assert_array_equal(np.asarray(v).ravel(), u[keep])  # in order, each with its unit
+    # each spike stamped at its recording time, mapped onto the LSL clock at 10x
+    np.testing.assert_allclose((np.asarray(ts) - r.lsl_t0) * 10.0 + 5.0, t[keep], atol=1e-6)
+    assert len(bvals) == bkeep.sum()
+    np.testing.assert_allclose(np.asarray(bvals), bv[bkeep], rtol=1e-6)
+    np.testing.assert_allclose((np.asarray(bts) - r.lsl_t0) * 10.0 + 5.0, bt[bkeep], atol=1e-6)
+    assert r.wall_s >= 0.5  # paced: 6 s of recording at 10x, not pushed at once
+
+
+def test_replay_command_names_a_missing_behaviour(corpus):
+    p = run_cli("replay", "--corpus", str(corpus), "--session", "s1", "--behaviour", "cursor_pos", "--speed", "50")
+    assert p.returncode == 1 and "s1" in p.stderr and "cursor_pos" in p.stderr
+    assert result_line(p.stdout)["error"] == "LookupError"
+
+
+def test_ring_keeps_order_within_tolerance_and_counts_late_unknown_and_restarts():
+    from pretrain.live.buffer import SpikeRing
+
+    r = SpikeRing(n_units=4, keep_s=1.0, tolerance_s=0.01, restart_s=0.5)
+    r.add([10.000, 10.020, 10.015], [0, 1, 2])  # 10.015 after 10.020: 5 ms out of order, used
+    r.add([10.030, 9.990, 10.040], [3, 0, 7])  # 9.990: 30 ms behind the newest, late; unit 7 unknown
+    assert (r.counts.received, r.counts.late, r.counts.unknown) == (6, 1, 1)
+    t, u = r.window(10.030, 1.0)
+    assert t.tolist() == [10.000, 10.015, 10.020] and u.tolist() == [0, 2, 1]  # sorted; 10.030 is not before the tick
+    t, _ = r.window(10.0301, 1.0)
+    assert t.tolist()[-1] == 10.030
+    r.add([12.0], [1])  # older than newest - keep_s: dropped from the buffer
+    assert r.window(12.5, 1.0)[0].tolist() == [12.0]
+    r.add([3.0, 3.1], [0, 1])  # the source restarted its clock
+    assert r.counts.restarts == 1 and r.window(3.2, 1.0)[0].tolist() == [3.0, 3.1]
+
+
+def test_served_predictions_equal_the_causal_decode_of_the_spikes_each_tick_held(corpus, tmp_path):
+    import torch
+
+    from data_service.reader import open_corpus
+    from pretrain.decoding.causal import CausalDecoder
+    from pretrain.live.serve import ServeConfig, load_log, serve
+    from pretrain.model.config import ModelConfig
+    from pretrain.model.poyo import POYO
+    from pretrain.tokens.tokenizer import Tokenizer, TokenizerConfig
+
+    reader = open_corpus(corpus).session("s1")
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=16, depth=1, dim_head=8, cross_heads=1, self_heads=2, latents_per_step=2)
+    model = POYO(cfg, list(reader.unit_ids), ["s1"])
+    dec = CausalDecoder(model, Tokenizer(TokenizerConfig.build(cfg, window_s=1.0), model.unit_emb, model.session_emb),
+                        reader)
+    speed = 5.0
+    rep = ReplayConfig(str(corpus), "s1", speed=speed, start_s=2.0, duration_s=10.0, name="test-serve-spikes",
+                       source_id="test-serve", wait_consumers_s=30.0, linger_s=1.0)
+    log = tmp_path / "ticks.npz"
+    scfg = ServeConfig(stream="test-serve-spikes", period_ms=20.0, speed=speed, lag_ms=10.0, name="test-serve-pred",
+                       log=str(log))
+    done = threading.Event()
+    out = {}
+    threads = [threading.Thread(target=lambda: out.setdefault("replay", replay(rep))),
+               threading.Thread(target=lambda: out.setdefault("serve", serve(dec, scfg, stop=done.is_set)))]
+    for th in threads:
+        th.start()
+    try:
+        pred = pylsl.StreamInlet(_resolve("test-serve-pred-s1"), max_buflen=60)
+        pred.open_stream(timeout=20)
+        threads[0].join(timeout=60)  # the replay has played and lingered
+        published, stamps = _drain(pred, 10**6, deadline_s=1.0)
+    finally:
+        done.set()
+        for th in threads:
+            th.join(timeout=60)
+    stats, r, ticks = out["serve"], out["replay"], load_log(log)
+    assert stats.ticks == len(ticks["ticks"]) > 50 and r.spikes > 0
+    t_all, u_all = reader.spikes()
+    lsl_times = r.lsl_t0 + (t_all - r.t_start) / speed
+    by_stamp = dict(zip(np.round(stamps, 9), published, strict=True))
+    checked = 0
+    held = np.concatenate([t for t, _ in ticks["spikes"]])
+    near = np.clip(np.searchsorted(lsl_times, held), 1, len(lsl_times) - 1)
+    near -= np.abs(lsl_times[near - 1] - held) < np.abs(lsl_times[near] - held)
+    offset = float(np.median(held - lsl_times[near]))  # LSL's time correction on this machine: microseconds
+    assert abs(offset) < 1e-3
+    for tick, row, (t, u) in zip(ticks["ticks"], ticks["predictions"], ticks["spikes"], strict=True):
+        assert (t < tick).all()  # no prediction used a spike stamped at or after its tick
+        # every spike held is one the replay sent, with its unit, inside the tick's window
+        i = np.clip(np.searchsorted(lsl_times, t - offset - 1e-7), 0, len(t_all) - 1)
+        np.testing.assert_allclose(lsl_times[i], t - offset, rtol=0, atol=1e-6)
+        assert (u_all[i] == u).all()
+        assert (t >= tick - 1.0 / speed).all()
+        again = np.concatenate(list(dec.predict([dec.window(tick * speed, t * speed, u)]).values()), axis=1)[0]
+        np.testing.assert_allclose(row, again, rtol=1e-5, atol=1e-6)  # the offline reference of that tick
+        if round(tick, 9) in by_stamp:  # what went out on the stream
+            np.testing.assert_allclose(by_stamp[round(tick, 9)], row, rtol=1e-6, atol=1e-6)
+            checked += 1
+    assert checked > 50 and sum(len(t) for t, _ in ticks["spikes"]) > 0
