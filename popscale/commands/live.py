@@ -53,6 +53,7 @@ def add_serve(sub) -> None:
     s.add_argument("--lag", type=float, default=0.0, help="decode each tick this many ms after its time (spikes in transit)")
     s.add_argument("--duration", type=float, help="stop after this many seconds (default: Ctrl-C)")
     s.add_argument("--log", help="an .npz of every tick: its time, the spikes it held, the prediction published")
+    s.add_argument("--threads", type=int, default=1, help="torch threads for the model (default 1: lowest latency)")
     s.add_argument("--name", default="popscale-predictions", help="the prediction stream's name")
     s.add_argument("--cache", default="runs/models")
     tracking_flag(s)
@@ -84,7 +85,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     model, tok, _ = _load_model(a)  # NAME@ALIAS and models:/ URIs are pulled from the registry
     dec = CausalDecoder(model, tok, reader, a.model)
     cfg = ServeConfig(stream=a.stream, period_ms=a.period, speed=a.speed, tolerance_ms=a.tolerance, lag_ms=a.lag,
-                      name=a.name, duration_s=a.duration, log=a.log)
+                      name=a.name, duration_s=a.duration, log=a.log, threads=a.threads)
     say(f"serving {a.model} on {a.session}: waiting for LSL stream {a.stream!r} (this machine only)")
     shown = [0.0]
     with Live(console=console, auto_refresh=False) as live:
