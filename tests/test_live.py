@@ -161,3 +161,63 @@ def test_served_predictions_equal_the_causal_decode_of_the_spikes_each_tick_held
             np.testing.assert_allclose(by_stamp[round(tick, 9)], row, rtol=1e-6, atol=1e-6)
             checked += 1
     assert checked > 50 and sum(len(t) for t, _ in ticks["spikes"]) > 0
+
+
+def test_serve_counts_late_unknown_and_restarted_input_and_skips_ticks_it_cannot_make(corpus, tmp_path):
+    import torch
+
+    from data_service.reader import open_corpus
+    from pretrain.decoding.causal import CausalDecoder
+    from pretrain.live.serve import ServeConfig, load_log, serve
+    from pretrain.live.streams import spike_stream_info
+    from pretrain.model.config import ModelConfig
+    from pretrain.model.poyo import POYO
+    from pretrain.tokens.tokenizer import Tokenizer, TokenizerConfig
+
+    reader = open_corpus(corpus).session("s1")
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=16, depth=1, dim_head=8, cross_heads=1, self_heads=2, latents_per_step=2)
+    model = POYO(cfg, list(reader.unit_ids), ["s1"])
+    dec = CausalDecoder(model, Tokenizer(TokenizerConfig.build(cfg, window_s=1.0), model.unit_emb, model.session_emb),
+                        reader)
+    ids = [str(u) for u in reader.unit_ids]
+    rig = pylsl.StreamOutlet(spike_stream_info("test-faults", "test-faults", "s1", ids[::-1] + ["ghost"]))
+    seen = {"n": 0}
+    got = [threading.Event(), threading.Event()]
+
+    def tick(stats):
+        seen["n"] = stats.counts.received
+        if stats.counts.received >= 6:
+            got[0].set()
+        if stats.counts.received >= 8:
+            got[1].set()
+
+    done = threading.Event()
+    log = tmp_path / "faults.npz"
+    # a 1 ms period: the model is slower than that, so ticks are skipped, never queued
+    scfg = ServeConfig(stream="test-faults", period_ms=1.0, tolerance_ms=5.0, name="test-faults-pred", log=str(log))
+    out = {}
+    th = threading.Thread(target=lambda: out.setdefault("s", serve(dec, scfg, on_tick=tick, stop=done.is_set)))
+    th.start()
+    try:
+        assert rig.wait_for_consumers(30)
+        now = pylsl.local_clock()
+        # in order; 2 ms out of order (used); 50 ms behind the newest (late); stream index 12: a unit the session lacks
+        stamps = [now - 0.5, now - 0.4, now - 0.3, now - 0.302, now - 0.35, now - 0.2]
+        rig.push_chunk([[0], [1], [2], [3], [4], [12]], stamps)
+        assert got[0].wait(30), seen
+        rig.push_chunk([[5], [6]], [now - 100.0, now - 99.99])  # the rig restarted its clock
+        assert got[1].wait(30), seen
+    finally:
+        done.set()
+        th.join(timeout=60)
+    s = out["s"]
+    assert (s.counts.received, s.counts.late, s.counts.unknown, s.counts.restarts) == (8, 1, 1, 1)
+    assert s.skipped > 0 and s.ticks > 0
+    ticks = load_log(log)
+    held = [(t, u) for t, u in ticks["spikes"] if len(t)]
+    for tick_t, (t, _) in zip(ticks["ticks"], ticks["spikes"], strict=True):
+        assert (t < tick_t).all()
+    # the stream's index i is the session's unit ids[::-1][i]: mapped by id, not by position
+    everything = np.concatenate([u for _, u in held]) if held else np.zeros(0, np.int64)
+    assert set(everything.tolist()) == {len(ids) - 1 - k for k in (0, 1, 2, 3)}  # the out-of-order one too
