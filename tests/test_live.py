@@ -183,11 +183,13 @@ def test_serve_counts_late_unknown_and_restarted_input_and_skips_ticks_it_cannot
     ids = [str(u) for u in reader.unit_ids]
     rig = pylsl.StreamOutlet(spike_stream_info("test-faults", "test-faults", "s1", ids[::-1] + ["ghost"]))
     seen = {"n": 0}
-    got = [threading.Event(), threading.Event()]
+    ticking, got = threading.Event(), [threading.Event(), threading.Event()]
+    base = [float("inf")]  # the first chunk's stamps start here (set before it is pushed)
 
     def tick(stats):
+        ticking.set()
         seen["n"] = stats.counts.received
-        if stats.counts.received >= 6:
+        if stats.counts.received >= 6 and stats.last_tick > base[0] + 0.25:  # a tick held all four kept spikes
             got[0].set()
         if stats.counts.received >= 8:
             got[1].set()
@@ -200,13 +202,13 @@ def test_serve_counts_late_unknown_and_restarted_input_and_skips_ticks_it_cannot
     th = threading.Thread(target=lambda: out.setdefault("s", serve(dec, scfg, on_tick=tick, stop=done.is_set)))
     th.start()
     try:
-        assert rig.wait_for_consumers(30)
-        now = pylsl.local_clock()
+        assert rig.wait_for_consumers(30) and ticking.wait(30)  # the server is up and ticking
+        b = base[0] = pylsl.local_clock() + 0.1  # stamped just ahead: ticks to come hold them, however late they run
         # in order; 2 ms out of order (used); 50 ms behind the newest (late); stream index 12: a unit the session lacks
-        stamps = [now - 0.5, now - 0.4, now - 0.3, now - 0.302, now - 0.35, now - 0.2]
+        stamps = [b, b + 0.1, b + 0.2, b + 0.198, b + 0.15, b + 0.3]
         rig.push_chunk([[0], [1], [2], [3], [4], [12]], stamps)
         assert got[0].wait(30), seen
-        rig.push_chunk([[5], [6]], [now - 100.0, now - 99.99])  # the rig restarted its clock
+        rig.push_chunk([[5], [6]], [b - 100.0, b - 99.99])  # the rig restarted its clock
         assert got[1].wait(30), seen
     finally:
         done.set()

@@ -49,6 +49,7 @@ class ServeConfig:
 class Stats:
     ticks: int = 0
     skipped: int = 0  # ticks passed while the model ran: not decoded
+    last_tick: float = float("-inf")  # the LSL time of the newest tick decoded
     latency_ms: list[float] = field(default_factory=list)  # tick time -> prediction published
     parts_ms: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in ("buffer", "tokenize", "forward",
                                                                                          "publish")})
@@ -140,6 +141,7 @@ def serve(decoder, cfg: ServeConfig, on_tick: Callable[[Stats], None] | None = N
             outlet.push_sample(row.astype(np.float32).tolist(), tick)
             published = pylsl.local_clock()
             stats.ticks += 1
+            stats.last_tick = tick
             stats.latency_ms.append((published - tick) * 1000)
             for k, x in zip(("buffer", "tokenize", "forward", "publish"),
                             (t1 - t0, t_tok, t_fwd, time.perf_counter() - t2), strict=True):
