@@ -102,8 +102,10 @@ def test_causal_decode_predicts_at_the_stitched_times_and_writes_them(session, t
     stitched = decode_session(model, tok, reader, rows)
     for name, c in d.items():
         s = stitched[name]
-        assert np.array_equal(c.times, s.times[iv.contains(rows, s.times)])  # the same query times
-        again = causal_decode_session(CausalDecoder(model, tok, reader), c.times[:7])[name]
-        np.testing.assert_allclose(c.values[:7], again, rtol=1e-5, atol=1e-6)  # batching changes nothing
+        assert np.array_equal(c.times, s.times) and np.array_equal(c.windows > 0, iv.contains(rows, c.times))
+        assert np.isfinite(c.values[c.windows > 0]).all() and np.isnan(c.values[c.windows == 0]).all()
+        at = c.times[c.windows > 0][:7]
+        again = causal_decode_session(CausalDecoder(model, tok, reader), at)[name]
+        np.testing.assert_allclose(c.values[c.windows > 0][:7], again, rtol=1e-5, atol=1e-6)  # batching changes nothing
     lines = write_csv(d, tmp_path / "causal.csv").read_text().splitlines()
-    assert len(lines) == 1 + sum(len(c.times) for c in d.values())
+    assert len(lines) == 1 + sum(int((c.windows > 0).sum()) for c in d.values())

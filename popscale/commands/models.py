@@ -139,6 +139,8 @@ def add_evaluate(sub) -> None:
     s.add_argument("--corpus", required=True)
     s.add_argument("--session", action="append", help="default: every session of the corpus the model knows")
     s.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    s.add_argument("--causal", action="store_true",
+                   help="score each sample's prediction from the window ending at it (no later spike), as `serve` decodes")
     s.add_argument("--out", default="runs/evaluate")
     s.add_argument("--cache", default="runs/models")
     tracking_flag(s)
@@ -170,14 +172,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         if sid not in known:
             raise UnknownRecording(f"session {sid}: not in the model's vocabulary; adapt first: popscale finetune "
                                    f"--model {a.model} --corpus {a.corpus} --session {sid}")
-        r = predict_session(model, tok, corpus.session(sid), a.split)
+        r = predict_session(model, tok, corpus.session(sid), a.split, causal=a.causal)
         if r is None:
             say(f"  {sid}: nothing to score in its {a.split} split (no behaviour the model decodes there)")
             continue
         results[sid] = r
         rows += [(sid, b, v, r.per_behaviour_ci.get(b, (float("nan"),) * 2)) for b, v in r.per_behaviour.items()]
         plot_session(r, str(out / f"{sid}_{a.split}.png"), split=a.split)
-    t = Table(title=f"{a.model}: R2 on the {a.split} split (95 % bootstrap interval over trials or 10 s blocks)")
+    how = "causal: each sample from the window ending at it" if a.causal else "stitched windows"
+    t = Table(title=f"{a.model}: R2 on the {a.split} split, {how} (95 % bootstrap interval over trials or 10 s blocks)")
     for col in ("session", "behaviour", "R2", "95 % interval"):
         t.add_column(col)
     for sid, b, v, (lo, hi) in rows:
@@ -185,14 +188,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     mean = float(sum(r.r2 for r in results.values()) / len(results)) if results else float("nan")
     t.add_row("mean", "", f"{mean:.4f}", "")
     Console(width=120).print(t)
-    report = {"model": a.model, "path": str(path), "corpus": a.corpus, "split": a.split, "r2": mean,
+    report = {"model": a.model, "path": str(path), "corpus": a.corpus, "split": a.split, "causal": a.causal, "r2": mean,
               "sessions": {s: {"r2": r.r2, "ci95": list(r.ci), "per_behaviour": r.per_behaviour,
                                "per_behaviour_ci95": {b: list(c) for b, c in r.per_behaviour_ci.items()},
                                "samples": len(r.times)}
                            for s, r in results.items()}}
     (out / "evaluate.json").write_text(json.dumps(report, indent=1))
     say(f"table in {out / 'evaluate.json'}, plots of decoded vs true in {out}")
-    result(r2=f"{mean:.4f}", split=a.split, sessions=len(results), json=out / "evaluate.json")
+    result(r2=f"{mean:.4f}", split=a.split, causal=a.causal, sessions=len(results), json=out / "evaluate.json")
     return 0
 
 

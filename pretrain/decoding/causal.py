@@ -57,51 +57,74 @@ class CausalDecoder:
         """Each readout's prediction at the end of each window, in the behaviour's units: (n, dims)."""
         return self.predict_timed(windows)[0]
 
-    @torch.inference_mode()
     def predict_timed(self, windows: list[Window]) -> tuple[dict[str, np.ndarray], tuple[float, float]]:
         """`predict`, and the seconds it spent tokenizing and in the model (the live server's breakdown)."""
+        raw, took = self.outputs(windows)
+        return {self.names[k]: to_values(self.tok.cfg.readouts[k].kind, raw[self.names[k]], shift, scale, dims)
+                for k, _, dims, shift, scale in self.layout.outputs}, took
+
+    @torch.inference_mode()
+    def outputs(self, windows: list[Window]) -> tuple[dict[str, np.ndarray], tuple[float, float]]:
+        """The model's raw outputs (normalised values, (cos, sin), logits) at each window's end, and
+        the seconds spent tokenizing and in the model."""
         if not windows:
-            return {self.names[k]: np.zeros((0, dims)) for k, _, dims, _, _ in self.layout.outputs}, (0.0, 0.0)
+            return {self.names[k]: np.zeros((0, self.tok.cfg.readouts[k].dims)) for k, *_ in self.layout.outputs}, (0.0, 0.0)
         t0 = time.perf_counter()
         host = self.tok.pack([(w, self.reader, None) for w in windows])
         t1 = time.perf_counter()
         out = self.model(host.to(self.device))
-        res = {}
-        for k, b, dims, shift, scale in self.layout.outputs:
-            raw = out[self.names[k]].float().cpu().numpy().astype(np.float64)  # one query a window, in order
-            res[self.names[k]] = to_values(self.tok.cfg.readouts[k].kind, raw, shift, scale, dims)
-        return res, (t1 - t0, time.perf_counter() - t1)
+        raw = {self.names[k]: out[self.names[k]].float().cpu().numpy().astype(np.float64)  # one query a window
+               for k, *_ in self.layout.outputs}
+        return raw, (t1 - t0, time.perf_counter() - t1)
 
 
-def causal_decode_session(decoder: CausalDecoder, ticks: np.ndarray, batch_size: int = 64,
-                          spikes: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Predictions at `ticks` (absolute seconds), each from the window ending there, the spikes
+def causal_outputs(decoder: CausalDecoder, ticks: np.ndarray, batch_size: int = 64,
+                   spikes: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The raw outputs at `ticks` (absolute seconds), each from the window ending there, the spikes
     read from the session (or the given (times, units), sorted by time)."""
     times, units = spikes if spikes is not None else decoder.reader.spikes()
     times, units = np.asarray(times, np.float64), np.asarray(units, np.int64)
     parts: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(ticks), batch_size):
         wins = [decoder.window(float(t), times, units) for t in ticks[i:i + batch_size]]
-        for name, v in decoder.predict(wins).items():
+        for name, v in decoder.outputs(wins)[0].items():
             parts.setdefault(name, []).append(v)
     return {name: np.concatenate(v) for name, v in parts.items()}
 
 
+def causal_decode_session(decoder: CausalDecoder, ticks: np.ndarray, batch_size: int = 64,
+                          spikes: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Predictions in the behaviour's units at `ticks`, each from the window ending there."""
+    raw = causal_outputs(decoder, ticks, batch_size, spikes)
+    return {decoder.names[k]: to_values(decoder.tok.cfg.readouts[k].kind, raw[decoder.names[k]], shift, scale, dims)
+            for k, _, dims, shift, scale in decoder.layout.outputs if decoder.names[k] in raw}
 
 
 def causal_decode(model, tokenizer, reader: SessionReader, rows: np.ndarray | None = None, hz: float = 100.0,
                   model_uri: str = "MODEL", batch_size: int = 64) -> dict[str, Decoded]:
     """`decode --causal`: every readout at the times the stitched decoder predicts (the session's
-    behaviour timestamps inside `rows`, else every 1/hz s), each from the window ending there."""
-    dec = CausalDecoder(model, tokenizer, reader, model_uri)
+    behaviour timestamps inside `rows`, else every 1/hz s), each from the window ending there; like
+    the stitched decoder's, `windows` is 1 where predicted and 0 (values NaN) outside `rows`."""
+    was_training = model.training
+    try:
+        return _causal_decode(CausalDecoder(model, tokenizer, reader, model_uri), reader, rows, hz, batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _causal_decode(dec: CausalDecoder, reader: SessionReader, rows, hz: float, batch_size: int) -> dict[str, Decoded]:
     rows = iv.normalize(reader.domain if rows is None else rows)
     spikes = reader.spikes()
     out = {}
-    for k, b, dims, _, _ in dec.layout.outputs:
-        times = _query_times(reader, b, rows, hz)
-        times = times[iv.contains(rows, times)]
-        name = dec.names[k]
-        values = causal_decode_session(dec, times, batch_size, spikes).get(name, np.zeros((0, dims)))
-        out[name] = Decoded(reader.session_id, name, b, times, values, np.ones(len(times)),
-                            dec.tok.cfg.readouts[k].kind, None, dec.tok.column(reader.session_id, k))
+    for k, b, dims, shift, scale in dec.layout.outputs:
+        times = _query_times(reader, b, rows, hz)  # as the stitched decoder: every sample, those in rows predicted
+        inside = iv.contains(rows, times)
+        name, kind = dec.names[k], dec.tok.cfg.readouts[k].kind
+        width = dec.tok.cfg.readouts[k].dims
+        raw = np.full((len(times), width), np.nan)
+        if inside.any():
+            raw[inside] = causal_outputs(dec, times[inside], batch_size, spikes)[name]
+        values = to_values(kind, raw, shift, scale, dims, inside)
+        out[name] = Decoded(reader.session_id, name, b, times, values, inside.astype(np.float64), kind,
+                            None if kind == "continuous" else raw, dec.tok.column(reader.session_id, k))
     return out

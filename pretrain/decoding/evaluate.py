@@ -19,6 +19,7 @@ from data_service import intervals as iv
 from data_service.reader import Corpus, SessionReader, open_corpus
 
 from .metrics import bootstrap_accuracy, bootstrap_r2, r2_score, sample_groups
+from .causal import causal_decode
 from .stitch import decode_session, plot_traces
 
 
@@ -38,15 +39,19 @@ class SessionResult:
 
 
 def predict_session(model, tokenizer, reader: SessionReader, split: str = "valid", batch_size: int = 32,
-                    device: torch.device | str = "cpu") -> SessionResult | None:
-    """Stitched predictions (decode.py) over the session's `split` intervals, scored on the samples
-    inside both the split and the session's `eval` intervals, per behaviour; None when nothing scores."""
+                    device: torch.device | str = "cpu", causal: bool = False) -> SessionResult | None:
+    """Stitched predictions (stitch.py) over the session's `split` intervals, scored on the samples
+    inside both the split and the session's `eval` intervals, per behaviour; None when nothing scores.
+    causal: each sample predicted from the window ending at it instead (causal.py; what `serve` does)."""
     if not tokenizer.layout(reader).outputs:
         return None
     rows = iv.normalize(reader.intervals.get(split, iv.EMPTY))
     if not len(rows):
         return None
-    decoded = decode_session(model, tokenizer, reader, rows, batch_size=batch_size, device=device)
+    if causal:
+        decoded = causal_decode(model, tokenizer, reader, rows, batch_size=2 * batch_size)
+    else:
+        decoded = decode_session(model, tokenizer, reader, rows, batch_size=batch_size, device=device)
     scored_in = iv.intersect(rows, reader.intervals.get("eval", rows))
     parts = []
     for d in decoded.values():
@@ -92,10 +97,10 @@ def interval(y: np.ndarray, p: np.ndarray, kind: str, groups: np.ndarray) -> tup
 
 
 def evaluate(model, tokenizer, corpus: Corpus, sessions: list[str], split: str = "valid",
-             device: torch.device | str = "cpu") -> dict[str, SessionResult]:
+             device: torch.device | str = "cpu", causal: bool = False) -> dict[str, SessionResult]:
     out = {}
     for sid in sessions:
-        res = predict_session(model, tokenizer, corpus.session(sid), split, device=device)
+        res = predict_session(model, tokenizer, corpus.session(sid), split, device=device, causal=causal)
         if res is not None:
             out[sid] = res
     return out
