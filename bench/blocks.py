@@ -1,8 +1,7 @@
 """Batches a Ray Data block: the data service at `data.block_batches` = k against one batch a block.
 
 Why: every Ray Data block is a task, an object and a stats record; at one batch a block the service
-paid that once a batch (~0.1 s here: ~5 batches/s whatever the corpus) and the soak's memory grew
-with it. RayBatches now builds k consecutive batches in one actor call, one block; the batches
+paid that once a batch, and the soak's memory grew with it. RayBatches now builds k consecutive batches in one actor call, one block; the batches
 served are the same (tests/test_pretrain.py).
 
 What runs: the soak's service (bench/soak.py: its synthetic corpus, the run config's defaults,

@@ -227,9 +227,9 @@ class RayBatches:
         again (10-40 s on 2 cores, a dip in samples/s), and Ray Data keeps a stats record per block
         until its dataset ends (ray-project/ray#66016), so a dataset is as long as that allows.
         block_batches: consecutive batches one actor call builds into one Ray Data block. Ray's cost
-        a block (a task, its object, its stats) was paid once a batch at 1: ~0.1 s a batch on this
-        2-core machine, the service's bound, and most of the soak's memory growth (bench/RESULTS.md).
-        The sequence served does not depend on it.
+        a block (a task, its object, its stats) was paid once a batch at 1: 21 batches/s against 44
+        at 8 on this 2-core machine (bench/blocks.py), and most of the soak's memory growth
+        (bench/RESULTS.md). The sequence served does not depend on it.
         resources: custom Ray resources each actor takes; None: the actors prefer this worker's
         node (soft affinity: elsewhere when it has no room, or is gone). cpus_per_actor: logical
         CPUs each actor asks; 0 by default (why: pretrain/run/config.py, data.actor_cpus)."""
