@@ -25,6 +25,25 @@ def corpus(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def decoder(corpus):
+    """A small untrained POYO that knows session s1: what serve publishes need not be good, only exact."""
+    import torch
+
+    from data_service.reader import open_corpus
+    from pretrain.decoding.causal import CausalDecoder
+    from pretrain.model.config import ModelConfig
+    from pretrain.model.poyo import POYO
+    from pretrain.tokens.tokenizer import Tokenizer, TokenizerConfig
+
+    reader = open_corpus(corpus).session("s1")
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=16, depth=1, dim_head=8, cross_heads=1, self_heads=2, latents_per_step=2)
+    model = POYO(cfg, list(reader.unit_ids), ["s1"])
+    return CausalDecoder(model, Tokenizer(TokenizerConfig.build(cfg, window_s=1.0), model.unit_emb, model.session_emb),
+                         reader)
+
+
 def _resolve(source_id: str):
     found = lsl().resolve_byprop("source_id", source_id, timeout=20)
     assert found, f"no LSL stream {source_id} on this machine"
@@ -100,22 +119,10 @@ def test_ring_keeps_order_within_tolerance_and_counts_late_unknown_and_restarts(
     assert r.counts.restarts == 1 and r.window(3.2, 1.0)[0].tolist() == [3.0, 3.1]
 
 
-def test_served_predictions_equal_the_causal_decode_of_the_spikes_each_tick_held(corpus, tmp_path):
-    import torch
-
-    from data_service.reader import open_corpus
-    from pretrain.decoding.causal import CausalDecoder
+def test_served_predictions_equal_the_causal_decode_of_the_spikes_each_tick_held(corpus, decoder, tmp_path):
     from pretrain.live.serve import ServeConfig, load_log, serve
-    from pretrain.model.config import ModelConfig
-    from pretrain.model.poyo import POYO
-    from pretrain.tokens.tokenizer import Tokenizer, TokenizerConfig
 
-    reader = open_corpus(corpus).session("s1")
-    torch.manual_seed(0)
-    cfg = ModelConfig(dim=16, depth=1, dim_head=8, cross_heads=1, self_heads=2, latents_per_step=2)
-    model = POYO(cfg, list(reader.unit_ids), ["s1"])
-    dec = CausalDecoder(model, Tokenizer(TokenizerConfig.build(cfg, window_s=1.0), model.unit_emb, model.session_emb),
-                        reader)
+    dec, reader = decoder, decoder.reader
     speed = 5.0
     rep = ReplayConfig(str(corpus), "s1", speed=speed, start_s=2.0, duration_s=10.0, name="test-serve-spikes",
                        source_id="test-serve", wait_consumers_s=30.0, linger_s=1.0)
@@ -163,23 +170,11 @@ def test_served_predictions_equal_the_causal_decode_of_the_spikes_each_tick_held
     assert checked > 50 and sum(len(t) for t, _ in ticks["spikes"]) > 0
 
 
-def test_serve_counts_late_unknown_and_restarted_input_and_skips_ticks_it_cannot_make(corpus, tmp_path):
-    import torch
-
-    from data_service.reader import open_corpus
-    from pretrain.decoding.causal import CausalDecoder
+def test_serve_counts_late_unknown_and_restarted_input_and_skips_ticks_it_cannot_make(decoder, tmp_path):
     from pretrain.live.serve import ServeConfig, load_log, serve
     from pretrain.live.streams import spike_stream_info
-    from pretrain.model.config import ModelConfig
-    from pretrain.model.poyo import POYO
-    from pretrain.tokens.tokenizer import Tokenizer, TokenizerConfig
 
-    reader = open_corpus(corpus).session("s1")
-    torch.manual_seed(0)
-    cfg = ModelConfig(dim=16, depth=1, dim_head=8, cross_heads=1, self_heads=2, latents_per_step=2)
-    model = POYO(cfg, list(reader.unit_ids), ["s1"])
-    dec = CausalDecoder(model, Tokenizer(TokenizerConfig.build(cfg, window_s=1.0), model.unit_emb, model.session_emb),
-                        reader)
+    dec, reader = decoder, decoder.reader
     ids = [str(u) for u in reader.unit_ids]
     rig = pylsl.StreamOutlet(spike_stream_info("test-faults", "test-faults", "s1", ids[::-1] + ["ghost"]))
     seen = {"n": 0}
