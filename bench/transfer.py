@@ -53,7 +53,10 @@ SIBLINGS = {"mihi_demo-te": "mihi_demo-tr", "mihi_demo-tr": "mihi_demo-te",  # s
 EVAL = ["m1_stevenson_2011", "s1_data", "mihi_demo-te", "R042-2013-08-20", MOUSE]
 RAT = {"R042-2013-08-20"}  # decoded: position (x, y)
 ARMS = ["unit-id", "full", "unit-id-then-full", "scratch", "ridge", "gru", "ridge-nc", "gru-nc"]
-ADAPTED = ("unit-id", "full", "unit-id-then-full", "unit-id-x5")  # the arms that adapt a pretrained model
+# beyond the default arms: unit-id-x5 (unit-id at 5x the steps: its converged R2) and full-causal (full
+# fine-tuning as a causal readout, finetune --causal, scored by causal decoding: what `popscale serve` runs)
+EXTRA_ARMS = ["unit-id-x5", "full-causal"]
+ADAPTED = ("unit-id", "full", "unit-id-then-full", "unit-id-x5", "full-causal")  # the arms that adapt a pretrained model
 EVAL_EVERY = 25  # validations every this many steps, for every trained arm (model selection)
 
 
@@ -156,20 +159,31 @@ def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int
     from pretrain.finetune.finetune import finetune
 
     src = model or pretrained(out, corpus, held, pre_steps)
+    name = f"{held}-{arm}-{steps}-{labels.rstrip('%')}-{seed}" + (f"-lr{lr:g}" if lr else "")
+    causal = arm == "full-causal"
     if arm == "unit-id-x5":
         arm, steps = "unit-id", 5 * steps
+    arm = "full" if causal else arm
     rates = {} if lr is None else {"lr_full": lr} if arm == "full" else {"lr_unit_id": lr}
     r = finetune(FinetuneConfig(model=str(src), corpus=str(corpus), sessions=[held], mode=arm, labels=labels,
-                                steps=steps, seed=seed, eval_every=eval_every(steps), **rates,
+                                steps=steps, seed=seed, eval_every=eval_every(steps), **rates, causal=causal,
                                 tracking_uri=f"sqlite:///{out / 'mlflow.db'}", out=str(out / "finetune"),
-                                name=f"{held}-{arm}-{steps}-{labels.rstrip('%')}-{seed}" + (f"-lr{lr:g}" if lr else ""),
+                                name=name,
                                 readouts=[HD] if held == MOUSE else [],
                                 # what the baselines decode, with the same labels: the mouse's head direction only
                                 behaviours=["compass_direction"] if held == MOUSE else []),
                  notify=lambda m: None, show_progress=False)
     per = r.per_session[held]
+    other = {}
+    if arm == "full":  # the same model scored the other way: the R2 causality costs, or a causal readout gives back
+        from pretrain.decoding.evaluate import predict_session
+        from pretrain.tracking.export import load_exported
+
+        m, tok = load_exported(r.export)
+        res = predict_session(m, tok, open_corpus(corpus).session(held), "test", causal=not causal)
+        other = {"test_r2_stitched" if causal else "test_r2_causal": res.r2 if res is not None else float("nan")}
     return {"test_r2": r.test_r2, "test_ci": per["test_ci"], "valid_r2": r.valid_r2, "best_step": r.best_step,
-            "labelled_s": r.labelled_s[held], "seconds": r.seconds, **common}
+            "labelled_s": r.labelled_s[held], "seconds": r.seconds, **other, **common}
 
 
 def cell(rows: list[dict]) -> str:
@@ -192,7 +206,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="adaptation (and from-scratch) steps (default 100; quick 30)")
     ap.add_argument("--pretrain-steps", type=int, help="default 300; quick 60")
     ap.add_argument("--seeds", type=int, help="seeds of every arm: the label draw and the training (default 2; quick 1)")
-    ap.add_argument("--arms", help=f"comma-separated subset of {','.join(ARMS + ['unit-id-x5'])} (default: all)")
+    ap.add_argument("--arms", help=f"comma-separated subset of {','.join(ARMS + EXTRA_ARMS)} (default: "
+                                   f"{','.join(ARMS)})")
     ap.add_argument("--labels", default="10%,100%", help="label budgets to run (default 10%%,100%%)")
     ap.add_argument("--report", action="store_true", help="print the tables from the results kept so far; run nothing")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "transfer"))
@@ -234,6 +249,9 @@ def main() -> None:
         results.update(kept)
         print(f"reused {len(kept)} baseline results from {a.reuse}")
     arms = a.arms.split(",") if a.arms else ARMS
+    unknown = sorted(set(arms) - set(ARMS + EXTRA_ARMS))
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown} (known: {', '.join(ARMS + EXTRA_ARMS)})")
     plan = [(s, arm, lab, seed) for s in sessions for arm in arms if arm != "unit-id-x5" for lab in a.labels.split(",")
             for seed in range(seeds) if not (arm == "unit-id-then-full" and lab == "10%" and model is None)]
     if SPEED in sessions and (not a.arms or "unit-id-x5" in arms):
@@ -244,7 +262,7 @@ def main() -> None:
         key = f"{s}|{arm}|{lab}|{seed}"
         if key in results or a.report:
             continue
-        rates = grid.get("full" if arm == "full" else "unit-id", [None]) if arm in ADAPTED else [None]
+        rates = grid.get("full" if arm in ("full", "full-causal") else "unit-id", [None]) if arm in ADAPTED else [None]
         first = results.get(f"{s}|{arm}|{lab}|0")
         if seed > 0 and len(rates) > 1 and first is not None:
             rates = [first["lr"]]  # the schedule is chosen on seed 0's valid split; the other seeds repeat it
@@ -313,9 +331,35 @@ def main() -> None:
     if short and long:
         print(f"unit-id on {SPEED} ({open_corpus(corpus).rows[SPEED]['n_units']} units): {short[0]['seconds']:.0f} s, "
               f"test R2 {short[0]['test_r2']:.3f} vs {long['test_r2']:.3f} after 5x the steps")
+    causal_cost(sessions, rows)
     uid10, ridge100 = avg[("unit-id", "10%")], avg[("ridge", "100%")]
     ratio = uid10 / ridge100 if ridge100 > 0 else float("nan")
     print(f"RESULT name=unit_id_10pct_test_r2 baseline=ridge_100pct ratio={ratio:.3f}")
+
+
+def causal_cost(sessions: list[str], rows) -> None:
+    """The R2 causality costs at 100 % labels, per session: full fine-tuning scored stitched and
+    causally (the same models), full fine-tuning as a causal readout (full-causal), and the causal
+    GRU and ridge (history only). Printed when full-causal has run."""
+    have = [s for s in sessions if rows(s, "full-causal", "100%")]
+    if not have:
+        return
+
+    def c(s, arm, field="test_r2"):
+        got = [r[field] for r in rows(s, arm, "100%") if field in r]
+        if not got:
+            return "-"
+        ci = [r["test_ci"] for r in rows(s, arm, "100%") if field == "test_r2" and r.get("test_ci")]
+        return f"{np.mean(got):.3f}" + (f" [{np.mean([x[0] for x in ci]):.2f}, {np.mean([x[1] for x in ci]):.2f}]"
+                                        if ci else "")
+
+    print("\nthe cost of causality at 100 % labels: test R2 (seeds' mean [95 % interval])")
+    print("| session | full, stitched | full, causal decoding | full-causal (finetune --causal) | full-causal, stitched "
+          "| GRU (causal) | ridge (causal) |")
+    print("|---|---|---|---|---|---|---|")
+    for s in have:
+        print(f"| {s} | {c(s, 'full')} | {c(s, 'full', 'test_r2_causal')} | {c(s, 'full-causal')} | "
+              f"{c(s, 'full-causal', 'test_r2_stitched')} | {c(s, 'gru')} | {c(s, 'ridge')} |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Training-time augmentation of one window: unit dropout (which of a session's units a window
-keeps) and time scaling (a window's data stretched or squeezed). Every draw is a pure function
+keeps), time scaling (a window's data stretched or squeezed) and, for a causal readout, the output
+queries kept to the window's end. Every draw is a pure function
 of (seed, stream position), counter-based, so any window's augmentation is computable on its
 own, in any process, and a resumed run replays it exactly."""
 
@@ -24,6 +25,14 @@ class AugmentConfig:
     # e.g. (0.9, 1.1): a window holds window_s x factor seconds of data squeezed into window_s (spike
     # and behaviour times divided by the factor, per-second behaviours such as velocity multiplied)
     time_scaling: tuple[float, float] | None = None
+    # a causal readout (finetune --causal): only the behaviour samples in the last query_tail_s seconds
+    # of a window are learned, so the model learns to predict at a window's end from the spikes before
+    # it, which is all a live decoder has (pretrain/decoding/causal.py); None: every sample is a query
+    query_tail_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.query_tail_s is not None and not self.query_tail_s > 0:
+            raise ValueError(f"augment.query_tail_s must be > 0 seconds (or null: every sample), got {self.query_tail_s}")
 
 
 _STREAMS = {"units": 1, "time": 2}
@@ -78,14 +87,29 @@ def read_scaled(r: SessionReader, t_start: float, window_s: float, cfg: AugmentC
     """The window at `t_start` holding the named behaviours and interval sets, stretched in time
     when time scaling is on: window_s x factor seconds of data, its times divided to fit window_s."""
     if not cfg.time_scaling:
-        return r.read_window(t_start, t_start + window_s, behaviours=behaviours, intervals=intervals)
+        w = r.read_window(t_start, t_start + window_s, behaviours=behaviours, intervals=intervals)
+        return tail_queries(w, window_s, cfg.query_tail_s)
     lo, hi = cfg.time_scaling
     s = float(lo + (hi - lo) * _uniforms(seed, position, "time", 1)[0])
     w = r.read_window(t_start, t_start + window_s * s, behaviours=behaviours, intervals=intervals)
-    return Window(w.session_id, w.t_start, w.t_start + window_s, w.spike_times / s, w.spike_units,
-                  {k: SeriesWindow(v.timestamps / s, v.values * rate_factor(r.attrs["behaviour"][k].get("unit", ""), s))
-                   for k, v in w.behaviour.items()},
-                  {k: v / s for k, v in w.intervals.items()})
+    w = Window(w.session_id, w.t_start, w.t_start + window_s, w.spike_times / s, w.spike_units,
+               {k: SeriesWindow(v.timestamps / s, v.values * rate_factor(r.attrs["behaviour"][k].get("unit", ""), s))
+                for k, v in w.behaviour.items()},
+               {k: v / s for k, v in w.intervals.items()})
+    return tail_queries(w, window_s, cfg.query_tail_s)
+
+
+def tail_queries(w: Window, window_s: float, tail_s: float | None) -> Window:
+    """The window with only its behaviour samples at or after `window_s - tail_s` (relative time):
+    the queries a causal readout learns from. Spikes are untouched: the whole window is context."""
+    if tail_s is None:
+        return w
+    start = window_s - tail_s
+    beh = {}
+    for k, v in w.behaviour.items():
+        keep = v.timestamps >= start
+        beh[k] = v if keep.all() else SeriesWindow(v.timestamps[keep], v.values[keep])
+    return Window(w.session_id, w.t_start, w.t_end, w.spike_times, w.spike_units, beh, w.intervals)
 
 
 def rate_factor(unit: str, s: float) -> float:

@@ -175,6 +175,36 @@ def test_unit_id_then_full_unfreezes_the_shared_layers(env):
     assert (env["root"] / "ft" / "uidf" / "phase1").is_dir()
 
 
+def test_causal_finetune_learns_window_ends_only_and_is_scored_causally(env):
+    """finetune --causal: the training queries are the last latent step of each window (the same
+    windows otherwise), the model kept is chosen and scored by causal decoding, and it says so."""
+    from data_service.service import build_batch
+    from pretrain.decoding.evaluate import predict_session
+    from pretrain.tracking.export import load_exported
+
+    corpus = open_corpus(env["corpus"])
+    plain, _ = plan_adaptation(ft(env, mode="full"), env["export"], corpus)
+    causal, _ = plan_adaptation(ft(env, mode="full", causal=True), env["export"], corpus)
+    tail = causal.tokenizer.geometry.latent_step
+    assert causal.causal and not plain.causal and causal.run.data.augment.query_tail_s == tail
+    a, b = build_batch(plain.service_spec(), 0, 0, 1), build_batch(causal.service_spec(), 0, 0, 1)
+    assert a.positions.tolist() == b.positions.tolist()
+    np.testing.assert_array_equal(a.data.unit_index, b.data.unit_index)  # the same spikes: the whole window
+    window = causal.tokenizer.geometry.window_s
+    assert len(b.data.output_time) and (b.data.output_time >= window - tail - 1e-6).all()
+    assert (a.data.output_time < window - tail).any() and len(a.data.output_time) > len(b.data.output_time)
+    with pytest.raises(ConfigError, match="--causal-tail"):
+        ft(env, causal_tail_s=0.1)
+
+    r = finetune(ft(env, mode="full", steps=2, causal=True, name="causal"), show_progress=False)
+    model, tok = load_exported(r.export)
+    reader = corpus.session(env["held"])
+    assert r.per_session[env["held"]]["test"] == pytest.approx(predict_session(model, tok, reader, "test", causal=True).r2)
+    assert r.per_session[env["held"]]["test"] != pytest.approx(predict_session(model, tok, reader, "test").r2)
+    assert json.loads((r.export / "config.json").read_text())["provenance"]["causal_tail_s"] == tail
+    assert "causal readout" in (r.export / "MODEL_CARD.md").read_text()
+
+
 def test_targets_are_normalised_by_the_labelled_part_and_round_trip_units(env, tmp_path):
     """The same session stored in m/s and in cm/s: targets equal, predictions equal up to 100x."""
     from pretrain.decoding.stitch import decode_session

@@ -218,3 +218,53 @@ def test_serve_counts_late_unknown_and_restarted_input_and_skips_ticks_it_cannot
     # the stream's index i is the session's unit ids[::-1][i]: mapped by id, not by position
     everything = np.concatenate([u for _, u in held]) if held else np.zeros(0, np.int64)
     assert set(everything.tolist()) == {len(ids) - 1 - k for k in (0, 1, 2, 3)}  # the out-of-order one too
+
+
+def test_a_binned_rig_is_decoded_from_whole_bins_as_the_offline_reference(corpus, decoder, tmp_path):
+    """A count stream (replay --bin-ms): each tick's window ends at the newest bin end it holds, its
+    spikes are exactly those bins' counts placed evenly inside them, and what was published is the
+    offline causal decode of them."""
+    from pretrain.live.serve import ServeConfig, load_log, serve
+    from pretrain.live.streams import counts_to_spikes
+
+    dec, reader = decoder, decoder.reader
+    speed, bin_s, start = 5.0, 0.02, 2.0
+    rep = ReplayConfig(str(corpus), "s1", speed=speed, start_s=start, duration_s=6.0, name="test-bins",
+                       source_id="test-bins", wait_consumers_s=30.0, linger_s=0.5, bin_ms=bin_s * 1000)
+    log = tmp_path / "bins.npz"
+    scfg = ServeConfig(stream="test-bins", period_ms=20.0, speed=speed, lag_ms=10.0, name="test-bins-pred", log=str(log))
+    done, out = threading.Event(), {}
+    serving = threading.Thread(target=lambda: out.setdefault("serve", serve(dec, scfg, stop=done.is_set)))
+    serving.start()
+    try:
+        out["replay"] = replay(rep)
+    finally:
+        done.set()
+        serving.join(timeout=60)
+    r, ticks = out["replay"], load_log(log)
+    t_all, u_all = reader.spikes()
+    n_bins = int(round(6.0 / bin_s))
+    k = np.floor((t_all - start) / bin_s).astype(np.int64)
+    keep = (t_all >= start) & (k < n_bins)
+    counts = np.zeros((n_bins, len(reader.unit_ids)), np.int64)
+    np.add.at(counts, (k[keep], u_all[keep]), 1)
+    ends = r.lsl_t0 + np.arange(1, n_bins + 1) * bin_s / speed
+    sent_t, sent_u = counts_to_spikes(ends, counts, bin_s / speed)
+    assert r.spikes == keep.sum() == len(sent_t) and len(ticks["ticks"]) > 20
+    cuts = ticks["cuts"][[len(t) > 0 for t, _ in ticks["spikes"]]]
+    offset = float(np.median(cuts - ends[np.abs(ends[None] - cuts[:, None]).argmin(1)]))  # LSL time correction
+    assert abs(offset) < 1e-3
+    ends, sent_t = ends + offset, sent_t + offset
+    used = 0
+    for tick, cut, row, (t, u) in zip(ticks["ticks"], ticks["cuts"], ticks["predictions"], ticks["spikes"], strict=True):
+        assert cut <= tick and (t < cut).all()
+        if len(t) == 0:
+            continue
+        assert np.abs(ends - cut).min() < 1e-6  # a bin end: no bin that ended after the tick was used
+        lo, hi = np.searchsorted(sent_t, (cut - 1.0 / speed - 1e-7, cut - 1e-7))
+        np.testing.assert_allclose(t, sent_t[lo:hi], rtol=0, atol=1e-5)  # the bins' spikes, placed in them
+        assert (u == sent_u[lo:hi]).all()
+        again = np.concatenate(list(dec.predict([dec.window(cut * speed, t * speed, u)]).values()), axis=1)[0]
+        np.testing.assert_allclose(row, again, rtol=1e-5, atol=1e-6)
+        used += 1
+    assert used > 20

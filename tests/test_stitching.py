@@ -109,3 +109,23 @@ def test_causal_decode_predicts_at_the_stitched_times_and_writes_them(session, t
         np.testing.assert_allclose(c.values[c.windows > 0][:7], again, rtol=1e-5, atol=1e-6)  # batching changes nothing
     lines = write_csv(d, tmp_path / "causal.csv").read_text().splitlines()
     assert len(lines) == 1 + sum(int((c.windows > 0).sum()) for c in d.values())
+
+
+def test_causal_validation_thins_the_ticks_and_scores_the_same_predictions(session):
+    """A causal readout's validation (evaluate.CAUSAL_VALID_HZ) predicts every k-th sample only, and
+    those predictions are the ones every-sample decoding makes there."""
+    from pretrain.decoding.causal import causal_decode, thin
+
+    t = np.arange(0, 2, 0.01)
+    assert thin(t, 20.0).nonzero()[0].tolist() == list(range(0, 200, 5)) and thin(t, None).all()
+    assert thin(t, 1000.0).all() and thin(t[:1], 20.0).all()
+    reader, model, tok = session
+    rows = iv.normalize(reader.intervals["test"])
+    full, thinned = causal_decode(model, tok, reader, rows), causal_decode(model, tok, reader, rows, max_hz=20.0)
+    for name, f in full.items():
+        th = thinned[name]
+        on = th.windows > 0
+        n = int((f.windows > 0).sum())
+        k = int(np.ceil(1 / (20.0 * float(np.median(np.diff(f.times[f.windows > 0])))) - 1e-9))
+        assert k > 1 and on.sum() == -(-n // k) and (f.windows[on] > 0).all()
+        np.testing.assert_allclose(th.values[on], f.values[on], rtol=1e-5, atol=1e-6)

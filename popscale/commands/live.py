@@ -4,7 +4,9 @@ Each command's flags sit beside its handler."""
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from rich.live import Live
 from rich.table import Table
@@ -24,6 +26,8 @@ def add_replay(sub) -> None:
     s.add_argument("--behaviour", help="the behaviour on the second stream (default: the session's first)")
     s.add_argument("--name", default="popscale-spikes", help="the spike stream's name (behaviour: NAME-behaviour)")
     s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for a consumer before playing")
+    s.add_argument("--bin-ms", type=float, help="send every unit's spike count per bin of this many ms, as a binned rig "
+                                               "does (a SpikeCounts stream), instead of one sample per spike")
     s.set_defaults(fn=cmd_replay)
 
 
@@ -32,8 +36,9 @@ def cmd_replay(a: argparse.Namespace) -> int:
     from pretrain.live.replay import ReplayConfig, replay
 
     cfg = ReplayConfig(a.corpus, a.session, speed=a.speed, start_s=a.start, duration_s=a.duration,
-                       behaviour=a.behaviour, name=a.name, wait_consumers_s=a.wait)
-    say(f"replaying {a.session} of {a.corpus} to LSL stream {a.name!r} at {a.speed:g}x (this machine only)")
+                       behaviour=a.behaviour, name=a.name, wait_consumers_s=a.wait, bin_ms=a.bin_ms)
+    say(f"replaying {a.session} of {a.corpus} to LSL stream {a.name!r} at {a.speed:g}x"
+        + (f", counts per {a.bin_ms:g} ms bin" if a.bin_ms else "") + " (this machine only)")
     with progress_bar("replay (recording s)", None, remaining=False) as bar:
         r = replay(cfg, on_tick=lambda played, n: bar.update(round(played, 1), f"{n:,} spikes"))
     result(spikes=r.spikes, behaviour_samples=r.behaviour_samples, recording_s=f"{r.recording_s:.1f}",
@@ -82,8 +87,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .models import _load_model
 
     reader = open_corpus(a.corpus).session(a.session)
-    model, tok, _ = _load_model(a)  # NAME@ALIAS and models:/ URIs are pulled from the registry
+    model, tok, path = _load_model(a)  # NAME@ALIAS and models:/ URIs are pulled from the registry
     dec = CausalDecoder(model, tok, reader, a.model)
+    if not _causal(path):
+        say(f"note: {a.model} was not trained as a causal readout: it learned the window's end as one query among "
+            "many; `popscale finetune --causal` trains it for this (runbooks/live.md)")
     cfg = ServeConfig(stream=a.stream, period_ms=a.period, speed=a.speed, tolerance_ms=a.tolerance, lag_ms=a.lag,
                       name=a.name, duration_s=a.duration, log=a.log, threads=a.threads)
     say(f"serving {a.model} on {a.session}: waiting for LSL stream {a.stream!r} (this machine only)")
@@ -104,6 +112,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     result(ticks=stats.ticks, skipped=stats.skipped, p50_ms=f"{q['p50']:.2f}", p99_ms=f"{q['p99']:.2f}",
            max_ms=f"{q['max']:.2f}", received=c.received, late=c.late, unknown=c.unknown, restarts=c.restarts)
     return 0
+
+
+def _causal(export) -> bool:
+    """Whether an exported model was trained as a causal readout (finetune --causal records it)."""
+    config = Path(export) / "config.json"
+    prov = json.loads(config.read_text()).get("provenance", {}) if config.exists() else {}
+    return prov.get("causal_tail_s") is not None
 
 
 def add_commands(sub) -> None:

@@ -64,6 +64,12 @@ def add_finetune(sub) -> None:
     s.add_argument("--behaviour", action="append", metavar="NAME",
                    help="decode only this behaviour of the sessions (repeat for several; default: every one the "
                         "model's readouts take); the others' labels are not used")
+    s.add_argument("--causal", action="store_true",
+                   help="a causal readout, what `popscale serve` runs: learn to predict at each window's end from the "
+                        "spikes before it; selected and scored by causal decoding")
+    s.add_argument("--causal-tail", type=float, metavar="SECONDS",
+                   help="with --causal: the end of each window whose behaviour samples are learned (default: one "
+                        "latent step of the model)")
     s.add_argument("--register", metavar="NAME", help="register the adapted model under this name")
     s.add_argument("--alias", help="with --register: point this alias at the new version")
     s.add_argument("--name", help="run name (default: sessions, mode and time)")
@@ -83,11 +89,12 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                          eval_every=a.eval_every, warm_start=a.warm_start, replace_session=a.replace_session,
                          register=a.register, alias=a.alias, tracking_uri=a.tracking_uri, out=a.out, name=a.name,
                          readouts=a.readout or [], behaviours=a.behaviour or [],
+                         causal=a.causal, causal_tail_s=a.causal_tail,
                          **({"lr_unit_id": a.lr} if a.lr and a.mode != "full" else {}),
                          **({"lr_full": a.lr} if a.lr and a.mode == "full" else {}))
     r = finetune(cfg, notify=say, show_progress=not a.no_progress)
     for s, v in r.per_session.items():
-        say(f"  {s}: test R2 {v['test']:.3f} [95 % {v['test_ci'][0]:.3f}, {v['test_ci'][1]:.3f}], valid R2 "
+        say(f"  {s}: {'causal ' if cfg.causal else ''}test R2 {v['test']:.3f} [95 % {v['test_ci'][0]:.3f}, {v['test_ci'][1]:.3f}], valid R2 "
             f"{v['valid']:.3f} ({r.labelled_s[s]:.0f} s of labels to train on; selection on {v['valid_s']:.0f} s of valid)")
     say(f"finetune {r.name}: {r.mode} in {r.seconds:.0f} s, best validation at step {r.best_step}; model {r.model_uri}")
     result(test_r2=f"{r.test_r2:.4f}", valid_r2=f"{r.valid_r2:.4f}", model_uri=r.model_uri, seconds=f"{r.seconds:.0f}",

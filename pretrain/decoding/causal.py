@@ -101,24 +101,43 @@ def causal_decode_session(decoder: CausalDecoder, ticks: np.ndarray, batch_size:
 
 
 def causal_decode(model, tokenizer, reader: SessionReader, rows: np.ndarray | None = None, hz: float = 100.0,
-                  model_uri: str = "MODEL", batch_size: int = 64) -> dict[str, Decoded]:
+                  model_uri: str = "MODEL", batch_size: int = 64, max_hz: float | None = None) -> dict[str, Decoded]:
     """`decode --causal`: every readout at the times the stitched decoder predicts (the session's
     behaviour timestamps inside `rows`, else every 1/hz s), each from the window ending there; like
-    the stitched decoder's, `windows` is 1 where predicted and 0 (values NaN) outside `rows`."""
+    the stitched decoder's, `windows` is 1 where predicted and 0 (values NaN) outside `rows`.
+    `max_hz`: predict only every k-th of those samples, k the smallest that keeps them at most
+    max_hz a second (validation during training: each prediction is a forward pass); the others
+    are NaN with `windows` 0, as outside `rows`."""
     was_training = model.training
     try:
-        return _causal_decode(CausalDecoder(model, tokenizer, reader, model_uri), reader, rows, hz, batch_size)
+        return _causal_decode(CausalDecoder(model, tokenizer, reader, model_uri), reader, rows, hz, batch_size, max_hz)
     finally:
         model.train(was_training)
 
 
-def _causal_decode(dec: CausalDecoder, reader: SessionReader, rows, hz: float, batch_size: int) -> dict[str, Decoded]:
+def thin(times: np.ndarray, max_hz: float | None) -> np.ndarray:
+    """A mask keeping every k-th of `times` (sorted), k the smallest with at most `max_hz` kept a second
+    (their median spacing decides); all of them when max_hz is None or they are sparser already."""
+    keep = np.ones(len(times), bool)
+    if max_hz is None or len(times) < 2:
+        return keep
+    dt = float(np.median(np.diff(times)))
+    k = int(np.ceil(1.0 / (max_hz * dt) - 1e-9)) if dt > 0 else 1
+    if k > 1:
+        keep[:] = False
+        keep[::k] = True
+    return keep
+
+
+def _causal_decode(dec: CausalDecoder, reader: SessionReader, rows, hz: float, batch_size: int,
+                   max_hz: float | None = None) -> dict[str, Decoded]:
     rows = iv.normalize(reader.domain if rows is None else rows)
     spikes = reader.spikes()
     out = {}
     for k, b, dims, shift, scale in dec.layout.outputs:
         times = _query_times(reader, b, rows, hz)  # as the stitched decoder: every sample, those in rows predicted
         inside = iv.contains(rows, times)
+        inside[inside] = thin(times[inside], max_hz)
         name, kind = dec.names[k], dec.tok.cfg.readouts[k].kind
         width = dec.tok.cfg.readouts[k].dims
         raw = np.full((len(times), width), np.nan)

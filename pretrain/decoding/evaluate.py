@@ -39,17 +39,19 @@ class SessionResult:
 
 
 def predict_session(model, tokenizer, reader: SessionReader, split: str = "valid", batch_size: int = 32,
-                    device: torch.device | str = "cpu", causal: bool = False) -> SessionResult | None:
+                    device: torch.device | str = "cpu", causal: bool = False,
+                    causal_hz: float | None = None) -> SessionResult | None:
     """Stitched predictions (stitch.py) over the session's `split` intervals, scored on the samples
     inside both the split and the session's `eval` intervals, per behaviour; None when nothing scores.
-    causal: each sample predicted from the window ending at it instead (causal.py; what `serve` does)."""
+    causal: each sample predicted from the window ending at it instead (causal.py; what `serve` does),
+    at most `causal_hz` samples a second of them (None: every one)."""
     if not tokenizer.layout(reader).outputs:
         return None
     rows = iv.normalize(reader.intervals.get(split, iv.EMPTY))
     if not len(rows):
         return None
     if causal:
-        decoded = causal_decode(model, tokenizer, reader, rows, batch_size=2 * batch_size)
+        decoded = causal_decode(model, tokenizer, reader, rows, batch_size=2 * batch_size, max_hz=causal_hz)
     else:
         decoded = decode_session(model, tokenizer, reader, rows, batch_size=batch_size, device=device)
     scored_in = iv.intersect(rows, reader.intervals.get("eval", rows))
@@ -97,27 +99,37 @@ def interval(y: np.ndarray, p: np.ndarray, kind: str, groups: np.ndarray) -> tup
 
 
 def evaluate(model, tokenizer, corpus: Corpus, sessions: list[str], split: str = "valid",
-             device: torch.device | str = "cpu", causal: bool = False) -> dict[str, SessionResult]:
+             device: torch.device | str = "cpu", causal: bool = False, causal_hz: float | None = None
+             ) -> dict[str, SessionResult]:
     out = {}
     for sid in sessions:
-        res = predict_session(model, tokenizer, corpus.session(sid), split, device=device, causal=causal)
+        res = predict_session(model, tokenizer, corpus.session(sid), split, device=device, causal=causal,
+                              causal_hz=causal_hz)
         if res is not None:
             out[sid] = res
     return out
 
 
-class Evaluator:
-    """The loop's validation callback: stitched R2 on this worker's share of the plan's validation
-    sessions, gathered over workers; logs the mean and every session's R2, and (rank 0) a plot of
-    decoded vs true behaviour for the first session. Returns {"valid_r2": mean}."""
+# a causal readout's validation decodes one window per sample scored: at most this many a second (a
+# tick every 50 ms, serve's default period) keeps it a few times the stitched decoder's cost
+CAUSAL_VALID_HZ = 20.0
 
-    def __init__(self, tokenizer, corpus: str, sessions: list[str], dist, split: str = "valid") -> None:
-        self.tokenizer, self.corpus, self.dist, self.split = tokenizer, corpus, dist, split
+
+class Evaluator:
+    """The loop's validation callback: stitched R2 (causal R2 for a causal readout, at most
+    CAUSAL_VALID_HZ samples a second) on this worker's share of the plan's validation sessions,
+    gathered over workers; logs the mean and every session's R2, and (rank 0) a plot of decoded vs
+    true behaviour for the first session. Returns {"valid_r2": mean}."""
+
+    def __init__(self, tokenizer, corpus: str, sessions: list[str], dist, split: str = "valid",
+                 causal: bool = False) -> None:
+        self.tokenizer, self.corpus, self.dist, self.split, self.causal = tokenizer, corpus, dist, split, causal
         self.mine = sessions[dist.rank::dist.world]
 
     def __call__(self, model, step: int, sink) -> dict[str, float]:
         corpus = open_corpus(self.corpus)
-        results = evaluate(model, self.tokenizer, corpus, self.mine, self.split, device=self.dist.device)
+        results = evaluate(model, self.tokenizer, corpus, self.mine, self.split, device=self.dist.device,
+                           causal=self.causal, causal_hz=CAUSAL_VALID_HZ if self.causal else None)
         per_session = {k: v for g in self.dist.gather({k: v.r2 for k, v in results.items()}) for k, v in g.items()}
         mean = float(np.mean(list(per_session.values()))) if per_session else float("nan")
         sink.log({f"{self.split}_r2": mean, **{f"{self.split}_r2.{k}": v for k, v in per_session.items()}}, step)

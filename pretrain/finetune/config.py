@@ -53,6 +53,10 @@ class FinetuneConfig:
     # the others' labels are not used (a comparison with a decoder of one behaviour gives both the same labels)
     behaviours: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow run tags (a sweep nests it: mlflow.parentRunId)
+    # a causal readout (what `popscale serve` runs): trained on the behaviour samples in the last causal_tail_s
+    # of each window only (default: one latent step), selected and scored by causal decoding (decoding/causal.py)
+    causal: bool = False
+    causal_tail_s: float | None = None
 
     def __post_init__(self) -> None:
         for spec in self.readouts:
@@ -71,6 +75,8 @@ class FinetuneConfig:
             raise ConfigError("--unfreeze-after applies to --mode unit-id-then-full only")
         if not self.sessions:
             raise ConfigError("name at least one --session to adapt to")
+        if self.causal_tail_s is not None and not (self.causal and self.causal_tail_s > 0):
+            raise ConfigError(f"--causal-tail {self.causal_tail_s}: must be > 0 seconds, and goes with --causal")
 
 
 @dataclass

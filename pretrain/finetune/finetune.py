@@ -106,10 +106,11 @@ def _train(phases: list[RunPlan], cfg: FinetuneConfig, out: Path, tracked, show_
 
 
 def _score(model, plan: RunPlan, corpus, sessions: list[str]) -> tuple[dict, dict]:
-    """Test and valid R2 per session (test with its interval), and the test results to plot."""
+    """Test and valid R2 per session (test with its interval), and the test results to plot; a
+    causal readout's by causal decoding, every sample."""
     tokenizer = plan.make_tokenizer()
-    test = evaluate(model, tokenizer, corpus, sessions, "test")
-    valid = evaluate(model, tokenizer, corpus, sessions, "valid")
+    test = evaluate(model, tokenizer, corpus, sessions, "test", causal=plan.causal)
+    valid = evaluate(model, tokenizer, corpus, sessions, "valid", causal=plan.causal)
     nan2 = (float("nan"), float("nan"))
     per = {s: {"test": test[s].r2 if s in test else float("nan"),
                "test_ci": list(test[s].ci if s in test else nan2),
@@ -140,7 +141,7 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
     run = TrackedRun.start(tracking, out, name, asdict(cfg), "finetune", notify=notify,
                            tags={"source_model": src_name, "source_version": src_version, "source_uri": src_uri,
                                  "mode": cfg.mode, "labels": cfg.labels, "sessions": ",".join(cfg.sessions),
-                                 **cfg.tags})
+                                 "causal": str(plan.causal).lower(), **cfg.tags})
     tracked = run.sink()
     phases = _phases(plan, cfg)
     ok = False
@@ -157,12 +158,15 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
         final = plan if len(phases) == 1 else replace(plan, adapt=replace(plan.adapt, trainable="all"))
         prov = provenance({"corpus": plan.corpus, "corpus_fingerprint": plan.corpus_fingerprint,
                            "mlflow_run_id": run.run_id or "", "source_model": src_uri, "mode": cfg.mode,
-                           "labels": cfg.labels, "adapted_sessions": list(cfg.sessions)})
+                           "labels": cfg.labels, "adapted_sessions": list(cfg.sessions),
+                           "causal_tail_s": plan.run.data.augment.query_tail_s})
         export = export_model(model, plan.tokenizer, out / "export", prov)
         final.save(export)
         model_card(export, title=f"{cfg.register or name}: {src_uri} adapted to {', '.join(cfg.sessions)}",
                    data=f"Adapted ({cfg.mode}, {cfg.steps} steps) to {', '.join(cfg.sessions)} of {plan.corpus} with "
-                        f"{cfg.labels} of the train split's labels.", metrics={"test_r2": test_r2, "valid_r2": valid_r2},
+                        f"{cfg.labels} of the train split's labels."
+                        + (f" A causal readout: trained on the last {plan.run.data.augment.query_tail_s:g} s of each "
+                           "window, R2 by causal decoding (each sample from the window ending at it)." if plan.causal else ""), metrics={"test_r2": test_r2, "valid_r2": valid_r2},
                    lineage=f"from {src_uri}")
         # registered and the run set FINISHED; with the server away, both left to the one command printed
         fin = run.finish(export=export if cfg.register else None, model_name=cfg.register or "", alias=cfg.alias,

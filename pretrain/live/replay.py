@@ -3,7 +3,8 @@
 Why: the whole live loop (rig -> `popscale serve` -> predictions) then runs on one machine with a
 real LSL stack, on recordings whose behaviour is known, so a live decoder can be checked against
 the offline one and scored. Each spike goes out as one sample of the spike stream (streams.py), its
-LSL timestamp the spike's time mapped onto this machine's LSL clock; the behaviour goes out on a
+LSL timestamp the spike's time mapped onto this machine's LSL clock (or, with `bin_ms`, as a binned
+rig sends them: every unit's count per bin, stamped at the bin's end); the behaviour goes out on a
 second stream the same way. Pushes happen every `tick_ms` of wall time, each carrying the events
 whose time has come, so a consumer sees them arrive as from an acquisition system.
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from data_service.reader import open_corpus
 
-from .streams import behaviour_stream_info, lsl, spike_stream_info
+from .streams import behaviour_stream_info, counts_stream_info, lsl, spike_stream_info
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ReplayConfig:
     source_id: str | None = None  # default: popscale-replay-<session>
     wait_consumers_s: float = 0.0  # wait up to this long for a spike-stream consumer before playing (0: at once)
     linger_s: float = 1.0  # keep the streams open this long after the last event, for consumers to drain them
+    bin_ms: float | None = None  # send counts per bin of this many recording ms (a count stream) instead of spikes
 
 
 @dataclass
@@ -54,6 +56,8 @@ def replay(cfg: ReplayConfig, on_tick: Callable[[float, int], None] | None = Non
     """Plays `cfg.session` of `cfg.corpus`; on_tick(recording seconds played, spikes sent) after each push."""
     if cfg.speed <= 0:
         raise ValueError(f"replay: speed must be positive, got {cfg.speed}")
+    if cfg.bin_ms is not None and cfg.bin_ms <= 0:
+        raise ValueError(f"replay: bin_ms must be positive, got {cfg.bin_ms}")
     reader = open_corpus(cfg.corpus).session(cfg.session)
     times, units = reader.spikes()
     times, units = np.asarray(times, np.float64), np.asarray(units, np.int32)
@@ -73,8 +77,12 @@ def replay(cfg: ReplayConfig, on_tick: Callable[[float, int], None] | None = Non
         rate = float(1 / np.median(np.diff(b_times))) if len(b_times) > 1 else 0.0
     pylsl = lsl()
     source = cfg.source_id or f"popscale-replay-{cfg.session}"
-    out = pylsl.StreamOutlet(spike_stream_info(cfg.name, source, cfg.session, [str(u) for u in reader.unit_ids]),
-                             chunk_size=0, max_buffered=360)
+    ids = [str(u) for u in reader.unit_ids]
+    bin_s = cfg.bin_ms / 1000 if cfg.bin_ms else None
+    info = (counts_stream_info(cfg.name, source, cfg.session, ids, bin_s, cfg.speed / bin_s) if bin_s else
+            spike_stream_info(cfg.name, source, cfg.session, ids))
+    out = pylsl.StreamOutlet(info, chunk_size=0, max_buffered=360)
+    n_bins = int(np.floor((t_end - t_start) / bin_s + 1e-9)) if bin_s else 0
     b_out = None
     if name is not None:
         b_out = pylsl.StreamOutlet(behaviour_stream_info(f"{cfg.name}-behaviour", f"{source}-behaviour", cfg.session,
@@ -83,14 +91,27 @@ def replay(cfg: ReplayConfig, on_tick: Callable[[float, int], None] | None = Non
         out.wait_for_consumers(cfg.wait_consumers_s)
     lsl_t0 = pylsl.local_clock()
     wall0 = time.perf_counter()
-    i = j = 0
+    i = j = k = 0
     n_b = len(b_times) if b_out is not None else 0
-    while i < len(times) or j < n_b:
+    n_spikes = len(times)
+    while (k < n_bins if bin_s else i < n_spikes) or j < n_b:
         played = t_start + (pylsl.local_clock() - lsl_t0) * cfg.speed  # recording time whose events are due
-        i2, j2 = int(np.searchsorted(times, played, "right")), 0
-        if i2 > i:
-            out.push_chunk(units[i:i2].reshape(-1, 1).tolist(), (lsl_t0 + (times[i:i2] - t_start) / cfg.speed).tolist())
-            i = i2
+        j2 = 0
+        if bin_s:  # the bins that have ended, each unit's count in them
+            k2 = min(n_bins, int(np.floor((played - t_start) / bin_s + 1e-9)))
+            if k2 > k:
+                i2 = int(np.searchsorted(times, t_start + k2 * bin_s, "left"))
+                counts = np.zeros((k2 - k, len(ids)), np.int32)
+                rows = np.clip(np.floor((times[i:i2] - t_start) / bin_s + 1e-9).astype(np.int64) - k, 0, k2 - k - 1)
+                np.add.at(counts, (rows, units[i:i2]), 1)
+                ends = t_start + np.arange(k + 1, k2 + 1) * bin_s
+                out.push_chunk(counts.tolist(), (lsl_t0 + (ends - t_start) / cfg.speed).tolist())
+                i, k = i2, k2
+        else:
+            i2 = int(np.searchsorted(times, played, "right"))
+            if i2 > i:
+                out.push_chunk(units[i:i2].reshape(-1, 1).tolist(), (lsl_t0 + (times[i:i2] - t_start) / cfg.speed).tolist())
+                i = i2
         if b_out is not None:
             j2 = int(np.searchsorted(b_times, played, "right"))
             if j2 > j:
@@ -98,9 +119,9 @@ def replay(cfg: ReplayConfig, on_tick: Callable[[float, int], None] | None = Non
                 j = j2
         if on_tick is not None:
             on_tick(min(played, t_end) - t_start, i)
-        if i < len(times) or j < n_b:
+        if (k < n_bins if bin_s else i < n_spikes) or j < n_b:
             time.sleep(cfg.tick_ms / 1000)
     wall = time.perf_counter() - wall0
     if cfg.linger_s > 0:
         time.sleep(cfg.linger_s)
-    return ReplayResult(len(times), n_b, t_end - t_start, wall, lsl_t0, t_start)
+    return ReplayResult(i, n_b, t_end - t_start, wall, lsl_t0, t_start)

@@ -8,6 +8,10 @@ decoded. liblsl receives on its own thread, so input is never blocked by the mod
 what arrives meanwhile. Spike timestamps go through LSL's time correction (proc_clocksync), so a
 rig on another clock lands on this one.
 
+A binned rig's count stream (streams.py) is taken as spikes placed evenly inside their bins, and a
+tick decodes the window ending at the newest bin end it has received at or before it (`cut`, in the
+log): a bin that ends after the tick is never used, though part of it came before.
+
 A stream replayed faster than real time (`popscale replay --speed S`) carries recording time
 compressed S-fold; serve with the same `speed` and the model sees recording seconds.
 
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 
 from .buffer import Counts, SpikeRing
-from .streams import lsl, read_spike_stream_info
+from .streams import counts_to_spikes, lsl, read_spike_stream_info
 
 
 @dataclass
@@ -62,10 +66,11 @@ class Stats:
 
 class _TickLog:
     def __init__(self) -> None:
-        self.ticks, self.preds, self.times, self.units, self.lens = [], [], [], [], []
+        self.ticks, self.cuts, self.preds, self.times, self.units, self.lens = [], [], [], [], [], []
 
-    def add(self, tick: float, t: np.ndarray, u: np.ndarray, pred: np.ndarray) -> None:
+    def add(self, tick: float, cut: float, t: np.ndarray, u: np.ndarray, pred: np.ndarray) -> None:
         self.ticks.append(tick)
+        self.cuts.append(cut)
         self.preds.append(pred)
         self.times.append(t)
         self.units.append(u)
@@ -73,7 +78,7 @@ class _TickLog:
 
     def save(self, path: str, speed: float, unit_ids: list[str]) -> None:
         cat = np.concatenate
-        np.savez(path, ticks=np.asarray(self.ticks, np.float64), predictions=np.asarray(self.preds, np.float64),
+        np.savez(path, ticks=np.asarray(self.ticks, np.float64), cuts=np.asarray(self.cuts, np.float64), predictions=np.asarray(self.preds, np.float64),
                  spike_times=cat(self.times) if self.times else np.zeros(0), lens=np.asarray(self.lens, np.int64),
                  spike_units=cat(self.units) if self.units else np.zeros(0, np.int64), speed=speed,
                  unit_ids=np.asarray(unit_ids))
@@ -83,6 +88,11 @@ def unit_map(stream_ids: list[str], session_ids: list[str]) -> np.ndarray:
     """Stream channel value -> the session's unit index (-1: a unit the session does not have)."""
     where = {u: i for i, u in enumerate(session_ids)}
     return np.asarray([where.get(u, -1) for u in stream_ids], np.int64)
+
+
+def _to_units(mapping: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Stream values (unit indices, or a count stream's channels) -> the session's units; -1: unknown."""
+    return np.where((v >= 0) & (v < len(mapping)), mapping[np.clip(v, 0, max(len(mapping) - 1, 0))], -1)
 
 
 def serve(decoder, cfg: ServeConfig, on_tick: Callable[[Stats], None] | None = None,
@@ -101,7 +111,9 @@ def serve(decoder, cfg: ServeConfig, on_tick: Callable[[Stats], None] | None = N
     inlet.open_stream(timeout=cfg.resolve_timeout_s)
     window_lsl = decoder.window_s / cfg.speed
     period, lag, tol = cfg.period_ms / 1000, cfg.lag_ms / 1000, cfg.tolerance_ms / 1000 / cfg.speed
-    ring = SpikeRing(len(session_units), keep_s=window_lsl + tol + period + lag, tolerance_s=tol)
+    bin_lsl = info.bin_s / cfg.speed if info.binned else 0.0
+    ring = SpikeRing(len(session_units), keep_s=window_lsl + tol + period + lag + bin_lsl, tolerance_s=tol)
+    ends = np.zeros(0)  # a count stream's recent bin ends (LSL time): the windows end at one of them
     stats = Stats(counts=ring.counts)
     dims = [v.shape[1] for v in decoder.predict([decoder.window(0.0, np.zeros(0), np.zeros(0, np.int64))]).values()]
     out_info = pylsl.StreamInfo(cfg.name, "Predictions", int(sum(dims)), 1000 / cfg.period_ms, pylsl.cf_float32,
@@ -121,10 +133,13 @@ def serve(decoder, cfg: ServeConfig, on_tick: Callable[[Stats], None] | None = N
                 break
             wait = next_tick + lag - now
             values, stamps = inlet.pull_chunk(timeout=max(0.0, min(wait, 0.05)), max_samples=100_000)
-            if stamps:
-                v = np.asarray(values, np.int64).ravel()
-                ring.add(np.asarray(stamps, np.float64), np.where((v >= 0) & (v < len(mapping)),
-                                                                  mapping[np.clip(v, 0, len(mapping) - 1)], -1))
+            if stamps and info.binned:
+                st = np.asarray(stamps, np.float64)
+                ends = np.sort(np.concatenate([ends[ends >= st.max() - ring.keep_s], st]))
+                t_in, v = counts_to_spikes(st, values, bin_lsl)
+                ring.add(t_in, _to_units(mapping, v))
+            elif stamps:
+                ring.add(np.asarray(stamps, np.float64), _to_units(mapping, np.asarray(values, np.int64).ravel()))
             now = pylsl.local_clock()
             if now < next_tick + lag:
                 continue
@@ -132,8 +147,12 @@ def serve(decoder, cfg: ServeConfig, on_tick: Callable[[Stats], None] | None = N
             stats.skipped += behind
             tick = next_tick + behind * period
             t0 = time.perf_counter()
-            t, u = ring.window(tick, window_lsl)
-            w = decoder.window(tick * cfg.speed, t * cfg.speed, u)
+            cut = tick
+            if info.binned:  # whole bins only: the window ends at the newest bin end at or before the tick
+                k = int(np.searchsorted(ends, tick, "right"))
+                cut = float(ends[k - 1]) if k else tick
+            t, u = ring.window(cut, window_lsl)
+            w = decoder.window(cut * cfg.speed, t * cfg.speed, u)
             t1 = time.perf_counter()
             pred, (t_tok, t_fwd) = decoder.predict_timed([w])
             row = np.concatenate([p[0] for p in pred.values()])
@@ -147,7 +166,7 @@ def serve(decoder, cfg: ServeConfig, on_tick: Callable[[Stats], None] | None = N
                             (t1 - t0, t_tok, t_fwd, time.perf_counter() - t2), strict=True):
                 stats.parts_ms[k].append(x * 1000)
             if log is not None:
-                log.add(tick, t, u, row)
+                log.add(tick, cut, t, u, row)
             next_tick = tick + period
             if on_tick is not None:
                 on_tick(stats)
@@ -160,8 +179,9 @@ def serve(decoder, cfg: ServeConfig, on_tick: Callable[[Stats], None] | None = N
 
 
 def load_log(path: str | Path) -> dict:
-    """A tick log as {ticks, predictions, spikes: [(times, units) per tick], speed}."""
+    """A tick log as {ticks, cuts (where each window ended: the tick, or a count stream's bin end),
+    predictions, spikes: [(times, units) per tick], speed}."""
     z = np.load(path)
     edges = np.concatenate([[0], np.cumsum(z["lens"])])
     spikes = [(z["spike_times"][a:b], z["spike_units"][a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    return {"ticks": z["ticks"], "predictions": z["predictions"], "spikes": spikes, "speed": float(z["speed"])}
+    return {"ticks": z["ticks"], "cuts": z["cuts"], "predictions": z["predictions"], "spikes": spikes, "speed": float(z["speed"])}

@@ -4,7 +4,7 @@ The training loss itself is a poor one (it is measured on the batches being lear
 dropout); validation R2 saturates and is bounded. This is the loss of the loop (loss.py: weighted
 MSE on per-session normalised targets, cross-entropy for classes) over the windows of the
 sessions' `valid` split, in a fixed window order (the index's own, seeded), no augmentation,
-no dropout: two points that trained on the same sessions are scored on the same windows.
+no dropout (a causal run's queries kept to the window's end, as it learns them): two points that trained on the same sessions are scored on the same windows.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def heldout_loss(model, plan: RunPlan, split: str = "valid", max_windows: int = 
     if not index.sessions:
         return float("nan"), 0
     spec = replace(plan.service_spec(), index=index, global_batch=batch, seed=0, index_fingerprint=None,
-                   augment=AugmentConfig(unit_dropout=False))
+                   augment=AugmentConfig(unit_dropout=False, query_tail_s=plan.run.data.augment.query_tail_s))
     n = min(max_windows, window_index(spec).epoch_size(0))
     kinds = [r.kind for r in plan.tokenizer.readouts]
     was = model.training

@@ -82,6 +82,11 @@ class RunPlan:
     def corpus(self) -> str:
         return self.run.data.corpus
 
+    @property
+    def causal(self) -> bool:
+        """A causal readout: it learns the queries at its windows' ends only, and is validated causally."""
+        return self.run.data.augment.query_tail_s is not None
+
     # ---- what the parts are built from --------------------------------------------------------------
     def make_tokenizer(self) -> Tokenizer:
         return Tokenizer(self.tokenizer, StaticVocab(self.unit_vocab, "unit"),

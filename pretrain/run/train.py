@@ -63,7 +63,7 @@ def _parts(plan: RunPlan, rank: int, world: int, local_rank: int = 0, split_inte
         spec = replace(spec, split_intervals=split_intervals)
     kinds = [r.kind for r in plan.tokenizer.readouts]
     return Parts(dist, engine, TrainStep(engine, scheduler, dist, plan.run.train.seed, kinds), spec,
-                 Evaluator(spec.tokenizer, plan.corpus, plan.valid_sessions, dist))
+                 Evaluator(spec.tokenizer, plan.corpus, plan.valid_sessions, dist, causal=plan.causal))
 
 
 def ray_worker(config: dict) -> None:
