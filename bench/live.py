@@ -70,12 +70,16 @@ def main() -> None:
     model, tok = load_exported(a.model)
     dec = CausalDecoder(model, tok, reader, a.model)
     t0 = float(reader.domain[0, 0]) + 5.0
+    span = float(reader.domain[-1, 1]) - t0 - seconds  # the starts a whole side fits after
+    if span <= 0:
+        raise SystemExit(f"{a.session} is shorter than {seconds + 5:g} s: pass a smaller --seconds")
     sides = {f"{a.period:g} ms, 1 thread": (a.period, 1), f"{a.period:g} ms, 2 threads": (a.period, 2),
              "as fast as it goes (1 ms), 1 thread": (1.0, 1)}
     rows: dict[str, list[dict]] = {k: [] for k in sides}
     for r in range(repeats):
         for i, (label, (period, threads)) in enumerate(sides.items()):
-            start = t0 + (r * len(sides) + i) * seconds  # a fresh stretch of the session each time
+            # a fresh stretch of the session each time, wrapping round before its end (replay stops there)
+            start = t0 + ((r * len(sides) + i) * seconds) % max(span, seconds)
             rows[label].append(one(dec, a.corpus, a.session, seconds, start, period, threads, f"{r}-{i}"))
             x = rows[label][-1]
             print(f"repeat {r + 1}/{repeats}  {label:38s} p50 {x['p50']:6.1f}  p99 {x['p99']:6.1f}  max {x['max']:6.1f} ms"

@@ -137,7 +137,7 @@ def scratch(out: Path, corpus: Path, held: str, labels: str, seed: int, steps: i
 
 
 def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int, steps: int, pre_steps: int,
-            model: Path | None = None, lr: float | None = None) -> dict:
+            model: Path | None = None, lr: float | None = None, causal_tail: float | None = None) -> dict:
     from pretrain.finetune.finetune import _scored_seconds
 
     t0 = time.time()
@@ -167,6 +167,7 @@ def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int
     rates = {} if lr is None else {"lr_full": lr} if arm == "full" else {"lr_unit_id": lr}
     r = finetune(FinetuneConfig(model=str(src), corpus=str(corpus), sessions=[held], mode=arm, labels=labels,
                                 steps=steps, seed=seed, eval_every=eval_every(steps), **rates, causal=causal,
+                                causal_tail_s=causal_tail if causal else None,
                                 tracking_uri=f"sqlite:///{out / 'mlflow.db'}", out=str(out / "finetune"),
                                 name=name,
                                 readouts=[HD] if held == MOUSE else [],
@@ -219,6 +220,8 @@ def main() -> None:
                                   "phase of unit-id-then-full) and full, e.g. 'unit-id=0.01,0.03;full=0.001,0.003' "
                                   "(default: finetune's own, one run); chosen on seed 0's valid split, the "
                                   "other seeds run the chosen rate")
+    ap.add_argument("--causal-tail", type=float, help="full-causal: seconds at each window's end whose samples are "
+                                                      "learned (default: finetune's, half the window)")
     ap.add_argument("--reuse", help="a results file of an earlier run on the same session store: its ridge and GRU "
                                     "results (no model in them: the same splits, label draws and code) are taken "
                                     "instead of running them again")
@@ -272,7 +275,8 @@ def main() -> None:
         for lr in rates:  # each candidate kept under its own key; the arm's row is the one best on valid
             ck = key if lr is None else f"{s}|{arm}@{lr:g}|{lab}|{seed}"
             if ck not in results:
-                results[ck] = {**run_arm(out, corpus, s, arm, lab, seed, steps, pre, model, lr), "lr": lr}
+                results[ck] = {**run_arm(out, corpus, s, arm, lab, seed, steps, pre, model, lr, a.causal_tail), "lr": lr,
+                               **({"causal_tail": a.causal_tail} if arm == "full-causal" and a.causal_tail else {})}
                 store.write_text(json.dumps(results, indent=1))
         if rates != [None]:
             cands = [results[f"{s}|{arm}@{lr:g}|{lab}|{seed}"] for lr in rates]

@@ -176,7 +176,7 @@ def test_unit_id_then_full_unfreezes_the_shared_layers(env):
 
 
 def test_causal_finetune_learns_window_ends_only_and_is_scored_causally(env):
-    """finetune --causal: the training queries are the last latent step of each window (the same
+    """finetune --causal: the training queries are the last half of each window (the same
     windows otherwise), the model kept is chosen and scored by causal decoding, and it says so."""
     from data_service.service import build_batch
     from pretrain.decoding.evaluate import predict_session
@@ -185,7 +185,7 @@ def test_causal_finetune_learns_window_ends_only_and_is_scored_causally(env):
     corpus = open_corpus(env["corpus"])
     plain, _ = plan_adaptation(ft(env, mode="full"), env["export"], corpus)
     causal, _ = plan_adaptation(ft(env, mode="full", causal=True), env["export"], corpus)
-    tail = causal.tokenizer.geometry.latent_step
+    tail = causal.tokenizer.geometry.window_s / 2
     assert causal.causal and not plain.causal and causal.run.data.augment.query_tail_s == tail
     a, b = build_batch(plain.service_spec(), 0, 0, 1), build_batch(causal.service_spec(), 0, 0, 1)
     assert a.positions.tolist() == b.positions.tolist()

@@ -68,8 +68,8 @@ def add_finetune(sub) -> None:
                    help="a causal readout, what `popscale serve` runs: learn to predict at each window's end from the "
                         "spikes before it; selected and scored by causal decoding")
     s.add_argument("--causal-tail", type=float, metavar="SECONDS",
-                   help="with --causal: the end of each window whose behaviour samples are learned (default: one "
-                        "latent step of the model)")
+                   help="with --causal: the end of each window whose behaviour samples are learned (default: half "
+                        "the window)")
     s.add_argument("--register", metavar="NAME", help="register the adapted model under this name")
     s.add_argument("--alias", help="with --register: point this alias at the new version")
     s.add_argument("--name", help="run name (default: sessions, mode and time)")

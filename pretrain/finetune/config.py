@@ -54,7 +54,8 @@ class FinetuneConfig:
     behaviours: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow run tags (a sweep nests it: mlflow.parentRunId)
     # a causal readout (what `popscale serve` runs): trained on the behaviour samples in the last causal_tail_s
-    # of each window only (default: one latent step), selected and scored by causal decoding (decoding/causal.py)
+    # of each window only (default: half the window, chosen on valid: bench/RESULTS.md, live decoding), selected and
+    # scored by causal decoding (decoding/causal.py)
     causal: bool = False
     causal_tail_s: float | None = None
 

@@ -70,8 +70,9 @@ def phase_run(base: RunConfig, cfg: FinetuneConfig, tok: TokenizerConfig, corpus
     run.model_overrides = {**run.model_overrides, "readouts": {r.name: r.dims for r in tok.readouts}}
     d.target_scale, d.target_rms, d.interval_weights = dict(tok.target_scale), tok.target_rms, dict(tok.interval_weights)
     d.session_weights = {}
-    # a causal readout learns only the queries at its windows' ends (augment.tail_queries)
-    d.augment = replace(d.augment, query_tail_s=(cfg.causal_tail_s or tok.geometry.latent_step) if cfg.causal else None)
+    # a causal readout learns only the queries at its windows' ends (augment.tail_queries); half the window by
+    # default: on valid it beat one latent step (0.125 s) and kept the stitched R2 (bench/RESULTS.md, live decoding)
+    d.augment = replace(d.augment, query_tail_s=(cfg.causal_tail_s or tok.geometry.window_s / 2) if cfg.causal else None)
     t.steps, t.stop_at, t.grad_accum, t.seed = steps, None, 1, cfg.seed
     t.optim = replace(t.optim, lr=lr)
     t.warmup_steps = min(10, max(1, steps // 10))
