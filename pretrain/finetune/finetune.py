@@ -166,7 +166,8 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
                    data=f"Adapted ({cfg.mode}, {cfg.steps} steps) to {', '.join(cfg.sessions)} of {plan.corpus} with "
                         f"{cfg.labels} of the train split's labels."
                         + (f" A causal readout: trained on the last {plan.run.data.augment.query_tail_s:g} s of each "
-                           "window, R2 by causal decoding (each sample from the window ending at it)." if plan.causal else ""), metrics={"test_r2": test_r2, "valid_r2": valid_r2},
+                           "window, R2 by causal decoding (each sample from the window ending at it)." if plan.causal else ""),
+                   metrics={"test_r2": test_r2, "valid_r2": valid_r2},
                    lineage=f"from {src_uri}")
         # registered and the run set FINISHED; with the server away, both left to the one command printed
         fin = run.finish(export=export if cfg.register else None, model_name=cfg.register or "", alias=cfg.alias,
