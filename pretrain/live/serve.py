@@ -78,7 +78,8 @@ class _TickLog:
 
     def save(self, path: str, speed: float, unit_ids: list[str]) -> None:
         cat = np.concatenate
-        np.savez(path, ticks=np.asarray(self.ticks, np.float64), cuts=np.asarray(self.cuts, np.float64), predictions=np.asarray(self.preds, np.float64),
+        np.savez(path, ticks=np.asarray(self.ticks, np.float64), cuts=np.asarray(self.cuts, np.float64),
+                 predictions=np.asarray(self.preds, np.float64),
                  spike_times=cat(self.times) if self.times else np.zeros(0), lens=np.asarray(self.lens, np.int64),
                  spike_units=cat(self.units) if self.units else np.zeros(0, np.int64), speed=speed,
                  unit_ids=np.asarray(unit_ids))
@@ -184,4 +185,5 @@ def load_log(path: str | Path) -> dict:
     z = np.load(path)
     edges = np.concatenate([[0], np.cumsum(z["lens"])])
     spikes = [(z["spike_times"][a:b], z["spike_units"][a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    return {"ticks": z["ticks"], "cuts": z["cuts"], "predictions": z["predictions"], "spikes": spikes, "speed": float(z["speed"])}
+    return {"ticks": z["ticks"], "cuts": z["cuts"], "predictions": z["predictions"], "spikes": spikes,
+            "speed": float(z["speed"])}
