@@ -11,8 +11,9 @@ added at adaptation and scored as R² on (cos, sin); its baselines decode the sa
 2. adapt it to S with `popscale finetune`'s code path: `unit-id` and `full` at label budgets of
    10 % and 100 % of S's train split, `unit-id-then-full` at 100 %, all with the same step budget
    (`--steps`) and validation schedule;
-3. scratch: the same model and recipe trained on the labelled part of S alone, same steps, same
-   validation schedule, the same model selection (best validation R²);
+3. scratch: the same model and recipe (with `--model`: the single-session recipe, configs/real.yaml)
+   trained on the labelled part of S alone, same steps, same validation schedule, the same model
+   selection (best validation R²);
 4. the baselines in the same harness: ridge (Wiener filter) and a GRU, each causal and
    non-causal (`pretrain/decoding/baselines.py`: POYO's stitched windows see the future, so the
    non-causal ones are its like-for-like comparison), tuned on valid.
@@ -23,6 +24,9 @@ or blocks; training arms (and label draws) over `--seeds` seeds; wall time of ea
 are kept in runs/bench/transfer/results-*.json as they come, so a stopped run continues.
 
     python bench/transfer.py [--quick] [--sessions chewie_demo,...] [--steps 100] [--pretrain-steps 300]
+
+A seed added later: `--seeds 2 --first-seed 1` runs seed 1 only; `--grid 'gru.hiddens=400;gru.histories_s=1.0'`
+narrows a baseline's grid to what an earlier seed chose on valid (recorded with each result: say so in a table).
 
 --quick: one session (mihi_demo-te), a small pretraining (a 4-session synthetic corpus plus the
 other real monkey sessions, 60 steps), 30 adaptation steps, one seed: about 5 minutes on 2 cores
@@ -64,6 +68,22 @@ def eval_every(steps: int) -> int:
     """Every 25 steps, at most 20 validations a run: long schedules choose their step on valid too."""
     return min(steps, max(EVAL_EVERY, steps // 20))
 SPEED = "mihi_demo-te"  # the ~200-unit session the wall-time goal is measured on (and unit-id at 5x the steps)
+
+
+def baseline_grid(spec: str | None) -> dict[str, dict[str, tuple]]:
+    """'gru.hiddens=400;gru.histories_s=0.7,1.0' -> {"gru": {"hiddens": (400,), "histories_s": (0.7, 1.0)}}:
+    a baseline's grid narrowed to settings an earlier run chose on valid (a second seed at seed 0's choice)."""
+    out: dict[str, dict[str, tuple]] = {}
+    for part in (spec or "").split(";"):
+        if not part.strip():
+            continue
+        key, eq, values = part.partition("=")
+        method, dot, name = key.strip().partition(".")
+        if not (eq and dot and method in ("ridge", "gru") and values):
+            raise SystemExit(f"--grid {part!r}: expected METHOD.SETTING=V[,V...] with METHOD ridge or gru")
+        out.setdefault(method, {})[name] = tuple(int(float(v)) if name == "hiddens" else float(v)
+                                                 for v in values.split(","))
+    return out
 
 
 def build_corpus(out: Path, quick: bool) -> Path:
@@ -108,18 +128,25 @@ def pretrained(out: Path, corpus: Path, held: str, steps: int) -> Path:
     return export_checkpoint(res.checkpoint, export, {"corpus_fingerprint": c.fingerprint, "bench": "transfer"})
 
 
-def scratch(out: Path, corpus: Path, held: str, labels: str, seed: int, steps: int) -> dict:
-    """The demo recipe trained from nothing on the labelled part of `held` alone, validated on the
-    same schedule as the adaptations and kept at its best validation; test R2 with its interval."""
+def scratch(out: Path, corpus: Path, held: str, labels: str, seed: int, steps: int,
+            recipe: Path = ROOT / "configs" / "demo.yaml") -> dict:
+    """`recipe` (the demo's by default; the released checkpoint's bench uses the single-session recipe,
+    configs/real.yaml) trained from nothing on the labelled part of `held` alone for `steps` (its warm-up
+    scaled with them), validated on the same schedule as the adaptations and kept at its best
+    validation; test R2 with its interval."""
     from pretrain.finetune.select import BestValid
     from pretrain.decoding.evaluate import evaluate
     from pretrain.run.plan import build_plan
     from pretrain.run.config import load_config
     from pretrain.run.train import train_in_process
 
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [
+    base = load_config(recipe, [])
+    # the demo's a tenth of the steps, as issue 25's tables ran it; another recipe's its own share of them
+    warmup = max(1, steps // 10 if recipe.name == "demo.yaml" else
+                 round(steps * base.train.warmup_steps / max(1, base.train.steps)))
+    cfg = load_config(recipe, [
         f"data.corpus={corpus}", "data.synth=null", "data.loader=local", f"train.steps={steps}",
-        f"train.warmup_steps={max(1, steps // 10)}", f"train.eval_every={eval_every(steps)}",
+        f"train.warmup_steps={warmup}", f"train.eval_every={eval_every(steps)}",
         f"train.checkpoint_every={steps}", f"data.sessions={json.dumps([held])}", f"data.labels={labels}",
         f"data.seed={seed}", f"train.seed={seed}", "cluster.cpus_per_worker=2",
         *(["data.readouts={head_direction: [compass_direction]}", "data.readout_kinds={head_direction: angular}",
@@ -137,7 +164,8 @@ def scratch(out: Path, corpus: Path, held: str, labels: str, seed: int, steps: i
 
 
 def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int, steps: int, pre_steps: int,
-            model: Path | None = None, lr: float | None = None, causal_tail: float | None = None) -> dict:
+            model: Path | None = None, lr: float | None = None, causal_tail: float | None = None,
+            grid: dict | None = None) -> dict:
     from pretrain.finetune.finetune import _scored_seconds
 
     t0 = time.time()
@@ -149,12 +177,17 @@ def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int
 
         what = ({"behaviour": "compass_direction[ry]", "kind": "angular"} if held == MOUSE else
                 {"behaviour": "position[x,y]"} if held in RAT else {})
-        r = run_baseline(arm.split("-nc")[0], reader, LabelBudget.parse(labels), seed, causal=not arm.endswith("-nc"),
-                         **what)
+        method = arm.split("-nc")[0]
+        narrowed = (grid or {}).get(method, {})
+        r = run_baseline(method, reader, LabelBudget.parse(labels), seed, causal=not arm.endswith("-nc"),
+                         **what, **narrowed)
         return {"test_r2": r.test_r2, "test_ci": list(r.test_ci), "valid_r2": r.valid_r2, "params": r.params,
-                "labelled_s": r.labelled_s, "seconds": time.time() - t0, **common}
+                "labelled_s": r.labelled_s, "seconds": time.time() - t0, **common,
+                **({"grid": {k: list(v) for k, v in narrowed.items()}} if narrowed else {})}
     if arm == "scratch":
-        return {**scratch(out, corpus, held, labels, seed, steps), "seconds": time.time() - t0, **common}
+        recipe = ROOT / "configs" / ("real.yaml" if model else "demo.yaml")  # the released model's: the single-session recipe
+        return {**scratch(out, corpus, held, labels, seed, steps, recipe), "seconds": time.time() - t0,
+                "recipe": recipe.name, **common}
     from pretrain.finetune.config import FinetuneConfig
     from pretrain.finetune.finetune import finetune
 
@@ -225,6 +258,9 @@ def main() -> None:
     ap.add_argument("--reuse", help="a results file of an earlier run on the same session store: its ridge and GRU "
                                     "results (no model in them: the same splits, label draws and code) are taken "
                                     "instead of running them again")
+    ap.add_argument("--first-seed", type=int, default=0, help="run seeds from this one (the earlier ones ran before)")
+    ap.add_argument("--grid", help="narrow a baseline's grid to settings chosen on valid before, e.g. "
+                                   "'gru.hiddens=400;gru.histories_s=1.0' (recorded with each result)")
     a = ap.parse_args()
     if not REAL.is_dir():
         raise SystemExit(f"the real recordings are not at {REAL}")
@@ -256,11 +292,12 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--arms: unknown {unknown} (known: {', '.join(ARMS + EXTRA_ARMS)})")
     plan = [(s, arm, lab, seed) for s in sessions for arm in arms if arm != "unit-id-x5" for lab in a.labels.split(",")
-            for seed in range(seeds) if not (arm == "unit-id-then-full" and lab == "10%" and model is None)]
+            for seed in range(a.first_seed, seeds) if not (arm == "unit-id-then-full" and lab == "10%" and model is None)]
     if SPEED in sessions and (not a.arms or "unit-id-x5" in arms):
         plan.append((SPEED, "unit-id-x5", "100%", 0))
     grid = {k: [float(x) for x in v.split(",")] for k, _, v in
             (part.partition("=") for part in (a.lrs or "").split(";") if part)}
+    narrow = baseline_grid(a.grid)
     for s, arm, lab, seed in plan:
         key = f"{s}|{arm}|{lab}|{seed}"
         if key in results or a.report:
@@ -275,7 +312,7 @@ def main() -> None:
         for lr in rates:  # each candidate kept under its own key; the arm's row is the one best on valid
             ck = key if lr is None else f"{s}|{arm}@{lr:g}|{lab}|{seed}"
             if ck not in results:
-                results[ck] = {**run_arm(out, corpus, s, arm, lab, seed, steps, pre, model, lr, a.causal_tail), "lr": lr,
+                results[ck] = {**run_arm(out, corpus, s, arm, lab, seed, steps, pre, model, lr, a.causal_tail, narrow), "lr": lr,
                                **({"causal_tail": a.causal_tail} if arm == "full-causal" and a.causal_tail else {})}
                 store.write_text(json.dumps(results, indent=1))
         if rates != [None]:

@@ -129,6 +129,7 @@ class UnreadableWindow(CorpusError):
 
 
 _IN_SESSION = re.compile(r"sessions/[^/\s]+/([^\s:;,)'\"]+)")
+NODE_LABEL = "ray.io/node-id"  # a default label of every Ray node: its id (actors placed by label)
 
 
 def array_of(text: str) -> str | None:
@@ -264,11 +265,11 @@ class RayBatches:
         if self.resources:
             placed = {"resources": dict(self.resources)}
         else:
-            # deferred: importing ray only when used keeps start-up light
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+            # this node first, any other when it cannot take the actor (soft affinity); node labels, as Ray Data
+            # 2.60 asks: `scheduling_strategy` goes through ray_remote_args, which Ray 2.64 removes
             here = ray.get_runtime_context().get_node_id()
-            placed = {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=True)}
+            placed = {"label_selector": {NODE_LABEL: here},
+                      "fallback_strategy": [{"label_selector": {NODE_LABEL: f"!{here}"}}]}
         spec_bytes = self._actor_spec()
         for lo in range(start, stop, self.chunk):  # one dataset per chunk keeps per-dataset metadata small
             hi = min(stop, lo + self.chunk)
