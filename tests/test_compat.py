@@ -47,7 +47,9 @@ def test_a_run_checkpointed_before_the_move_resumes(tmp_path):
     assert [s for s, _ in sink.series("train_loss")] == [3, 4]  # continued from step 2, not restarted
     fresh = train_in_process(_plan(tmp_path / "corpus"), tmp_path / "fresh")
     a, b = _weights(resumed.model), _weights(fresh.model)
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    # the fixture's first two steps ran on another machine, whose float rounding (SIMD width) can differ:
+    # ~3e-5 on a 2026-12-05 host after two more steps; a restart or lost optimizer state moves weights by ~lr (1e-3)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4) for k in a)
 
 
 def test_a_version_registered_with_the_old_pyfunc_loads_and_predicts(tmp_path):
