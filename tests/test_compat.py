@@ -48,7 +48,8 @@ def test_a_run_checkpointed_before_the_move_resumes(tmp_path):
     fresh = train_in_process(_plan(tmp_path / "corpus"), tmp_path / "fresh")
     a, b = _weights(resumed.model), _weights(fresh.model)
     # the fixture's first two steps ran on another machine, whose float rounding (SIMD width) can differ:
-    # ~3e-5 on a 2026-12-05 host after two more steps; a restart or lost optimizer state moves weights by ~lr (1e-3)
+    # ~3e-5 on a 2026-12-05 host after two more steps, well below one AdamW step (lr 1e-3 an element); a restart
+    # shows in the steps logged above
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4) for k in a)
 
 
