@@ -4,7 +4,8 @@ What runs: `popscale replay` in its own process (the rig) plays --seconds of a s
 knows over LSL on loopback; in this process `pretrain.live.serve.serve` decodes it every --period
 ms with the causal readout. Per tick: latency from the tick's time to its prediction published on
 LSL, and its parts (buffer: cutting the window from the ring; tokenize; forward; publish). Sides,
-alternated --repeats times: the model at 1 torch thread (serve's default) and at 2 (torch's default
+alternated --repeats times: the model at 1 torch thread kept warm between ticks (serve's default),
+the same not kept warm (the baseline: the core sleeps until each tick), at 2 threads (torch's default
 on this machine), and "as fast as it goes" (a 1 ms period at 1 thread: back-to-back decoding, whose
 tick rate is the server's capacity). Default: models/poyo-real-1 (poyo-1.3M) on mihi_demo-tr
 (174 units), from the real corpus the release was pretrained from (runs/real/corpus).
@@ -36,14 +37,15 @@ from pretrain.tracking.export import load_exported  # noqa: E402
 GOAL_MS = 10.0
 
 
-def one(dec, corpus: str, session: str, seconds: float, start: float, period_ms: float, threads: int, tag: str) -> dict:
+def one(dec, corpus: str, session: str, seconds: float, start: float, period_ms: float, threads: int, tag: str,
+        warm: bool = True) -> dict:
     """Replay `seconds` from `start` in a subprocess and serve it; the serve's figures."""
     name = f"bench-live-{tag}"
     rig = subprocess.Popen([sys.executable, "-m", "popscale.cli", "replay", "--corpus", corpus, "--session", session,
                             "--start", str(start), "--duration", str(seconds), "--name", name, "--wait", "60"],
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        stats = serve(dec, ServeConfig(stream=name, period_ms=period_ms, threads=threads, name=f"{name}-pred"),
+        stats = serve(dec, ServeConfig(stream=name, period_ms=period_ms, threads=threads, name=f"{name}-pred", warm=warm),
                       stop=lambda: rig.poll() is not None)
     finally:
         rig.wait(timeout=120)
@@ -73,14 +75,16 @@ def main() -> None:
     span = float(reader.domain[-1, 1]) - t0 - seconds  # the starts a whole side fits after
     if span <= 0:
         raise SystemExit(f"{a.session} is shorter than {seconds + 5:g} s: pass a smaller --seconds")
-    sides = {f"{a.period:g} ms, 1 thread": (a.period, 1), f"{a.period:g} ms, 2 threads": (a.period, 2),
-             "as fast as it goes (1 ms), 1 thread": (1.0, 1)}
+    sides = {f"{a.period:g} ms, 1 thread": (a.period, 1, True),
+             f"{a.period:g} ms, 1 thread, not kept warm": (a.period, 1, False),
+             f"{a.period:g} ms, 2 threads": (a.period, 2, True),
+             "as fast as it goes (1 ms), 1 thread": (1.0, 1, True)}
     rows: dict[str, list[dict]] = {k: [] for k in sides}
     for r in range(repeats):
-        for i, (label, (period, threads)) in enumerate(sides.items()):
+        for i, (label, (period, threads, warm)) in enumerate(sides.items()):
             # a fresh stretch of the session each time, wrapping round before its end (replay stops there)
             start = t0 + ((r * len(sides) + i) * seconds) % max(span, seconds)
-            rows[label].append(one(dec, a.corpus, a.session, seconds, start, period, threads, f"{r}-{i}"))
+            rows[label].append(one(dec, a.corpus, a.session, seconds, start, period, threads, f"{r}-{i}", warm))
             x = rows[label][-1]
             print(f"repeat {r + 1}/{repeats}  {label:38s} p50 {x['p50']:6.1f}  p99 {x['p99']:6.1f}  max {x['max']:6.1f} ms"
                   f"  {x['ticks']} ticks ({x['skipped']} skipped)", file=sys.stderr, flush=True)

@@ -57,10 +57,12 @@ SIBLINGS = {"mihi_demo-te": "mihi_demo-tr", "mihi_demo-tr": "mihi_demo-te",  # s
 EVAL = ["m1_stevenson_2011", "s1_data", "mihi_demo-te", "R042-2013-08-20", MOUSE]
 RAT = {"R042-2013-08-20"}  # decoded: position (x, y)
 ARMS = ["unit-id", "full", "unit-id-then-full", "scratch", "ridge", "gru", "ridge-nc", "gru-nc"]
-# beyond the default arms: unit-id-x5 (unit-id at 5x the steps: its converged R2) and full-causal (full
+# beyond the default arms: unit-id-x5 (unit-id at 5x the steps: its converged R2), full-causal (full
 # fine-tuning as a causal readout, finetune --causal, scored by causal decoding: what `popscale serve` runs)
-EXTRA_ARMS = ["unit-id-x5", "full-causal"]
-ADAPTED = ("unit-id", "full", "unit-id-then-full", "unit-id-x5", "full-causal")  # the arms that adapt a pretrained model
+# and full-masked (the same with the attention masked by time, finetune --causal-mask: every sample learned)
+EXTRA_ARMS = ["unit-id-x5", "full-causal", "full-masked"]
+CAUSAL_ARMS = ("full-causal", "full-masked")
+ADAPTED = ("unit-id", "full", "unit-id-then-full", "unit-id-x5", *CAUSAL_ARMS)  # the arms that adapt a pretrained model
 EVAL_EVERY = 25  # validations every this many steps, for every trained arm (model selection)
 
 
@@ -193,14 +195,14 @@ def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int
 
     src = model or pretrained(out, corpus, held, pre_steps)
     name = f"{held}-{arm}-{steps}-{labels.rstrip('%')}-{seed}" + (f"-lr{lr:g}" if lr else "")
-    causal = arm == "full-causal"
+    causal, masked = arm in CAUSAL_ARMS, arm == "full-masked"
     if arm == "unit-id-x5":
         arm, steps = "unit-id", 5 * steps
     arm = "full" if causal else arm
     rates = {} if lr is None else {"lr_full": lr} if arm == "full" else {"lr_unit_id": lr}
     r = finetune(FinetuneConfig(model=str(src), corpus=str(corpus), sessions=[held], mode=arm, labels=labels,
                                 steps=steps, seed=seed, eval_every=eval_every(steps), **rates, causal=causal,
-                                causal_tail_s=causal_tail if causal else None,
+                                causal_tail_s=causal_tail if causal else None, causal_mask=masked,
                                 tracking_uri=f"sqlite:///{out / 'mlflow.db'}", out=str(out / "finetune"),
                                 name=name,
                                 readouts=[HD] if held == MOUSE else [],
@@ -302,7 +304,7 @@ def main() -> None:
         key = f"{s}|{arm}|{lab}|{seed}"
         if key in results or a.report:
             continue
-        rates = grid.get("full" if arm in ("full", "full-causal") else "unit-id", [None]) if arm in ADAPTED else [None]
+        rates = grid.get("full" if arm in ("full", *CAUSAL_ARMS) else "unit-id", [None]) if arm in ADAPTED else [None]
         first = results.get(f"{s}|{arm}|{lab}|0")
         if seed > 0 and len(rates) > 1 and first is not None:
             rates = [first["lr"]]  # the schedule is chosen on seed 0's valid split; the other seeds repeat it
@@ -313,7 +315,7 @@ def main() -> None:
             ck = key if lr is None else f"{s}|{arm}@{lr:g}|{lab}|{seed}"
             if ck not in results:
                 results[ck] = {**run_arm(out, corpus, s, arm, lab, seed, steps, pre, model, lr, a.causal_tail, narrow), "lr": lr,
-                               **({"causal_tail": a.causal_tail} if arm == "full-causal" and a.causal_tail else {})}
+                               **({"causal_tail": a.causal_tail} if arm in CAUSAL_ARMS and a.causal_tail else {})}
                 store.write_text(json.dumps(results, indent=1))
         if rates != [None]:
             cands = [results[f"{s}|{arm}@{lr:g}|{lab}|{seed}"] for lr in rates]
@@ -382,7 +384,7 @@ def causal_cost(sessions: list[str], rows) -> None:
     """The R2 causality costs at 100 % labels, per session: full fine-tuning scored stitched and
     causally (the same models), full fine-tuning as a causal readout (full-causal), and the causal
     GRU and ridge (history only). Printed when full-causal has run."""
-    have = [s for s in sessions if rows(s, "full-causal", "100%")]
+    have = [s for s in sessions if rows(s, "full-causal", "100%") or rows(s, "full-masked", "100%")]
     if not have:
         return
 
@@ -396,11 +398,12 @@ def causal_cost(sessions: list[str], rows) -> None:
 
     print("\nthe cost of causality at 100 % labels: test R2 (seeds' mean [95 % interval])")
     print("| session | full, stitched | full, causal decoding | full-causal (finetune --causal) | full-causal, stitched "
-          "| GRU (causal) | ridge (causal) |")
-    print("|---|---|---|---|---|---|---|")
+          "| full-masked (finetune --causal-mask) | full-masked, stitched | GRU (causal) | ridge (causal) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for s in have:
         print(f"| {s} | {c(s, 'full')} | {c(s, 'full', 'test_r2_causal')} | {c(s, 'full-causal')} | "
-              f"{c(s, 'full-causal', 'test_r2_stitched')} | {c(s, 'gru')} | {c(s, 'ridge')} |")
+              f"{c(s, 'full-causal', 'test_r2_stitched')} | {c(s, 'full-masked')} | {c(s, 'full-masked', 'test_r2_stitched')} "
+              f"| {c(s, 'gru')} | {c(s, 'ridge')} |")
 
 
 if __name__ == "__main__":

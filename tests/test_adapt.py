@@ -204,6 +204,16 @@ def test_causal_finetune_learns_window_ends_only_and_is_scored_causally(env):
     assert json.loads((r.export / "config.json").read_text())["provenance"]["causal_tail_s"] == tail
     assert "causal readout" in (r.export / "MODEL_CARD.md").read_text()
 
+    # --causal-mask: the same weights masked by time; every sample of the window learned, scored causally
+    masked, _ = plan_adaptation(ft(env, mode="full", causal_mask=True), env["export"], corpus)
+    assert masked.causal and masked.model.causal and not plain.model.causal
+    c = build_batch(masked.service_spec(), 0, 0, 1)
+    assert c.data.output_time.tolist() == a.data.output_time.tolist()
+    r = finetune(ft(env, mode="full", steps=2, causal_mask=True, name="masked"), show_progress=False)
+    model, tok = load_exported(r.export)
+    assert model.cfg.causal and json.loads((r.export / "config.json").read_text())["provenance"]["causal_mask"]
+    assert r.per_session[env["held"]]["test"] == pytest.approx(predict_session(model, tok, reader, "test", causal=True).r2)
+
 
 def test_targets_are_normalised_by_the_labelled_part_and_round_trip_units(env, tmp_path):
     """The same session stored in m/s and in cm/s: targets equal, predictions equal up to 100x."""

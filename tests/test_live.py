@@ -119,6 +119,23 @@ def test_ring_keeps_order_within_tolerance_and_counts_late_unknown_and_restarts(
     assert r.counts.restarts == 1 and r.window(3.2, 1.0)[0].tolist() == [3.0, 3.1]
 
 
+def test_the_core_is_primed_once_before_each_tick_and_never_for_a_model_too_slow_for_it():
+    from pretrain.live.warm import Warmth
+
+    w = Warmth(period_s=0.050, first_s=0.008)  # lead: 2 x 8 ms + 1 ms = 17 ms before each tick
+    assert w.wait_s(now=10.000, due=10.050) == pytest.approx(0.033)  # sleep until the prime
+    assert not w.prime_now(10.030, 10.050) and w.prime_now(10.034, 10.050)
+    assert not w.prime_now(10.040, 10.050) and w.wait_s(10.040, 10.050) == 0.0  # once; then poll, no sleep
+    w.decoded(0.009)
+    assert w.prime_now(10.084, 10.100)  # the next tick gets its own
+    w.decoded(0.009)
+    assert not w.prime_now(10.151, 10.150)  # a tick already due is decoded, not primed
+    slow = Warmth(period_s=0.050, first_s=0.020)  # a forward over a third of the period: no room to prime
+    assert not slow.prime_now(10.040, 10.050) and slow.wait_s(10.000, 10.050) == pytest.approx(0.050)
+    off = Warmth(period_s=0.050, enabled=False, first_s=0.008)
+    assert not off.prime_now(10.040, 10.050) and off.wait_s(10.040, 10.050) == pytest.approx(0.010)
+
+
 def test_served_predictions_equal_the_causal_decode_of_the_spikes_each_tick_held(corpus, decoder, tmp_path):
     from pretrain.live.serve import ServeConfig, load_log, serve
 

@@ -126,6 +126,43 @@ def test_backends_agree_with_the_definition_forward_and_backward(name, seed):
             assert (a - b).abs().max() <= 1e-5
 
 
+def test_time_causal_attention_agrees_with_the_definition_and_a_query_with_no_past_gets_zeros():
+    ql, kl = [5, 16, 3], [40, 16, 1]
+    q, k, v = packed_qkv(ql, kl, seed=3)
+    g = torch.Generator().manual_seed(4)
+    times = (torch.rand(sum(ql), generator=g), torch.rand(sum(kl), generator=g))
+    times[0][0] = -1.0  # before every key of its sample
+    ref = naive(q, k, v, ql, kl, times=times)
+    for backend in (SDPA("padded"), SDPA("loop")):
+        out = backend(q, k, v, ql, kl, times=times)
+        assert (out - ref).abs().max() <= 1e-5 and out[0].abs().max() == 0.0
+        grad = torch.randn_like(ref)
+        want = torch.autograd.grad(ref, (q, k, v), grad, retain_graph=True)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), want):
+            assert torch.isfinite(a).all() and (a - b).abs().max() <= 1e-5
+    plain = naive(q, k, v, ql, kl)
+    assert (plain - ref).abs().max() > 1e-2  # the mask does something
+
+
+def test_a_causal_model_never_uses_a_later_spike():
+    torch.manual_seed(0)
+    causal = tiny_model(ModelConfig(**{**TINY.to_dict(), "causal": True}))
+    plain = tiny_model()
+    plain.load_state_dict(causal.state_dict())
+    rng = np.random.default_rng(2)
+    batch = pack(random_samples(4, rng))
+    later = pack(random_samples(4, np.random.default_rng(2)))
+    cut = 0.5  # spikes after it get other units
+    after = later.input_time > cut
+    later.unit_index[after] = (later.unit_index[after] + 7) % 30
+    for m in (causal, plain):
+        m.eval()
+    early = batch.output_time <= cut
+    a, b = causal(batch)["velocity"], causal(later)["velocity"]
+    assert torch.equal(a[early], b[early]) and not torch.equal(a[~early], b[~early])
+    assert not torch.equal(plain(batch)["velocity"][early], plain(later)["velocity"][early])
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and xformers_available()), reason="xformers needs CUDA")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_xformers_agrees_with_the_definition(dtype, tol):

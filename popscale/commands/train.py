@@ -70,6 +70,9 @@ def add_finetune(sub) -> None:
     s.add_argument("--causal-tail", type=float, metavar="SECONDS",
                    help="with --causal: the end of each window whose behaviour samples are learned (default: half "
                         "the window)")
+    s.add_argument("--causal-mask", action="store_true",
+                   help="mask the model's attention by time, so that no prediction anywhere in a window sees a later "
+                        "spike and every behaviour sample is learned as a causal target (implies --causal)")
     s.add_argument("--register", metavar="NAME", help="register the adapted model under this name")
     s.add_argument("--alias", help="with --register: point this alias at the new version")
     s.add_argument("--name", help="run name (default: sessions, mode and time)")
@@ -89,7 +92,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                          eval_every=a.eval_every, warm_start=a.warm_start, replace_session=a.replace_session,
                          register=a.register, alias=a.alias, tracking_uri=a.tracking_uri, out=a.out, name=a.name,
                          readouts=a.readout or [], behaviours=a.behaviour or [],
-                         causal=a.causal, causal_tail_s=a.causal_tail,
+                         causal=a.causal, causal_tail_s=a.causal_tail, causal_mask=a.causal_mask,
                          **({"lr_unit_id": a.lr} if a.lr and a.mode != "full" else {}),
                          **({"lr_full": a.lr} if a.lr and a.mode == "full" else {}))
     r = finetune(cfg, notify=say, show_progress=not a.no_progress)

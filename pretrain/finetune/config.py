@@ -58,8 +58,13 @@ class FinetuneConfig:
     # scored by causal decoding (decoding/causal.py)
     causal: bool = False
     causal_tail_s: float | None = None
+    # the model's attention masked by time (ModelConfig.causal): every query's prediction is causal wherever it
+    # sits in the window, so every sample is learned (the tail is the whole window unless causal_tail_s); implies causal
+    causal_mask: bool = False
 
     def __post_init__(self) -> None:
+        if self.causal_mask:
+            self.causal = True
         for spec in self.readouts:
             parse_readout(spec)
         if self.mode not in MODES:

@@ -159,14 +159,15 @@ def finetune(cfg: FinetuneConfig, notify: Callable[[str], None] = print, show_pr
         prov = provenance({"corpus": plan.corpus, "corpus_fingerprint": plan.corpus_fingerprint,
                            "mlflow_run_id": run.run_id or "", "source_model": src_uri, "mode": cfg.mode,
                            "labels": cfg.labels, "adapted_sessions": list(cfg.sessions),
-                           "causal_tail_s": plan.run.data.augment.query_tail_s})
+                           "causal_tail_s": plan.run.data.augment.query_tail_s, "causal_mask": plan.model.causal})
         export = export_model(model, plan.tokenizer, out / "export", prov)
         final.save(export)
         model_card(export, title=f"{cfg.register or name}: {src_uri} adapted to {', '.join(cfg.sessions)}",
                    data=f"Adapted ({cfg.mode}, {cfg.steps} steps) to {', '.join(cfg.sessions)} of {plan.corpus} with "
                         f"{cfg.labels} of the train split's labels."
                         + (f" A causal readout: trained on the last {plan.run.data.augment.query_tail_s:g} s of each "
-                           "window, R2 by causal decoding (each sample from the window ending at it)." if plan.causal else ""),
+                           "window, R2 by causal decoding (each sample from the window ending at it)." if plan.causal else "")
+                        + (" Attention masked by time: no prediction sees a later spike." if plan.model.causal else ""),
                    metrics={"test_r2": test_r2, "valid_r2": valid_r2},
                    lineage=f"from {src_uri}")
         # registered and the run set FINISHED; with the server away, both left to the one command printed

@@ -71,8 +71,10 @@ def phase_run(base: RunConfig, cfg: FinetuneConfig, tok: TokenizerConfig, corpus
     d.target_scale, d.target_rms, d.interval_weights = dict(tok.target_scale), tok.target_rms, dict(tok.interval_weights)
     d.session_weights = {}
     # a causal readout learns only the queries at its windows' ends (augment.tail_queries); half the window by
-    # default: on valid it beat one latent step (0.125 s) and kept the stitched R2 (bench/RESULTS.md, live decoding)
-    d.augment = replace(d.augment, query_tail_s=(cfg.causal_tail_s or tok.geometry.window_s / 2) if cfg.causal else None)
+    # default: on valid it beat one latent step (0.125 s) and kept the stitched R2 (bench/RESULTS.md, live decoding).
+    # A model masked by time predicts causally everywhere in the window: all of it by default
+    tail = cfg.causal_tail_s or tok.geometry.window_s / (1 if cfg.causal_mask else 2)
+    d.augment = replace(d.augment, query_tail_s=tail if cfg.causal else None)
     t.steps, t.stop_at, t.grad_accum, t.seed = steps, None, 1, cfg.seed
     t.optim = replace(t.optim, lr=lr)
     t.warmup_steps = min(10, max(1, steps // 10))
@@ -94,7 +96,8 @@ def plan_adaptation(cfg: FinetuneConfig, src: Path, corpus: Corpus, progress: bo
     if clash:
         raise ConfigError(f"--readout: the model already has readout(s) {clash}")
     tok.readouts += added
-    model_cfg = replace(model.cfg, readouts={**model.cfg.readouts, **{r.name: r.dims for r in added}})
+    model_cfg = replace(model.cfg, readouts={**model.cfg.readouts, **{r.name: r.dims for r in added}},
+                        causal=model.cfg.causal or cfg.causal_mask)
     _check_sessions(corpus, cfg, tok, set(model.session_emb.ids))
     if cfg.behaviours:  # the sessions' other behaviours are not decoded and their labels not used
         tok.not_decoded.update({s: [b for b in corpus.session(s).behaviour_names if b not in cfg.behaviours]

@@ -31,6 +31,7 @@ import torch
 
 from .buffer import Counts, SpikeRing
 from .streams import counts_to_spikes, lsl, read_spike_stream_info
+from .warm import Warmth
 
 
 @dataclass
@@ -47,6 +48,9 @@ class ServeConfig:
     # torch's intra-op threads. 1: a one-window forward is too small to split, and on a busy machine a
     # second thread waits for a core (poyo-1.3M on 2 shared cores: 16 ms at 1 thread, 67 ms at 2)
     threads: int | None = 1
+    # keep the decoding core hot between ticks (warm.py): one throw-away forward and no sleeping just before
+    # each tick. Costs about one more forward a tick of CPU; off (--no-warm) on a machine shared with other work
+    warm: bool = True
 
 
 @dataclass
@@ -110,13 +114,18 @@ def serve(decoder, cfg: ServeConfig, on_tick: Callable[[Stats], None] | None = N
     session_units = [str(u) for u in decoder.reader.unit_ids]
     mapping = unit_map(info.unit_ids, session_units) if info.unit_ids else np.arange(len(session_units))
     inlet.open_stream(timeout=cfg.resolve_timeout_s)
+    # the first time correction blocks while liblsl measures the clock offset (~0.5 s): done here, not in the
+    # first tick, which it would make late
+    inlet.time_correction(timeout=cfg.resolve_timeout_s)
     window_lsl = decoder.window_s / cfg.speed
     period, lag, tol = cfg.period_ms / 1000, cfg.lag_ms / 1000, cfg.tolerance_ms / 1000 / cfg.speed
     bin_lsl = info.bin_s / cfg.speed if info.binned else 0.0
     ring = SpikeRing(len(session_units), keep_s=window_lsl + tol + period + lag + bin_lsl, tolerance_s=tol)
     ends = np.zeros(0)  # a count stream's recent bin ends (LSL time): the windows end at one of them
     stats = Stats(counts=ring.counts)
+    t_probe = time.perf_counter()
     dims = [v.shape[1] for v in decoder.predict([decoder.window(0.0, np.zeros(0), np.zeros(0, np.int64))]).values()]
+    warmth = Warmth(period, enabled=cfg.warm, first_s=time.perf_counter() - t_probe)
     out_info = pylsl.StreamInfo(cfg.name, "Predictions", int(sum(dims)), 1000 / cfg.period_ms, pylsl.cf_float32,
                                 f"{cfg.name}-{decoder.reader.session_id}")
     out_info.desc().append_child_value("session", decoder.reader.session_id)
@@ -132,8 +141,12 @@ def serve(decoder, cfg: ServeConfig, on_tick: Callable[[Stats], None] | None = N
             now = pylsl.local_clock()
             if (cfg.duration_s is not None and now - start >= cfg.duration_s) or (stop is not None and stop()):
                 break
-            wait = next_tick + lag - now
-            values, stamps = inlet.pull_chunk(timeout=max(0.0, min(wait, 0.05)), max_samples=100_000)
+            due = next_tick + lag
+            if warmth.prime_now(now, due):  # the core re-warmed on the newest window; its output is not used
+                t, u = ring.window(now, window_lsl)
+                decoder.predict([decoder.window(now * cfg.speed, t * cfg.speed, u)])
+                continue
+            values, stamps = inlet.pull_chunk(timeout=warmth.wait_s(now, due), max_samples=100_000)
             if stamps and info.binned:
                 st = np.asarray(stamps, np.float64)
                 ends = np.sort(np.concatenate([ends[ends >= st.max() - ring.keep_s], st]))
@@ -163,6 +176,7 @@ def serve(decoder, cfg: ServeConfig, on_tick: Callable[[Stats], None] | None = N
             stats.ticks += 1
             stats.last_tick = tick
             stats.latency_ms.append((published - tick) * 1000)
+            warmth.decoded(t_tok + t_fwd)
             for k, x in zip(("buffer", "tokenize", "forward", "publish"),
                             (t1 - t0, t_tok, t_fwd, time.perf_counter() - t2), strict=True):
                 stats.parts_ms[k].append(x * 1000)

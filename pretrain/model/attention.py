@@ -13,6 +13,10 @@ else in the model knows which backend runs.
   jagged tensors (3.0-3.4 s) are far slower. With attention dropout in training on CPU, the
   blocked kernel of ops.py is used instead (3.8-4.4x faster than SDPA's math path).
 - `naive`: explicit softmax per sample, for tests only.
+
+Any backend, given `times` (a causal model: ModelConfig.causal), masks by time: a query sees only
+the keys stamped at or before it (`time_causal`: one padded SDPA call with a full mask, on CPU and
+CUDA alike; the dropout kernel and xformers' block-diagonal masks do not take one).
 """
 
 from __future__ import annotations
@@ -21,26 +25,36 @@ import functools
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from .ops import attend, packed_dropout_attention
 
 Lens = list[int]
+Times = tuple[torch.Tensor, torch.Tensor]  # (query times [Tq], key times [Tk]) of a time-causal attention
+CAUSAL_EPS = 1e-6  # seconds: a key stamped this little after a query still counts as at its time (float rounding)
 
 
 class Backend(Protocol):
     name: str
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens: Lens, k_lens: Lens, *,
-                 dropout_p: float = 0.0, training: bool = False) -> torch.Tensor: ...
+                 dropout_p: float = 0.0, training: bool = False, times: Times | None = None) -> torch.Tensor: ...
 
 
-def naive(q, k, v, q_lens: Lens, k_lens: Lens, *, dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
-    """The definition, sample by sample (no dropout)."""
+def naive(q, k, v, q_lens: Lens, k_lens: Lens, *, dropout_p: float = 0.0, training: bool = False,
+          times: Times | None = None) -> torch.Tensor:
+    """The definition, sample by sample (no dropout); with `times`, each query over the keys at or
+    before it only, and zeros where there is none."""
     out, qo, ko = [], 0, 0
     for lq, lk in zip(q_lens, k_lens):
         qi, ki, vi = q[qo:qo + lq].transpose(0, 1), k[ko:ko + lk].transpose(0, 1), v[ko:ko + lk].transpose(0, 1)
-        w = torch.softmax(qi @ ki.transpose(-1, -2) / qi.shape[-1] ** 0.5, dim=-1)
-        out.append((w @ vi).transpose(0, 1))
+        s = qi @ ki.transpose(-1, -2) / qi.shape[-1] ** 0.5
+        if times is None:
+            out.append((torch.softmax(s, dim=-1) @ vi).transpose(0, 1))
+        else:
+            seen = times[1][None, ko:ko + lk] <= times[0][qo:qo + lq, None] + CAUSAL_EPS  # [lq, lk]
+            w = torch.softmax(s.masked_fill(~seen, float("-inf")), dim=-1).nan_to_num(0.0)
+            out.append((w @ vi).transpose(0, 1))
         qo, ko = qo + lq, ko + lk
     return torch.cat(out)
 
@@ -58,6 +72,31 @@ def _pad_index(lens: Lens, width: int, device) -> torch.Tensor:
     return torch.cat([torch.arange(n, device=device) + i * width for i, n in enumerate(lens)])
 
 
+def time_causal(q, k, v, q_lens: Lens, k_lens: Lens, times: Times, *, dropout_p: float = 0.0,
+                training: bool = False) -> torch.Tensor:
+    """Attention within each sample where query i sees key j only when key j's time is at or before
+    query i's: one padded batch with a [B, 1, Lq, Lk] mask through PyTorch SDPA (CPU or CUDA). A
+    query that sees no key (a latent before the first spike) gets zeros; it attends to every key
+    inside the kernel so that nothing is NaN, and the zeroing stops any gradient from that."""
+    b, h, d = len(q_lens), q.shape[1], q.shape[2]
+    mq, mk = max(q_lens), max(k_lens)
+    qi, ki = _pad_index(q_lens, mq, q.device), _pad_index(k_lens, mk, k.device)
+
+    def pad(x: torch.Tensor, idx: torch.Tensor, m: int, fill: float = 0.0) -> torch.Tensor:
+        return x.new_full((b * m, *x.shape[1:]), fill).index_copy(0, idx, x)
+
+    q_t = pad(times[0].float(), qi, mq).view(b, mq, 1)
+    k_t = pad(times[1].float(), ki, mk, float("inf")).view(b, 1, mk)  # padding: never seen
+    seen = k_t <= q_t + CAUSAL_EPS  # [B, Lq, Lk]
+    some = seen.any(-1, keepdim=True)
+    mask = (seen | ~some)[:, None]
+    o = F.scaled_dot_product_attention(_batched(pad(q, qi, mq), b), _batched(pad(k, ki, mk), b),
+                                       _batched(pad(v, ki, mk), b), attn_mask=mask,
+                                       dropout_p=dropout_p if training else 0.0)
+    o = o * some[:, None].to(o.dtype)
+    return o.transpose(1, 2).reshape(b * mq, h, d).index_select(0, qi)
+
+
 class SDPA:
     name = "sdpa"
 
@@ -67,8 +106,10 @@ class SDPA:
         self.varlen = varlen
 
     def __call__(self, q, k, v, q_lens: Lens, k_lens: Lens, *, dropout_p: float = 0.0,
-                 training: bool = False) -> torch.Tensor:
+                 training: bool = False, times: Times | None = None) -> torch.Tensor:
         b = len(q_lens)
+        if times is not None:
+            return time_causal(q, k, v, q_lens, k_lens, times, dropout_p=dropout_p, training=training)
         if training and dropout_p > 0.0 and not q.is_cuda:  # CPU has no fused dropout kernel: ops.py
             return packed_dropout_attention(q, k, v, q_lens, k_lens, dropout_p)
         kw = dict(dropout_p=dropout_p, training=training)
@@ -115,7 +156,9 @@ class XFormers:
         return fmha.BlockDiagonalMask.from_seqlens(list(q_lens), list(k_lens))
 
     def __call__(self, q, k, v, q_lens: Lens, k_lens: Lens, *, dropout_p: float = 0.0,
-                 training: bool = False) -> torch.Tensor:
+                 training: bool = False, times: Times | None = None) -> torch.Tensor:
+        if times is not None:  # a mask by time is not block-diagonal: SDPA's masked kernel
+            return time_causal(q, k, v, q_lens, k_lens, times, dropout_p=dropout_p, training=training)
         # deferred: xformers is the optional gpu extra, absent on CPU installs
         import xformers.ops as xops
 

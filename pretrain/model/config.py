@@ -39,6 +39,11 @@ class ModelConfig:
     # times (a peak logit of `locality`) instead of flat; 0 = off (the reference)
     locality: float = 0.0
     locality_min_period: float = 0.05
+    # time-causal attention (a live decoder, issue 29): every latent sees only the spikes up to the end of
+    # its latent step, and the latents of steps ending no later; every output query only the latents of
+    # steps ended at or before its time. Then each query's prediction uses no later spike, whatever its
+    # place in the window, so every sample of a window is a causal target in training
+    causal: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Backend, Lens, get_backend
+from .attention import Backend, Lens, Times, get_backend
 from .batch import PackedBatch
 from .config import ModelConfig
 from .ops import Dropout, geglu_dropout
@@ -60,7 +60,7 @@ class Attention(nn.Module):
         self.k_bias = nn.Parameter(prior.repeat(heads, 1)) if prior is not None else None
 
     def forward(self, x: torch.Tensor, rot: Rotation, lens: Lens, ctx: torch.Tensor | None = None,
-                rot_ctx: Rotation | None = None, ctx_lens: Lens | None = None) -> torch.Tensor:
+                rot_ctx: Rotation | None = None, ctx_lens: Lens | None = None, times: Times | None = None) -> torch.Tensor:
         h, d = self.heads, self.dim_head
         xn = self.norm(x)
         if self.cross:
@@ -75,7 +75,7 @@ class Attention(nn.Module):
         k = rotate(k, rot_ctx)
         if self.rotate_value:
             v = rotate(v, rot_ctx)
-        o = self.backend(q, k, v, lens, ctx_lens, dropout_p=self.dropout, training=self.training)
+        o = self.backend(q, k, v, lens, ctx_lens, dropout_p=self.dropout, training=self.training, times=times)
         if self.rotate_value:
             o = rotate(o, rot.inverse())
         return self.to_out(o.reshape(-1, h * d))
@@ -121,28 +121,34 @@ class POYO(nn.Module):
         lat = self.latent_emb(b.latent_index)
         rot_in, rot_lat = self.rotary(b.input_time), self.rotary(b.latent_time)
 
-        lat = lat + self.enc_atn(lat, rot_lat, b.latent_lens, x, rot_in, b.input_lens)
+        # a causal model: a latent stands for its step up to the step's end (latents sit at step centres)
+        seen = b.latent_time + self.cfg.latent_step / 2 if self.cfg.causal else None
+        lat = lat + self.enc_atn(lat, rot_lat, b.latent_lens, x, rot_in, b.input_lens,
+                                 times=None if seen is None else (seen, b.input_time))
         lat = lat + self.enc_ffn(lat)
+        own = None if seen is None else (seen, seen)
         for atn, ffn in self.proc:
             if self.cfg.checkpoint_layers and self.training and torch.is_grad_enabled():
-                lat = checkpoint(self._layer, atn, ffn, lat, rot_lat, b.latent_lens, use_reentrant=False)
+                lat = checkpoint(self._layer, atn, ffn, lat, rot_lat, b.latent_lens, own, use_reentrant=False)
             else:
-                lat = self._layer(atn, ffn, lat, rot_lat, b.latent_lens)
+                lat = self._layer(atn, ffn, lat, rot_lat, b.latent_lens, own)
 
         if b.output_time.numel() == 0:
             return {name: ro(lat[:0]) for name, ro in self.readouts.items()}  # empty, but in the graph
         q = self.session_emb(b.output_session)
         if self.readout_emb is not None:
             q = q + self.readout_emb(b.output_readout)
-        q = q + self.dec_atn(q, self.rotary(b.output_time), b.output_lens, lat, rot_lat, b.latent_lens)
+        q = q + self.dec_atn(q, self.rotary(b.output_time), b.output_lens, lat, rot_lat, b.latent_lens,
+                             times=None if seen is None else (b.output_time, seen))
         q = q + self.dec_ffn(q)
         if len(self.readouts) == 1:
             name = self.readout_names[0]
             return {name: self.readouts[name](q)}
         return {name: self.readouts[name](q[b.output_readout == i]) for i, name in enumerate(self.readout_names)}
 
-    def _layer(self, atn: "Attention", ffn: FeedForward, lat: torch.Tensor, rot: Rotation, lens: Lens) -> torch.Tensor:
-        lat = lat + self.lin_drop(atn(lat, rot, lens))
+    def _layer(self, atn: "Attention", ffn: FeedForward, lat: torch.Tensor, rot: Rotation, lens: Lens,
+               times: Times | None = None) -> torch.Tensor:
+        lat = lat + self.lin_drop(atn(lat, rot, lens, times=times))
         return lat + self.lin_drop(ffn(lat))
 
     # ---- vocabularies ---------------------------------------------------------------------------

@@ -6,6 +6,8 @@ pretrain.run may not import the finetune layer above it.)"""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..model.poyo import POYO
@@ -30,6 +32,7 @@ def adapted_model(plan: RunPlan, device="cpu") -> POYO:
     untouched); with `trainable=new`, everything else frozen and only those rows take gradients."""
     a = plan.adapt
     model, _ = load_exported(a.source, device=device)
+    model.cfg = replace(model.cfg, causal=plan.model.causal)  # finetune --causal-mask: the same weights, masked by time
     model.train()
     if a.reinit:
         with torch.no_grad():
