@@ -1,8 +1,8 @@
 """When the live server re-warms its core before a tick, and how long it may sleep until then.
 
 Why: a core that slept for most of a period decodes its next window slower than one that never
-stopped (poyo-1.3M, one thread, this CPU: 18 ms after a 40 ms sleep against 8 ms back to back with
-other work on the second core; p99 17.2 against 14.0 ms served on a quiet machine; bench/RESULTS.md,
+stopped (poyo-1.3M, one thread, this CPU: 19 ms after a 40 ms sleep against 9 ms back to back,
+bench/idle_forward.py; served on a quiet machine, p99 14.0 ms warm against 17.2 ms; bench/RESULTS.md,
 "Live decoding"): the weights have left the caches and the core has clocked down. So shortly before each tick the server runs the model once on the newest window, throws the
 output away, and then polls its inlet without sleeping until the tick. The real decode then finds
 the weights in cache and the core awake. It costs about one more forward a tick of CPU; a model too
