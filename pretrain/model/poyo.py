@@ -6,7 +6,8 @@
 
 Pre-LayerNorm residual blocks with GEGLU feed-forwards. Rotary time embeddings rotate queries
 and keys everywhere; in the encoder and the processor the values are rotated too and the
-output counter-rotated by the query's time, so what is aggregated is relative in time. Every
+output counter-rotated by the query's time, so what is aggregated is relative in time. A causal
+model (ModelConfig.causal) masks every attention by time: no output sees a later spike. Every
 tensor is packed (all samples' tokens concatenated, `*_lens` per sample): the model takes a
 PackedBatch and never sees Zarr, Ray or MLflow.
 """
