@@ -24,19 +24,23 @@ class Warmth:
     recent: deque = field(default_factory=lambda: deque(maxlen=32))  # seconds of the latest decodes
     primed: bool = False  # the next tick's prime has run
 
-    def lead_s(self) -> float:
+    def __post_init__(self) -> None:
+        self._lead = self._lead_from(self.first_s)
+
+    def _lead_from(self, typical: float) -> float:
         """Seconds before a tick to prime: twice a typical forward (the prime, then the polling that
         keeps the core awake) plus a millisecond; 0 when off or when the model is too slow for it."""
-        if not self.enabled:
-            return 0.0
-        typical = sorted(self.recent)[len(self.recent) // 2] if self.recent else self.first_s
-        if typical > self.period_s / 3:
+        if not self.enabled or typical > self.period_s / 3:
             return 0.0
         return min(2 * typical + 0.001, 0.6 * self.period_s)
 
+    def lead_s(self) -> float:
+        """The current lead (it changes only when a tick is decoded, not on every poll of the inlet)."""
+        return self._lead
+
     def prime_now(self, now: float, due: float) -> bool:
         """Whether to run the throw-away forward now (once per tick, inside the lead, before the tick)."""
-        lead = self.lead_s()
+        lead = self._lead
         if lead and not self.primed and due - lead <= now < due:
             self.primed = True
             return True
@@ -44,7 +48,7 @@ class Warmth:
 
     def wait_s(self, now: float, due: float) -> float:
         """How long the inlet may block: until the prime (or the tick), at most 50 ms; 0 (poll) once primed."""
-        lead = self.lead_s()
+        lead = self._lead
         if lead and self.primed:
             return 0.0
         return max(0.0, min(due - lead - now, 0.05))
@@ -52,4 +56,5 @@ class Warmth:
     def decoded(self, seconds: float) -> None:
         """A tick was decoded in `seconds` (tokenize + forward): the next tick gets its own prime."""
         self.recent.append(seconds)
+        self._lead = self._lead_from(sorted(self.recent)[len(self.recent) // 2])
         self.primed = False

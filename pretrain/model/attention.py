@@ -15,7 +15,7 @@ else in the model knows which backend runs.
 - `naive`: explicit softmax per sample, for tests only.
 
 Any backend, given `times` (a causal model: ModelConfig.causal), masks by time: a query sees only
-the keys stamped at or before it (`time_causal`: one padded SDPA call with a full mask, on CPU and
+the keys stamped at or before it (`SDPA._padded` with a full mask: one SDPA call, on CPU and
 CUDA alike; the dropout kernel and xformers' block-diagonal masks do not take one).
 """
 
@@ -25,7 +25,6 @@ import functools
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from .ops import attend, packed_dropout_attention
 
@@ -72,31 +71,6 @@ def _pad_index(lens: Lens, width: int, device) -> torch.Tensor:
     return torch.cat([torch.arange(n, device=device) + i * width for i, n in enumerate(lens)])
 
 
-def time_causal(q, k, v, q_lens: Lens, k_lens: Lens, times: Times, *, dropout_p: float = 0.0,
-                training: bool = False) -> torch.Tensor:
-    """Attention within each sample where query i sees key j only when key j's time is at or before
-    query i's: one padded batch with a [B, 1, Lq, Lk] mask through PyTorch SDPA (CPU or CUDA). A
-    query that sees no key (a latent before the first spike) gets zeros; it attends to every key
-    inside the kernel so that nothing is NaN, and the zeroing stops any gradient from that."""
-    b, h, d = len(q_lens), q.shape[1], q.shape[2]
-    mq, mk = max(q_lens), max(k_lens)
-    qi, ki = _pad_index(q_lens, mq, q.device), _pad_index(k_lens, mk, k.device)
-
-    def pad(x: torch.Tensor, idx: torch.Tensor, m: int, fill: float = 0.0) -> torch.Tensor:
-        return x.new_full((b * m, *x.shape[1:]), fill).index_copy(0, idx, x)
-
-    q_t = pad(times[0].float(), qi, mq).view(b, mq, 1)
-    k_t = pad(times[1].float(), ki, mk, float("inf")).view(b, 1, mk)  # padding: never seen
-    seen = k_t <= q_t + CAUSAL_EPS  # [B, Lq, Lk]
-    some = seen.any(-1, keepdim=True)
-    mask = (seen | ~some)[:, None]
-    o = F.scaled_dot_product_attention(_batched(pad(q, qi, mq), b), _batched(pad(k, ki, mk), b),
-                                       _batched(pad(v, ki, mk), b), attn_mask=mask,
-                                       dropout_p=dropout_p if training else 0.0)
-    o = o * some[:, None].to(o.dtype)
-    return o.transpose(1, 2).reshape(b * mq, h, d).index_select(0, qi)
-
-
 class SDPA:
     name = "sdpa"
 
@@ -108,8 +82,8 @@ class SDPA:
     def __call__(self, q, k, v, q_lens: Lens, k_lens: Lens, *, dropout_p: float = 0.0,
                  training: bool = False, times: Times | None = None) -> torch.Tensor:
         b = len(q_lens)
-        if times is not None:
-            return time_causal(q, k, v, q_lens, k_lens, times, dropout_p=dropout_p, training=training)
+        if times is not None:  # a mask by time: the padded form with a full mask, whatever the lengths
+            return self._padded(q, k, v, q_lens, k_lens, times, dropout_p=dropout_p, training=training)
         if training and dropout_p > 0.0 and not q.is_cuda:  # CPU has no fused dropout kernel: ops.py
             return packed_dropout_attention(q, k, v, q_lens, k_lens, dropout_p)
         kw = dict(dropout_p=dropout_p, training=training)
@@ -127,15 +101,28 @@ class SDPA:
         return self._padded(q, k, v, q_lens, k_lens, **kw)
 
     @staticmethod
-    def _padded(q, k, v, q_lens: Lens, k_lens: Lens, **kw) -> torch.Tensor:
+    def _padded(q, k, v, q_lens: Lens, k_lens: Lens, times: Times | None = None, **kw) -> torch.Tensor:
+        """One padded batch with a key mask ([B, 1, 1, Lk]); with `times`, a [B, 1, Lq, Lk] mask where
+        query i sees key j only when key j's time is at or before query i's. A query that then sees no
+        key (a latent before the first spike) gets zeros: it attends to every key inside the kernel so
+        that nothing is NaN, and the zeroing stops any gradient from that."""
         b, h, d = len(q_lens), q.shape[1], q.shape[2]
         mq, mk = max(q_lens), max(k_lens)
         qi, ki = _pad_index(q_lens, mq, q.device), _pad_index(k_lens, mk, k.device)
         qp = q.new_zeros(b * mq, h, d).index_copy(0, qi, q) if mq * b != q.shape[0] else q
         kp = k.new_zeros(b * mk, h, d).index_copy(0, ki, k)
         vp = v.new_zeros(b * mk, h, d).index_copy(0, ki, v)
-        mask = torch.zeros(b * mk, dtype=torch.bool, device=k.device).index_fill_(0, ki, True)
-        o = attend(_batched(qp, b), _batched(kp, b), _batched(vp, b), key_mask=mask.view(b, 1, 1, mk), **kw)
+        mask = torch.zeros(b * mk, dtype=torch.bool, device=k.device).index_fill_(0, ki, True).view(b, 1, 1, mk)
+        if times is not None:
+            # in fp32 whatever the compute dtype: bf16 cannot tell milliseconds apart near 1 s
+            q_t = torch.zeros(b * mq, device=q.device).index_copy(0, qi, times[0].float()).view(b, 1, mq, 1)
+            k_t = torch.zeros(b * mk, device=k.device).index_copy(0, ki, times[1].float()).view(b, 1, 1, mk)
+            mask = mask & (k_t <= q_t + CAUSAL_EPS)
+            some = mask.any(-1, keepdim=True)
+            mask = mask | ~some
+        o = attend(_batched(qp, b), _batched(kp, b), _batched(vp, b), key_mask=mask, **kw)
+        if times is not None:
+            o = o * some.to(o.dtype)
         o = o.transpose(1, 2).reshape(b * mq, h, d)
         return o if mq * b == q.shape[0] else o.index_select(0, qi)
 
@@ -158,7 +145,7 @@ class XFormers:
     def __call__(self, q, k, v, q_lens: Lens, k_lens: Lens, *, dropout_p: float = 0.0,
                  training: bool = False, times: Times | None = None) -> torch.Tensor:
         if times is not None:  # a mask by time is not block-diagonal: SDPA's masked kernel
-            return time_causal(q, k, v, q_lens, k_lens, times, dropout_p=dropout_p, training=training)
+            return SDPA._padded(q, k, v, q_lens, k_lens, times, dropout_p=dropout_p, training=training)
         # deferred: xformers is the optional gpu extra, absent on CPU installs
         import xformers.ops as xops
 

@@ -185,5 +185,6 @@ def packed_dropout_attention(q, k, v, q_lens, k_lens, p: float) -> torch.Tensor:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0, training: bool = False,
            key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Batched attention [B, H, Lq, D] x [B, H, Lk, D] without dropout on CPU (PyTorch SDPA: its
-    fused flash kernel), or with SDPA's own dropout on CUDA. key_mask [B, 1, 1, Lk], True = attend."""
+    fused flash kernel), or with SDPA's own dropout on CUDA. key_mask [B, 1, 1, Lk] (or [B, 1, Lq, Lk]),
+    True = attend."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p if training else 0.0)
