@@ -114,6 +114,11 @@ def permute(i: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:
     return x.astype(np.int64)
 
 
+def worker_share(global_batch: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of a global batch that worker `rank` of `world` trains on (the same for every batch)."""
+    return rank * global_batch // world, (rank + 1) * global_batch // world
+
+
 class WindowIndex:
     """Random-access view of the training-window stream of a corpus."""
 
@@ -274,15 +279,18 @@ class WindowIndex:
     # cost the same for 32 positions as for 2048: ~30 us a window less at batch 32, bench/service.py)
 
     def worker_windows(self, batch: int, global_batch: int, rank: int, world: int) -> list[WindowRef]:
-        """Worker `rank`'s share of global batch `batch` (the next LOOKAHEAD batches' shares are
-        computed with it and kept: a loader asks for consecutive batches)."""
-        if global_batch % world:
-            raise ValueError(f"global batch {global_batch} must be divisible by the number of workers {world}")
-        per = global_batch // world
+        """Worker `rank`'s share of global batch `batch`: windows [rank x B // world, (rank + 1) x B // world)
+        of it, so every window of the batch is served once at any number of workers (an elastic run that
+        goes on with fewer; shares differ by one window at most when `world` does not divide B). The next
+        LOOKAHEAD batches' shares are computed with it and kept: a loader asks for consecutive batches."""
+        if not 0 <= rank < world or world > global_batch:
+            raise ValueError(f"rank {rank} of {world} workers cannot share a global batch of {global_batch}")
+        lo, hi = worker_share(global_batch, rank, world)
+        per = hi - lo
         ahead = self._ahead.get((global_batch, rank, world))
         if ahead is None or batch not in ahead:
             batches = np.arange(batch, batch + self.LOOKAHEAD, dtype=np.int64)
-            starts = batches * global_batch + rank * per
+            starts = batches * global_batch + lo
             refs = self.at((starts[:, None] + np.arange(per, dtype=np.int64)[None, :]).reshape(-1))
             ahead = {int(b): refs[i * per:(i + 1) * per] for i, b in enumerate(batches)}
             self._ahead = {(global_batch, rank, world): ahead}  # one worker's look-ahead at a time

@@ -4,7 +4,8 @@ two different nodes, each with its own raylet, object store and data actors, and
 spare. A worker's node is killed whole mid-run, and separately the driver; each time the run
 goes on from its newest checkpoint and ends as an uninterrupted run does: every window of the
 stream once, in order, and the same weights (the two runs, interrupted at different checkpoints,
-against each other: no reference run of its own, to keep the module short; issue 28).
+against each other: no reference run of its own, to keep the module short; issue 28). Last, an
+elastic run on every slot left loses a node with no spare and goes on with the survivors.
 """
 
 from __future__ import annotations
@@ -158,3 +159,44 @@ def test_the_two_interrupted_runs_end_with_the_same_weights(node_loss, driver_ki
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.fixture(scope="module")
+def elastic(cluster, node_loss, driver_kill):
+    """An elastic run (cluster.min_workers) with a worker on every node left; while rank 1 holds after
+    the step-2 checkpoint a worker node is killed, leaving no spare slot: Ray Train restarts the group
+    with one worker fewer from that checkpoint. (After the two runs above: it takes a node for good.)"""
+    c, root = cluster
+    rec, marker = root / "rec_elastic", root / "elastic-held"
+    rec.mkdir()
+    width = len(c.nodes)
+    lost: list[str] = []
+
+    def kill(held_node: str) -> None:
+        head = c.nodes[0].node_id
+        node = held_node if held_node != head else next(ns[-1] for ns in nodes_by_rank(rec).values() if ns[-1] != head)
+        lost.append(node)
+        c.kill(node)
+
+    t = watch(marker, kill)
+    r = pretrain(config(root, "name=elastic", "train.max_failures=1", f"cluster.address={c.address}",
+                        f"cluster.num_workers={width}", "cluster.min_workers=1", "train.zero_stage=0",
+                        "cluster.worker_resources={trainer: 1}"),
+                 show_progress=False, hooks=FaultAndRecord(record_windows=str(rec), hold=f"1:2:{marker}"))
+    t.join(timeout=5)
+    return r, rec, lost, width
+
+
+def test_an_elastic_run_goes_on_with_the_survivors_and_no_window_is_lost_or_repeated(elastic):
+    r, rec, lost, width = elastic
+    assert lost, "the held worker never wrote its marker"
+    recs = records(rec)
+    before = {rank for rank, step in recs if step == 0}
+    after = {rank for rank, step in recs if step == STEPS - 1}
+    assert before == set(range(width)) and after == set(range(width - 1)), (before, after)
+    resumed = 2  # the checkpoint the survivors went on from (rank 1 held before step 2)
+    world_at = lambda step: width if step < resumed else width - 1  # noqa: E731
+    # the windows that made the final weights: each rank's last record of a step, of the group that finished it
+    made = [p for step in range(STEPS) for rank in range(world_at(step)) for p in recs[rank, step][-1]["positions"]]
+    assert r.steps == STEPS
+    assert made == list(range(STEPS * BATCH))  # nothing lost, nothing repeated, the same order

@@ -62,3 +62,17 @@ def test_bad_config_files_name_the_file(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match=r"config .*bad.yaml is not valid YAML"):
         load_config(bad)
+
+
+def test_an_elastic_run_is_refused_optimizer_state_it_could_not_resume_at_another_size():
+    """ZeRO (stage >= 1) and bf16 partition the optimizer state by the number of workers, which
+    DeepSpeed cannot load at another: an elastic run must keep it whole. Settings that need each
+    other may come in any order."""
+    ok = load_config(None, ["cluster.min_workers=1", "cluster.num_workers=3", "train.zero_stage=0"])
+    assert (ok.cluster.min_workers, ok.cluster.num_workers) == (1, 3)
+    for bad, match in [(["train.zero_stage=1"], "zero_stage=0"), (["train.zero_stage=0", "train.precision=bf16"], "fp32"),
+                       (["train.zero_stage=0", "cluster.min_workers=4"], "at most cluster.num_workers")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, ["cluster.min_workers=1", "cluster.num_workers=3", *bad])
+    with pytest.raises(ConfigError, match="at most data.global_batch"):
+        load_config(None, ["data.global_batch=4", "cluster.num_workers=5"])

@@ -1,7 +1,7 @@
 """Checkpoints: the DeepSpeed state (weights, optimizer, scheduler) + the data position + the
 plan, saved together so that a run resumes exactly and a checkpoint exports with nothing else.
 
-    <checkpoint>/popscale_state.json   step, DeepSpeed tag, batches/samples consumed, index fingerprint
+    <checkpoint>/popscale_state.json   step, DeepSpeed tag, batches/samples consumed, index fingerprint, world
     <checkpoint>/plan.json             the run plan (plan.py)
     <checkpoint>/step0000300/...       DeepSpeed's files (one shard per rank)
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from data_service.remote import join, listdir, pyarrow_filesystem, storage_arg, write_text
+from data_service.remote import join, listdir, pyarrow_filesystem, read_text, storage_arg, write_text
 
 from .plan import RunPlan
 
@@ -43,15 +43,16 @@ class DataChanged(RuntimeError):
     pass
 
 
-def save_state(directory: str | Path, engine, plan: RunPlan, step: int, rank: int) -> None:
-    """Every rank writes its DeepSpeed shard; rank 0 writes the state and the plan."""
+def save_state(directory: str | Path, engine, plan: RunPlan, step: int, rank: int, world: int = 1) -> None:
+    """Every rank writes its DeepSpeed shard; rank 0 writes the state (with the number of workers that
+    saved it: an elastic run may resume with another) and the plan."""
     tag = f"step{step:07d}"
     engine.save_checkpoint(str(directory), tag=tag)
     if rank == 0:
         accum, batch = plan.run.train.grad_accum, plan.run.data.global_batch
         (Path(directory) / STATE_FILE).write_text(json.dumps({
             "step": step, "tag": tag, "batches_consumed": step * accum, "samples_consumed": step * accum * batch,
-            "index_fingerprint": plan.index_fingerprint}))
+            "index_fingerprint": plan.index_fingerprint, "world": world}))
         plan.save(directory)
 
 
@@ -71,8 +72,9 @@ def restore_state(directory: str | Path, engine, plan: RunPlan) -> int:
 
 
 def completed_checkpoints(run_dir: str, world: int) -> list[tuple[int, str]]:
-    """(step, path) of every checkpoint under a Ray run directory that all `world` ranks finished
-    uploading, oldest first (local paths or URLs: data_service/remote.py)."""
+    """(step, path) of every checkpoint under a Ray run directory that all the ranks that saved it
+    finished uploading, oldest first (local paths or URLs: data_service/remote.py). The state names
+    how many ranks saved it; a state from before it did, `world` (this run's number)."""
     out = []
     for n in listdir(run_dir):
         m = _STEP_DIR.match(n)
@@ -80,7 +82,10 @@ def completed_checkpoints(run_dir: str, world: int) -> list[tuple[int, str]]:
             continue
         d = join(run_dir, n)
         files = set(listdir(d))
-        if STATE_FILE in files and all(f".complete-rank{r}" in files for r in range(world)):
+        if STATE_FILE not in files:
+            continue
+        saved_by = int(json.loads(read_text(join(d, STATE_FILE))).get("world", world))
+        if all(f".complete-rank{r}" in files for r in range(saved_by)):
             out.append((int(m.group(1)), d))
     return sorted(out)
 
@@ -134,7 +139,7 @@ class RayCheckpointer:
 
         name = step_dir_name(step)
         with tempfile.TemporaryDirectory() as tmp:
-            save_state(tmp, self.engine, self.plan, step, self.rank)
+            save_state(tmp, self.engine, self.plan, step, self.rank, self.world)
             if self.world > 1:
                 dist.barrier()
             ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),

@@ -100,6 +100,10 @@ class TrainConfig:
 class ClusterConfig:
     address: str | None = None  # None: start an embedded local Ray; "auto" or ray://... for a cluster
     num_workers: int = 1
+    # elastic scaling: > 0 lets Ray Train run between min_workers and num_workers workers, going on with
+    # the survivors when a node is lost (every global batch still whole; runbooks/cluster.md). It needs
+    # optimizer state that does not depend on the world size: train.zero_stage 0 and fp32. 0: fixed
+    min_workers: int = 0
     cpus_per_worker: float = 1.0
     # custom Ray resources each training worker takes: {trainer: 1} with nodes that offer trainer: 1
     # puts at most one worker on each of them (runbooks/cluster.md)
@@ -203,6 +207,7 @@ _RANGES: dict[str, tuple] = {
     "train.precision": ((lambda v: v in ("auto", "fp32", "bf16")), "auto, fp32 or bf16"),
     "train.optim.lr": ((lambda v: v > 0), "positive"),
     "cluster.num_workers": _at_least(1), "cluster.cpus_per_worker": ((lambda v: v > 0), "positive"),
+    "cluster.min_workers": _at_least(0),
     "cluster.local_cpus": _at_least(1),
 }
 
@@ -218,9 +223,34 @@ def _check_ranges(run: RunConfig) -> None:
             raise ConfigError(f"{key}: must be {want}, got {v!r}")
 
 
-def from_dict(d: dict) -> RunConfig:
+def _check_cluster(run: RunConfig) -> None:
+    """Workers share every global batch. Elastic scaling restarts the worker group at another size from a checkpoint: DeepSpeed 0.19 refuses
+    ZeRO optimizer state saved at another world size, and its bf16 optimizer partitions its state the same
+    way, so an elastic run keeps whole (stage 0) fp32 state, which any number of workers loads."""
+    c, t = run.cluster, run.train
+    if c.num_workers > run.data.global_batch:
+        raise ConfigError(f"cluster.num_workers: at most data.global_batch ({run.data.global_batch}) workers share "
+                          f"a global batch, got {c.num_workers}")
+    if not c.min_workers:
+        return
+    if c.min_workers > c.num_workers:
+        raise ConfigError(f"cluster.min_workers: must be at most cluster.num_workers ({c.num_workers}), "
+                          f"got {c.min_workers}")
+    if t.zero_stage != 0:
+        raise ConfigError(f"cluster.min_workers: an elastic run needs train.zero_stage=0 (got {t.zero_stage}): "
+                          "ZeRO's partitioned optimizer state cannot be loaded at another number of workers")
+    if t.precision == "bf16" or (t.precision == "auto" and c.use_gpu):
+        raise ConfigError("cluster.min_workers: an elastic run needs train.precision=fp32: DeepSpeed's bf16 "
+                          "optimizer partitions its state by the number of workers")
+
+
+def from_dict(d: dict, settings_together: bool = True) -> RunConfig:
+    """The config in `d`, checked; `settings_together=False` leaves out the checks across settings (one
+    override of several may need another that comes after it)."""
     run = _build(RunConfig, d, "")
     _check_ranges(run)
+    if settings_together:
+        _check_cluster(run)
     try:
         run.model_config()
     except KeyError as e:
@@ -278,7 +308,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             raise ConfigError(f"override {o!r}: the value is not valid YAML") from None
         try:
             _set(d, k.strip(), value)
-            from_dict(d)  # so that an error names the override that caused it
+            from_dict(d, settings_together=False)  # so that an error names the override that caused it
         except ConfigError as e:
             raise ConfigError(f"override {o!r}: {e}") from None
     keys = {o.partition("=")[0].strip() for o in overrides}

@@ -31,10 +31,14 @@ def placement(plan: RunPlan, rank: int, world: int, local_rank: int = 0) -> Plac
 
 
 def deepspeed_config(plan: RunPlan, world: int, bf16: bool) -> dict:
+    """DeepSpeed's batch sizes are bookkeeping here (the loop feeds it batches and normalises the loss
+    itself): a world that does not divide the global batch (an elastic run's survivors) declares the
+    largest share, so DeepSpeed's product rule holds."""
     t, d = plan.run.train, plan.run.data
+    micro = max(1, -(-d.global_batch // world))
     return {
-        "train_batch_size": d.global_batch * t.grad_accum,
-        "train_micro_batch_size_per_gpu": max(1, d.global_batch // world),
+        "train_batch_size": micro * world * t.grad_accum,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},

@@ -274,6 +274,13 @@ def _tracked(run: RunConfig, plan: RunPlan, name: str, run_dir: str, meta: dict,
                             resume=f"popscale pretrain --resume {name}", notify=notify)
 
 
+def workers(run: RunConfig) -> int | tuple[int, int]:
+    """Ray Train's worker count: fixed, or (min, max) for an elastic run (cluster.min_workers), which
+    Ray restarts from its newest checkpoint with as many workers as the cluster then has room for."""
+    c = run.cluster
+    return (c.min_workers, c.num_workers) if c.min_workers else c.num_workers
+
+
 def _trainer(run: RunConfig, args: WorkerArgs, name: str, storage: str):
     """Ray Train's trainer for the run: one worker per `cluster.num_workers`, checkpoints in storage."""
     # deferred: importing ray only when used keeps start-up light
@@ -286,7 +293,7 @@ def _trainer(run: RunConfig, args: WorkerArgs, name: str, storage: str):
     return TorchTrainer(
         ray_worker, train_loop_config={"args": args},
         torch_config=HostLocalTorchConfig(backend="nccl" if run.cluster.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=run.cluster.num_workers, use_gpu=run.cluster.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers(run), use_gpu=run.cluster.use_gpu,
                                                resources_per_worker={"CPU": run.cluster.cpus_per_worker,
                                                                      **run.cluster.worker_resources}),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_arg(storage),

@@ -172,7 +172,8 @@ class Meter:
         out = {"train_loss": loss / max(weight, 1e-12), "lr": lr,
                "samples_per_s": self.steps * self.samples_per_step / dt, "spike_tokens_per_s": tokens / dt,
                "data_wait_s": float(np.mean(wait)), "own_s_max": own[slowest], "own_s_median": float(np.median(own)),
-               "slowest_rank": float(slowest), "slowest_data_wait_s": wait[slowest]}
+               "slowest_rank": float(slowest), "slowest_data_wait_s": wait[slowest],
+               "workers": float(d.world)}  # an elastic run's resizes show
         self._reset()
         return out
 
