@@ -1,6 +1,6 @@
 """Pretrain the released checkpoint on one machine without Ray, in resumable chunks (issue 27).
 
-The plan is `configs/release.yaml`'s, built once and kept in OUT/plan.json; every call trains it
+The plan is `--config`'s (configs/release.yaml by default), built once and kept in OUT/plan.json; every call trains it
 from its newest checkpoint up to `--until` steps with the same loop `popscale pretrain`'s workers
 run (`train_in_process`), appends the curve to OUT/curve.jsonl and redraws OUT/curve.png. The
 learning-rate schedule follows the plan's `train.steps`, so stopping early leaves it mid-schedule.
@@ -73,7 +73,7 @@ EVALUATION = {"m1_stevenson_2011": "monkey M1 (an animal not in pretraining)",
               "R042-2013-08-20": "rat R042 CA1, position (its sibling session R042-2013-08-18 is in pretraining)"}
 
 
-def card(export: Path, plan, step: int, curve: Path) -> None:
+def card(export: Path, plan, step: int, curve: Path, recipe: str = "configs/release.yaml") -> None:
     """MODEL_CARD.md: what the model saw, what it never saw, how it was trained, how well."""
     from data_service.reader import open_corpus
 
@@ -101,9 +101,11 @@ def card(export: Path, plan, step: int, curve: Path) -> None:
         "## Sessions it never saw (the fixed evaluation set)",
         *[f"- {s}: {why}" for s, why in EVALUATION.items()], "",
         "## Recipe",
-        f"- configs/release.yaml: {plan.run.model}, {plan.run.model_overrides}, readouts "
+        f"- {recipe}: {plan.run.model}, {plan.run.model_overrides}, readouts "
         f"{dict(plan.model.readouts)}; LAMB lr {t.optim.lr}, {t.warmup_steps} warm-up steps, cosine over "
-        f"{t.steps} steps, global batch {plan.run.data.global_batch}, ridge warm start, no unit dropout.",
+        f"{t.steps} steps, global batch {plan.run.data.global_batch}, ridge warm start, no unit dropout"
+        + (f"; session weights {dict(plan.run.data.session_weights)} (windows drawn per second of a session, "
+           "times its weight)" if plan.run.data.session_weights else "") + ".",
         f"- Trained {step} steps on one CPU process (2 cores) with the loop `popscale pretrain`'s workers run "
         "(scripts/release_pretrain.py: train_in_process, resumable in chunks), not through Ray.",
         "- The monkey .mat sessions are binned counts (spike times placed at seeded random times within "
@@ -147,12 +149,13 @@ def main() -> int:
         plan = build_plan(load_config(a.config), progress=True)
         plan.save(out)
     if a.export:
+        recipe = str(Path(a.config).resolve().relative_to(ROOT)) if Path(a.config).resolve().is_relative_to(ROOT) else a.config
         ckpt = sorted((out / "checkpoints").glob("step*"), key=lambda p: int(p.name.lstrip("step_")))[-1]
         step = int(ckpt.name.lstrip("step_"))
         export = export_checkpoint(ckpt, a.export, {"corpus_fingerprint": plan.corpus_fingerprint,
-                                                    "recipe": "configs/release.yaml", "step": step,
+                                                    "recipe": recipe, "step": step,
                                                     "trained_with": "scripts/release_pretrain.py"})
-        card(export, plan, step, out / "curve.jsonl")
+        card(export, plan, step, out / "curve.jsonl", recipe)
         print(f"exported {ckpt.name} to {export}")
         print(f"RESULT step={step} export={export} seconds={time.time() - t0:.0f}")
         return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import REPO
 from test_tracking_faults import tiny_export
 
@@ -33,6 +35,17 @@ def test_an_export_registers_without_a_run_and_loads_by_alias(tmp_path, capsys, 
 
 
 RELEASED = REPO / "models" / "poyo-real-1"
+EVALUATION = ["m1_stevenson_2011", "s1_data", "A2929-200711", "mihi_demo-te", "R042-2013-08-20"]
+
+
+@pytest.mark.parametrize("name", ["poyo-real-1", "poyo-real-2"])
+def test_every_shipped_checkpoint_is_small_and_never_saw_the_evaluation_set(name):
+    """Each export under models/ is whole (what --model reads), within 25 MB, and its vocabulary holds
+    no session of the fixed evaluation set, which its card names."""
+    d = REPO / "models" / name
+    card, vocab = (d / "MODEL_CARD.md").read_text(), json.loads((d / "vocab.json").read_text())
+    assert (d / "model.safetensors").stat().st_size <= 25e6 and (d / "config.json").exists() and (d / "plan.json").exists()
+    assert all(s in card for s in EVALUATION) and not set(EVALUATION) & set(vocab["sessions"])
 
 
 def test_the_shipped_checkpoint_finetunes_on_a_session_it_never_saw(tmp_path, capsys, real_dir, monkeypatch):
