@@ -224,9 +224,10 @@ def _check_ranges(run: RunConfig) -> None:
 
 
 def _check_cluster(run: RunConfig) -> None:
-    """Workers share every global batch. Elastic scaling restarts the worker group at another size from a checkpoint: DeepSpeed 0.19 refuses
-    ZeRO optimizer state saved at another world size, and its bf16 optimizer partitions its state the same
-    way, so an elastic run keeps whole (stage 0) fp32 state, which any number of workers loads."""
+    """Workers share every global batch. Elastic scaling restarts the worker group at another size
+    from a checkpoint: DeepSpeed 0.19 refuses ZeRO optimizer state saved at another world size, and
+    its bf16 optimizer partitions its state the same way, so an elastic run keeps whole (stage 0)
+    fp32 state, which any number of workers loads."""
     c, t = run.cluster, run.train
     if c.num_workers > run.data.global_batch:
         raise ConfigError(f"cluster.num_workers: at most data.global_batch ({run.data.global_batch}) workers share "
