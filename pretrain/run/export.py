@@ -35,5 +35,5 @@ def _fp32_weights(checkpoint_dir: Path, tag: str) -> dict:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    states = torch.load(checkpoint_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = torch.load(checkpoint_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items() if torch.is_tensor(v)}
