@@ -1,8 +1,8 @@
 """Pretrain the released checkpoint on one machine without Ray, in resumable chunks (issue 27).
 
-The plan is `--config`'s (configs/release.yaml by default), built once and kept in OUT/plan.json; every call trains it
-from its newest checkpoint up to `--until` steps with the same loop `popscale pretrain`'s workers
-run (`train_in_process`), appends the curve to OUT/curve.jsonl and redraws OUT/curve.png. The
+The plan is `--config`'s (configs/release.yaml by default), built once and kept in OUT/plan.json;
+every call trains it from its newest checkpoint up to `--until` steps with the same loop `popscale
+pretrain`'s workers run (`train_in_process`), appends the curve to OUT/curve.jsonl and redraws OUT/curve.png. The
 learning-rate schedule follows the plan's `train.steps`, so stopping early leaves it mid-schedule.
 
     python scripts/release_pretrain.py --until 2000            # then again with a larger --until
@@ -149,7 +149,8 @@ def main() -> int:
         plan = build_plan(load_config(a.config), progress=True)
         plan.save(out)
     if a.export:
-        recipe = str(Path(a.config).resolve().relative_to(ROOT)) if Path(a.config).resolve().is_relative_to(ROOT) else a.config
+        cfg = Path(a.config).resolve()
+        recipe = str(cfg.relative_to(ROOT)) if cfg.is_relative_to(ROOT) else a.config
         ckpt = sorted((out / "checkpoints").glob("step*"), key=lambda p: int(p.name.lstrip("step_")))[-1]
         step = int(ckpt.name.lstrip("step_"))
         export = export_checkpoint(ckpt, a.export, {"corpus_fingerprint": plan.corpus_fingerprint,
