@@ -4,7 +4,7 @@ Why: a trained POYO's attention is peaked (the locality prior, and what training
 most of each softmax row is exp(score - max) below 1e-38: denormal numbers, which x86 vector
 units compute one at a time in microcode. On this CPU that made PyTorch's flash-attention
 backward 3x slower in a trained model than on random inputs (a unit-id step of models/poyo-real-1
-on mihi_demo-te: 0.42 s with denormals, 0.29 s without; bench/denormals.py). Flushing them to zero
+on mihi_demo-te: 0.38 s with denormals, 0.24 s without; bench/denormals.py). Flushing them to zero
 (x86 FTZ/DAZ, as TensorFlow does by default) changes nothing above 1e-38.
 
 The flag is per thread, and a new thread copies it from the thread that starts it: it must be set
@@ -20,7 +20,7 @@ import warnings
 import torch
 
 KEEP_ENV = "POPSCALE_KEEP_DENORMALS"  # "1": leave the CPU's default (e.g. to measure what flushing saves)
-_PROBE = 1 << 20  # elements: enough that every thread of the pool computes part of the probe
+_PROBE = 1 << 16  # elements per thread: above torch's grain (32,768), so every thread of the pool takes a part
 
 
 def pool_flushes() -> bool:

@@ -281,6 +281,13 @@ def workers(run: RunConfig) -> int | tuple[int, int]:
     return (c.min_workers, c.num_workers) if c.min_workers else c.num_workers
 
 
+def _worker_text(run: RunConfig) -> str:
+    """The start line's worker count: an elastic run names the fewest it goes on with."""
+    c = run.cluster
+    return (f"{c.min_workers}-{c.num_workers} workers (elastic)" if c.min_workers
+            else f"{c.num_workers} worker(s)")
+
+
 def _trainer(run: RunConfig, args: WorkerArgs, name: str, storage: str):
     """Ray Train's trainer for the run: one worker per `cluster.num_workers`, checkpoints in storage."""
     # deferred: importing ray only when used keeps start-up light
@@ -365,7 +372,7 @@ def pretrain(run: RunConfig, *, resume: str | None = None, show_progress: bool =
     except PlanMismatch as e:
         raise PlanMismatch(f"cannot resume {name}: {e}") from None
     notify(f"run {name}: {'resuming, ' if meta else ''}{len(plan.sessions)} sessions, {len(plan.unit_vocab)} units, "
-           f"{plan.run.model} on {run.cluster.num_workers} worker(s); checkpoints in {run_dir} "
+           f"{plan.run.model} on {_worker_text(run)}; checkpoints in {run_dir} "
            f"(if it stops, the same command with --resume {name} continues it)")
     init_ray(run)
     pin_data_singletons()
