@@ -290,7 +290,8 @@ def test_locality_prior_starts_attention_peaked_at_equal_times():
 
 
 def _probe(code: str, keep: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "POPSCALE_KEEP_DENORMALS": "1" if keep else "0"}
+    # two threads whatever the suite's environment (a bench module imported by another test may have set one)
+    env = {**os.environ, "POPSCALE_KEEP_DENORMALS": "1" if keep else "0", "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
 
 
