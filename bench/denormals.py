@@ -1,6 +1,7 @@
-"""What flushing denormal floats saves: training steps of a trained POYO with denormals flushed to
-zero (what importing pretrain.model does: pretrain/model/numerics.py) against the CPU's default
-(POPSCALE_KEEP_DENORMALS=1), side by side.
+"""What flushing denormal floats would save: training steps of a trained POYO with denormals flushed
+to zero (torch.set_flush_denormal(True) before torch starts its threads) against the CPU's default,
+side by side. popscale does not flush by default: the flag changes the float semantics of the whole
+thread, numpy included (bench/RESULTS.md, ninth stop of issue 27).
 
 The flag is per thread and copied when torch starts its pool, so each side runs in its own
 process; sides alternate (flush, keep, flush, keep, ...) and each reports the median seconds of
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -30,16 +30,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-KEEP_ENV = "POPSCALE_KEEP_DENORMALS"  # pretrain/model/numerics.py (not imported here: the parent stays torch-free)
 
 
 def child(args) -> None:
     """One side: build the adaptation, run `warm` untimed and `steps` timed steps, print JSON."""
+    import torch
+
+    if args.flush:  # before torch starts its pool: its threads copy the flag when they start
+        torch.set_flush_denormal(True)
     from data_service.reader import open_corpus
     from data_service.service import build_batch
     from pretrain.finetune.config import FinetuneConfig
     from pretrain.finetune.plan import plan_adaptation
-    from pretrain.model.numerics import pool_flushes
     from pretrain.run.train import _parts, _single_process_group
 
     cfg = FinetuneConfig(model=args.model, corpus=args.corpus, sessions=[args.session], mode=args.mode,
@@ -54,15 +56,15 @@ def child(args) -> None:
             parts.step(i, [b])
             if i >= args.warm:
                 times.append(time.perf_counter() - t)
-        print(json.dumps({"median_s": statistics.median(times), "flushed": pool_flushes(),
+        probe = torch.full(((1 << 16) * torch.get_num_threads(),), 1e-30) * 1e-10  # denormal unless every thread flushes
+        print(json.dumps({"median_s": statistics.median(times), "flushed": not bool(probe.any()),
                           "tokens": int(batches[0].unit_index.shape[0])}))
 
 
 def side(args, keep: bool) -> dict:
-    env = {**os.environ, KEEP_ENV: "1" if keep else "0"}
-    cmd = [sys.executable, __file__, "--child", "--model", args.model, "--corpus", args.corpus, "--session",
+    cmd = [sys.executable, __file__, "--child", *([] if keep else ["--flush"]), "--model", args.model, "--corpus", args.corpus, "--session",
            args.session, "--mode", args.mode, "--steps", str(args.steps), "--warm", str(args.warm)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -86,6 +88,7 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--flush", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)

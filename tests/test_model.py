@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -288,23 +285,3 @@ def test_locality_prior_starts_attention_peaked_at_equal_times():
         assert float(w[near].sum()) > 0.5 > float(near.float().mean())  # most mass within one latent step
         assert float(scores[0]) < 3.0 and float(scores[-1]) < 3.0
 
-
-def _probe(code: str, keep: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "POPSCALE_KEEP_DENORMALS": "1" if keep else "0"}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-
-
-def test_importing_the_model_flushes_denormals_in_every_thread_of_torchs_pool():
-    """Attention's backward in a trained model is up to 3x slower with denormals (numerics.py):
-    importing pretrain.model must set the flag before torch starts its threads, each of which
-    copies it; POPSCALE_KEEP_DENORMALS=1 leaves the default; computing before the import is
-    caught and said, not silent."""
-    # two threads whatever the suite's environment (bench modules imported by other tests set OMP_NUM_THREADS
-    # and MKL_NUM_THREADS to 1: one thread has no pool to test)
-    check = ("import pretrain.model, torch; torch.set_num_threads(2)\n"
-             "from pretrain.model.numerics import pool_flushes; print(pool_flushes())")
-    assert _probe(check).stdout.split() == ["True"]
-    assert _probe(check, keep=True).stdout.split() == ["False"]
-    late = _probe("import torch; torch.set_num_threads(2); (torch.ones(1 << 22) * 2).sum()  # the pool starts\n"
-                  "from pretrain.model.numerics import flush_denormals; print(flush_denormals())")
-    assert late.stdout.split() == ["False"] and "import it before any torch computation" in late.stderr

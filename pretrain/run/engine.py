@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.numerics import flush_denormals
 from .build import build_model
 from .optim import build_optimizer, warmup_cosine
 from .plan import RunPlan
@@ -68,7 +67,6 @@ def build_engine(plan: RunPlan, where: Placement):
     t = plan.run.train
     if where.device.type == "cpu":
         torch.set_num_threads(max(1, int(plan.run.cluster.cpus_per_worker)))
-        flush_denormals()  # set on importing the model; this warns when torch's threads started before
         skip_cpu_shm_kernel()
     torch.manual_seed(t.seed)
     model = build_model(plan, where.device)
