@@ -284,4 +284,3 @@ def test_locality_prior_starts_attention_peaked_at_equal_times():
         near = (taus - 0.5).abs() <= 0.125
         assert float(w[near].sum()) > 0.5 > float(near.float().mean())  # most mass within one latent step
         assert float(scores[0]) < 3.0 and float(scores[-1]) < 3.0
-
