@@ -1,11 +1,10 @@
-"""What flushing denormal floats would save: training steps of a trained POYO with denormals flushed
-to zero (torch.set_flush_denormal(True) before torch starts its threads) against the CPU's default,
-side by side. popscale does not flush by default: the flag changes the float semantics of the whole
-thread, numpy included (bench/RESULTS.md, ninth stop of issue 27).
+"""What flushing denormal floats saves: training steps of a trained POYO as popscale runs them (denormals
+flushed to zero inside the step, in the calling thread and torch's pool: pretrain/model/numerics.py)
+against the CPU's default (POPSCALE_KEEP_DENORMALS=1), side by side.
 
-The flag is per thread and copied when torch starts its pool, so each side runs in its own
-process; sides alternate (flush, keep, flush, keep, ...) and each reports the median seconds of
-its timed steps, after a few untimed ones. The steps are an adaptation's (`popscale finetune`'s
+Each side runs in its own process, with torch's pool started before popscale is imported (as in a
+user's process: the flush must reach a pool that already runs); sides alternate (flush, keep, flush,
+keep, ...) and each reports the median seconds of its timed steps, after a few untimed ones. The steps are an adaptation's (`popscale finetune`'s
 plan and engine, batches built beforehand): unit identification by default, the figure issue 27's
 120 s goal is bound by. A trained model is what makes denormals: its attention is peaked, most
 of each softmax row underflows.
@@ -14,13 +13,15 @@ of each softmax row underflows.
 
 Without --corpus, a 2-minute synthetic session is made in a temporary directory (`popscale synth`),
 so the bench needs nothing but the repository. Ends with
-`RESULT name=step_seconds value=<flushed> baseline=denormals_kept ratio=<flushed / kept>`.
+`RESULT name=step_seconds value=<flushed> baseline=denormals_kept ratio=<flushed / kept>`
+(below 1: flushing saves time).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,12 +37,12 @@ def child(args) -> None:
     """One side: build the adaptation, run `warm` untimed and `steps` timed steps, print JSON."""
     import torch
 
-    if args.flush:  # before torch starts its pool: its threads copy the flag when they start
-        torch.set_flush_denormal(True)
+    torch.ones(1 << 22).add_(1)  # torch's pool starts here, before anything of popscale
     from data_service.reader import open_corpus
     from data_service.service import build_batch
     from pretrain.finetune.config import FinetuneConfig
     from pretrain.finetune.plan import plan_adaptation
+    from pretrain.model.numerics import flushed, thread_flushes
     from pretrain.run.train import _parts, _single_process_group
 
     cfg = FinetuneConfig(model=args.model, corpus=args.corpus, sessions=[args.session], mode=args.mode,
@@ -56,15 +57,21 @@ def child(args) -> None:
             parts.step(i, [b])
             if i >= args.warm:
                 times.append(time.perf_counter() - t)
-        probe = torch.full(((1 << 16) * torch.get_num_threads(),), 1e-30) * 1e-10  # denormal unless every thread flushes
+        tiny = torch.full(((1 << 16) * torch.get_num_threads(),), 1e-30)
+        with flushed():
+            probe = tiny * 1e-10  # denormal unless every thread flushes
+        if thread_flushes():
+            raise SystemExit("the main thread still flushes denormals after the steps")
         print(json.dumps({"median_s": statistics.median(times), "flushed": not bool(probe.any()),
                           "tokens": int(batches[0].unit_index.shape[0])}))
 
 
 def side(args, keep: bool) -> dict:
-    cmd = [sys.executable, __file__, "--child", *([] if keep else ["--flush"]), "--model", args.model, "--corpus", args.corpus, "--session",
+    cmd = [sys.executable, __file__, "--child", "--model", args.model, "--corpus", args.corpus, "--session",
            args.session, "--mode", args.mode, "--steps", str(args.steps), "--warm", str(args.warm)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    env = {k: v for k, v in os.environ.items() if k != "POPSCALE_KEEP_DENORMALS"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT,
+                         env={**env, **({"POPSCALE_KEEP_DENORMALS": "1"} if keep else {})})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -88,7 +95,6 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--flush", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)

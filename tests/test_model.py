@@ -284,3 +284,30 @@ def test_locality_prior_starts_attention_peaked_at_equal_times():
         near = (taus - 0.5).abs() <= 0.125
         assert float(w[near].sum()) > 0.5 > float(near.float().mean())  # most mass within one latent step
         assert float(scores[0]) < 3.0 and float(scores[-1]) < 3.0
+
+
+def _pool_flush_fraction(x: torch.Tensor) -> float:
+    """Share of a big product computed by threads that flush denormals (their part is zero)."""
+    return float(((x * 1.5) == 0).float().mean())
+
+
+def test_denormals_are_flushed_in_every_thread_inside_the_step_and_nowhere_after(monkeypatch):
+    from pretrain.model.numerics import KEEP_ENV, flushed, thread_flushes
+
+    subnormal = torch.from_numpy(np.full(1 << 21, 1000, dtype=np.int32)).view(torch.float32)  # ~1.4e-42 each
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _pool_flush_fraction(subnormal) == 0.0  # the pool runs before any flush: a user's process
+        with flushed():
+            assert thread_flushes() and _pool_flush_fraction(subnormal) == 1.0  # the pool's threads too
+            with flushed():
+                pass
+            assert _pool_flush_fraction(subnormal) == 1.0  # a nested use leaves it on
+        assert not thread_flushes() and _pool_flush_fraction(subnormal) == 0.0
+        assert np.float32(1e-39) * np.float32(1.5) > 0  # the caller's numpy keeps its subnormals
+        monkeypatch.setenv(KEEP_ENV, "1")
+        with flushed():
+            assert _pool_flush_fraction(subnormal) == 0.0
+    finally:
+        torch.set_num_threads(before)

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Backend, Lens, Times, get_backend
 from .batch import PackedBatch
 from .config import ModelConfig
+from .numerics import flushed
 from .ops import Dropout, geglu_dropout
 from .rotary import RotaryTime, Rotation, rotate
 from .vocab import VocabEmbedding
@@ -117,7 +118,12 @@ class POYO(nn.Module):
         self.to(device)
 
     def forward(self, b: PackedBatch) -> dict[str, torch.Tensor]:
-        """Predictions per readout, rows in the order of that readout's output tokens."""
+        """Predictions per readout, rows in the order of that readout's output tokens. On the CPU with
+        denormals flushed (numerics.py: a trained model's attention is otherwise much slower)."""
+        with flushed(b.unit_index.device.type == "cpu"):
+            return self._forward(b)
+
+    def _forward(self, b: PackedBatch) -> dict[str, torch.Tensor]:
         x = self.unit_emb(b.unit_index) + self.token_type_emb(b.token_type)
         lat = self.latent_emb(b.latent_index)
         rot_in, rot_lat = self.rotary(b.input_time), self.rotary(b.latent_time)

@@ -26,6 +26,7 @@ from data_service.errors import CorpusError, find_corpus_error
 
 from ..model.batch import PackedBatch
 from ..model.loss import weighted_mse
+from ..model.numerics import flushed
 from .hooks import LoopHooks
 from .plan import RunPlan
 from .sinks import MetricsSink
@@ -119,6 +120,11 @@ class TrainStep:
         d = self.dist
         torch.manual_seed(self.seed * 1_000_003 + step * 1_009 + d.rank)
         self.engine.train()
+        with flushed(d.device.type == "cpu"):  # forward, backward and optimizer step (model/numerics.py)
+            return self._step(batches)
+
+    def _step(self, batches: list[PackedBatch]) -> StepStats:
+        d = self.dist
         stats = StepStats(0.0, 0.0, 0)
         for b in batches:
             b = b.to(d.device)
