@@ -27,7 +27,7 @@ only shows the script works - a minute is too short to tell a slow leak from noi
 Writes bench/figures/soak/soak-<minutes>min.csv (one row per sample) and .png (windows/s and memory
 components over time, warm-up shaded, the fitted line), prints a table, and ends with
 
-    RESULT name=memory_slope_mb_per_min baseline=goal_1mb_per_min ratio=<slope / 1 MB/min>
+    RESULT name=memory_slope_mb_per_min value=<MB/min> baseline=goal_1 ratio=<slope / 1 MB/min>
 
     python bench/soak.py [--quick] [--minutes N] [--interval S] [--sessions N]
 """
@@ -375,7 +375,7 @@ def report(samples: list[Sample], windows: int, minutes: float, warmup_s: float,
     print(f"memory slope after warm-up {m:+.3f} MB/min (95 % {lo:+.3f} .. {hi:+.3f}): {verdict} the goal of "
           f"< {GOAL_MB_PER_MIN:g} MB/min{' (a short run: not the figure, which is the 10-minute run)' if minutes < 10 else ''}")
     print(f"samples: {shown(stem.with_suffix('.csv'))}; plot: {shown(stem.with_suffix('.png'))}")
-    print(f"RESULT name=memory_slope_mb_per_min baseline=goal_1mb_per_min ratio={m / GOAL_MB_PER_MIN:.3f}")
+    print(f"RESULT name=memory_slope_mb_per_min value={m:.3f} baseline=goal_1 ratio={m / GOAL_MB_PER_MIN:.3f}")
 
 if __name__ == "__main__":
     main()

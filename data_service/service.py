@@ -22,12 +22,14 @@ import json
 import logging
 import pickle
 import re
+import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from .ahead import Ahead
 from .errors import CorpusError, find_corpus_error
 from .augment import AugmentConfig, read_scaled, unit_masks
 from .reader import SessionReader, Window, open_corpus
@@ -221,7 +223,7 @@ class RayBatches:
 
     def __init__(self, spec: ServiceSpec, rank: int = 0, world: int = 1, *, actors: int = 1, cpus_per_actor: float = 0.0,
                  prefetch: int = 4, chunk: int | None = None, buffer_mb: float | None = 256,
-                 resources: dict[str, float] | None = None, block_batches: int = 8) -> None:
+                 resources: dict[str, float] | None = None, block_batches: int = 8, lead_s: float = 120.0) -> None:
         """buffer_mb: a cap on the object-store memory this worker's pipeline may hold (Ray Data's
         streaming executor stops launching builders at the cap); None = Ray Data's default share.
         chunk: batches per Ray dataset; None: 2,048 blocks' worth. Each new dataset starts its actor pool
@@ -233,12 +235,15 @@ class RayBatches:
         (bench/RESULTS.md). The sequence served does not depend on it.
         resources: custom Ray resources each actor takes; None: the actors prefer this worker's
         node (soft affinity: elsewhere when it has no room, or is gone). cpus_per_actor: logical
-        CPUs each actor asks; 0 by default (why: pretrain/run/config.py, data.actor_cpus)."""
+        CPUs each actor asks; 0 by default (why: pretrain/run/config.py, data.actor_cpus).
+        lead_s: the next dataset starts this long (at the current serving rate) before this one ends
+        (ahead.py: its actors' start-up then overlaps the serving, not a stall at the boundary)."""
         self.spec, self.rank, self.world = spec, rank, world
         self.actors, self.cpus, self.prefetch = actors, cpus_per_actor, prefetch
         self.buffer_mb, self.resources = buffer_mb, resources
         self.block_batches = max(1, block_batches)
         self.chunk = chunk or 2048 * self.block_batches
+        self.lead_s = lead_s
         self._spec_bytes: bytes | None = None
 
     def _actor_spec(self) -> bytes:
@@ -271,8 +276,8 @@ class RayBatches:
             placed = {"label_selector": {NODE_LABEL: here},
                       "fallback_strategy": [{"label_selector": {NODE_LABEL: f"!{here}"}}]}
         spec_bytes = self._actor_spec()
-        for lo in range(start, stop, self.chunk):  # one dataset per chunk keeps per-dataset metadata small
-            hi = min(stop, lo + self.chunk)
+
+        def dataset(lo: int, hi: int) -> Iterator:
             # batch numbers 0..n-1 of this dataset, block_batches a block; the builder adds `lo` (a stage of its own
             # for the offset ran as zero-CPU tasks, for which Ray started a new worker process every few seconds)
             k = self.block_batches
@@ -280,16 +285,42 @@ class RayBatches:
             ds = ds.map_batches(_Builder, fn_constructor_args=(spec_bytes, self.rank, self.world), fn_kwargs={"offset": lo},
                                 batch_size=k, compute=ray.data.ActorPoolStrategy(size=self.actors), num_cpus=self.cpus,
                                 batch_format="numpy", **placed)
-            try:
-                for row in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=self.prefetch):
-                    served = pickle.loads(row["payload"][0])
-                    if isinstance(served, CorpusError):
-                        raise served
-                    yield served
-            except CorpusError:
+            for row in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=self.prefetch):
+                yield pickle.loads(row["payload"][0])
+
+        # one dataset per chunk keeps per-dataset metadata small; each next one is started `lead_s` before the
+        # current one runs out (at the rate it is being served), so its actors are up when its turn comes
+        chunks = ((lo, min(stop, lo + self.chunk)) for lo in range(start, stop, self.chunk))
+        first = next(chunks, None)
+        if first is None:
+            return
+        now, nxt, span = Ahead(dataset(*first), self.prefetch), None, first
+        try:
+            while now is not None:
+                t0, served = time.monotonic(), 0
+                for x in now:
+                    if isinstance(x, CorpusError):
+                        raise x
+                    yield x
+                    served += 1
+                    if nxt is None:
+                        left, rate = span[1] - span[0] - served, served / max(time.monotonic() - t0, 1e-3)
+                        if left <= rate * self.lead_s:
+                            nb = next(chunks, None)
+                            nxt = (Ahead(dataset(*nb), self.prefetch), nb) if nb else False
+                now.close()
+                if nxt is None:
+                    nb = next(chunks, None)
+                    nxt = (Ahead(dataset(*nb), self.prefetch), nb) if nb else False
+                (now, span), nxt = (nxt or (None, None)), None
+        except CorpusError:
+            raise
+        except Exception as e:  # a located error that reached Ray some other way comes wrapped
+            located = find_corpus_error(e)
+            if located is None:
                 raise
-            except Exception as e:  # a located error that reached Ray some other way comes wrapped
-                located = find_corpus_error(e)
-                if located is None:
-                    raise
-                raise located from e
+            raise located from e
+        finally:
+            for a in (now, nxt[0] if nxt else None):
+                if a is not None:
+                    a.close()

@@ -73,3 +73,36 @@ def test_a_data_actor_makes_the_index_from_intervals_read_once_and_opens_no_sess
     with pytest.raises(CorpusError, match="changed since the run was planned"):
         window_index(ServiceSpec(corpus=str(root), index=cfg, tokenizer=None, split_intervals=dict(rows),
                                  index_fingerprint="0" * 16))
+
+
+def test_ahead_serves_in_order_raises_in_order_and_closes_its_source():
+    """The thread that starts the next Ray dataset early (ahead.py): what the consumer sees is what
+    the source yields, an error where it happened, and closing stops an endless source."""
+    import itertools
+
+    from data_service.ahead import Ahead
+
+    assert list(Ahead(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield from range(5)
+        raise ValueError("bad chunk")
+
+    seen = []
+    with pytest.raises(ValueError, match="bad chunk"):
+        for x in Ahead(failing(), depth=2):
+            seen.append(x)
+    assert seen == list(range(5))
+
+    closed = []
+
+    def endless():
+        try:
+            yield from itertools.count()
+        finally:
+            closed.append(True)
+
+    a = Ahead(endless(), depth=2)
+    assert list(itertools.islice(iter(a), 10)) == list(range(10))
+    a.close()
+    assert closed == [True] and not a._thread.is_alive()
