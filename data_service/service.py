@@ -218,6 +218,9 @@ class _Builder:
         return {"id": ids, "payload": np.array(out, dtype=object)}
 
 
+RATE_FLOOR_S = 30.0  # the serving rate is never taken over less than this: a burst at the start is not a rate
+
+
 class RayBatches:
     """Batches [start, stop) for one worker, built by Ray Data actors and streamed in order."""
 
@@ -295,16 +298,20 @@ class RayBatches:
         if first is None:
             return
         now, nxt, span = Ahead(dataset(*first), self.prefetch), None, first
+        t0, total = None, 0  # the serving rate: batches since the first one, over at least RATE_FLOOR_S
         try:
             while now is not None:
-                t0, served = time.monotonic(), 0
+                served = 0
                 for x in now:
                     if isinstance(x, CorpusError):
                         raise x
                     yield x
-                    served += 1
+                    served, total = served + 1, total + 1
+                    t0 = t0 or time.monotonic()
                     if nxt is None:
-                        left, rate = span[1] - span[0] - served, served / max(time.monotonic() - t0, 1e-3)
+                        # over the whole stream, not this dataset: one started ahead begins with batches already
+                        # waiting, and their rate would start the next one at once (two actors all the time)
+                        left, rate = span[1] - span[0] - served, total / max(time.monotonic() - t0, RATE_FLOOR_S)
                         if left <= rate * self.lead_s:
                             nb = next(chunks, None)
                             nxt = (Ahead(dataset(*nb), self.prefetch), nb) if nb else False
