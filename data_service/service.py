@@ -226,7 +226,7 @@ class RayBatches:
 
     def __init__(self, spec: ServiceSpec, rank: int = 0, world: int = 1, *, actors: int = 1, cpus_per_actor: float = 0.0,
                  prefetch: int = 4, chunk: int | None = None, buffer_mb: float | None = 256,
-                 resources: dict[str, float] | None = None, block_batches: int = 8, lead_s: float = 120.0) -> None:
+                 resources: dict[str, float] | None = None, block_batches: int = 8, lead_s: float = 45.0) -> None:
         """buffer_mb: a cap on the object-store memory this worker's pipeline may hold (Ray Data's
         streaming executor stops launching builders at the cap); None = Ray Data's default share.
         chunk: batches per Ray dataset; None: 2,048 blocks' worth. Each new dataset starts its actor pool
@@ -240,7 +240,10 @@ class RayBatches:
         node (soft affinity: elsewhere when it has no room, or is gone). cpus_per_actor: logical
         CPUs each actor asks; 0 by default (why: pretrain/run/config.py, data.actor_cpus).
         lead_s: the next dataset starts this long (at the current serving rate) before this one ends
-        (ahead.py: its actors' start-up then overlaps the serving, not a stall at the boundary)."""
+        (ahead.py: its actors' start-up then overlaps the serving, not a stall at the boundary). 45 s
+        covers an actor's start-up here (10-14 s in bench/blocks.py; the soak's stalls lasted 5-10 s)
+        with room; no longer, because while both run the second competes for the cores and builds
+        up to its buffer (a 20-minute soak at 120 s: ~25 % fewer windows/s during the overlap)."""
         self.spec, self.rank, self.world = spec, rank, world
         self.actors, self.cpus, self.prefetch = actors, cpus_per_actor, prefetch
         self.buffer_mb, self.resources = buffer_mb, resources
