@@ -297,10 +297,13 @@ class RayBatches:
         # one dataset per chunk keeps per-dataset metadata small; each next one is started `lead_s` before the
         # current one runs out (at the rate it is being served), so its actors are up when its turn comes
         chunks = ((lo, min(stop, lo + self.chunk)) for lo in range(start, stop, self.chunk))
-        first = next(chunks, None)
-        if first is None:
+
+        def ahead(span: tuple[int, int] | None):  # (its stream, started, and its span), or False after the last
+            return (Ahead(dataset(*span), self.prefetch), span) if span else False
+
+        if not (cur := ahead(next(chunks, None))):
             return
-        now, nxt, span = Ahead(dataset(*first), self.prefetch), None, first
+        (now, span), nxt = cur, None
         t0, total = None, 0  # the serving rate: batches since the first one, over at least RATE_FLOOR_S
         try:
             while now is not None:
@@ -316,12 +319,10 @@ class RayBatches:
                         # waiting, and their rate would start the next one at once (two actors all the time)
                         left, rate = span[1] - span[0] - served, total / max(time.monotonic() - t0, RATE_FLOOR_S)
                         if left <= rate * self.lead_s:
-                            nb = next(chunks, None)
-                            nxt = (Ahead(dataset(*nb), self.prefetch), nb) if nb else False
+                            nxt = ahead(next(chunks, None))
                 now.close()
                 if nxt is None:
-                    nb = next(chunks, None)
-                    nxt = (Ahead(dataset(*nb), self.prefetch), nb) if nb else False
+                    nxt = ahead(next(chunks, None))
                 (now, span), nxt = (nxt or (None, None)), None
         except CorpusError:
             raise
