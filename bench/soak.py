@@ -47,6 +47,7 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import tracemalloc  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -101,6 +102,7 @@ class Sample:
     pss_mb: dict[str, float]
     rss_mb: dict[str, float]
     count: dict[str, int]
+    python_mb: float = float("nan")  # the driver's Python objects (tracemalloc; --trace only)
 
     @property
     def total_mb(self) -> float:
@@ -112,7 +114,7 @@ class Sample:
                 "object_store_mb": f"{self.object_store_mb:.2f}", "processes": self.processes,
                 **{f"{k}_pss_mb": f"{self.pss_mb[k]:.2f}" for k in KINDS},
                 **{f"{k}_rss_mb": f"{self.rss_mb[k]:.2f}" for k in KINDS},
-                **{f"{k}_processes": self.count[k] for k in KINDS}}
+                **{f"{k}_processes": self.count[k] for k in KINDS}, "driver_python_mb": f"{self.python_mb:.2f}"}
 
 
 class ObjectStore:
@@ -165,7 +167,8 @@ class Sampler(threading.Thread):
             n += 1
         t, w = time.monotonic() - self.t0, self.counter[0]
         rate = (w - last[1]) / (t - last[0]) if last and t > last[0] else float("nan")
-        return Sample(t, w, rate, self.store.used_mb(), n, pss, rss, count)
+        python = tracemalloc.get_traced_memory()[0] / MB if tracemalloc.is_tracing() else float("nan")
+        return Sample(t, w, rate, self.store.used_mb(), n, pss, rss, count, python)
 
     def run(self) -> None:
         last = None
@@ -261,6 +264,9 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=20, help="sessions of the synthetic corpus (default 20)")
     ap.add_argument("--session-minutes", type=float, default=5.0, help="minutes per session (default 5)")
     ap.add_argument("--out", type=Path, default=OUT, help=f"where the CSV and PNG go (default {shown(OUT)})")
+    ap.add_argument("--trace", action="store_true",
+                    help="trace the driver's Python allocations (tracemalloc; slows it): a row tells what of the "
+                         "driver's growth is Python objects and what is native (Ray's core worker, Arrow, malloc)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a run-config override, e.g. data.block_batches=16 (named in the output files)")
     a = ap.parse_args()
@@ -288,6 +294,8 @@ def main() -> None:
     loader = RayBatches(spec, 0, 1, actors=d.data_actors, cpus_per_actor=d.actor_cpus, prefetch=d.prefetch,
                         block_batches=d.block_batches,
                         buffer_mb=d.buffer_mb)
+    if a.trace:
+        tracemalloc.start()
     sampler.start()
     try:
         with Progress(TextColumn("soak"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
@@ -337,6 +345,8 @@ def report(samples: list[Sample], windows: int, minutes: float, warmup_s: float,
             ("total RSS (counts shared pages per process)", np.array([sum(s.rss_mb.values()) for s in samples])),
             *[(f"  {k} (PSS)", np.array([s.pss_mb[k] for s in samples])) for k in KINDS],
             ("  driver RSS", np.array([s.rss_mb["driver"] for s in samples])),
+            *([("  driver's Python objects (tracemalloc)", np.array([s.python_mb for s in samples]))]
+              if np.isfinite(samples[-1].python_mb) else []),
             ("object store in use", np.array([s.object_store_mb for s in samples]))]
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"soak-{minutes:g}min{tag}"

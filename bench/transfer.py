@@ -131,7 +131,7 @@ def pretrained(out: Path, corpus: Path, held: str, steps: int) -> Path:
 
 
 def scratch(out: Path, corpus: Path, held: str, labels: str, seed: int, steps: int,
-            recipe: Path = ROOT / "configs" / "demo.yaml") -> dict:
+            recipe: Path = ROOT / "configs" / "demo.yaml", settings: tuple[str, ...] = ()) -> dict:
     """`recipe` (the demo's by default; the released checkpoint's bench uses the single-session recipe,
     configs/real.yaml) trained from nothing on the labelled part of `held` alone for `steps` (its warm-up
     scaled with them), validated on the same schedule as the adaptations and kept at its best
@@ -152,7 +152,7 @@ def scratch(out: Path, corpus: Path, held: str, labels: str, seed: int, steps: i
         f"train.checkpoint_every={steps}", f"data.sessions={json.dumps([held])}", f"data.labels={labels}",
         f"data.seed={seed}", f"train.seed={seed}", "cluster.cpus_per_worker=2",
         *(["data.readouts={head_direction: [compass_direction]}", "data.readout_kinds={head_direction: angular}",
-           "data.readout_columns={head_direction: ry}"] if held == MOUSE else [])])
+           "data.readout_columns={head_direction: ry}"] if held == MOUSE else []), *settings])
     if held == MOUSE:
         cfg.model_overrides = {**cfg.model_overrides, "readouts": {"head_direction": 2}}
     plan = build_plan(cfg)
@@ -167,7 +167,7 @@ def scratch(out: Path, corpus: Path, held: str, labels: str, seed: int, steps: i
 
 def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int, steps: int, pre_steps: int,
             model: Path | None = None, lr: float | None = None, causal_tail: float | None = None,
-            grid: dict | None = None) -> dict:
+            grid: dict | None = None, settings: tuple[str, ...] = ()) -> dict:
     from pretrain.finetune.finetune import _scored_seconds
 
     t0 = time.time()
@@ -188,7 +188,7 @@ def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int
                 **({"grid": {k: list(v) for k, v in narrowed.items()}} if narrowed else {})}
     if arm == "scratch":
         recipe = ROOT / "configs" / ("real.yaml" if model else "demo.yaml")  # the released model's: the single-session recipe
-        return {**scratch(out, corpus, held, labels, seed, steps, recipe), "seconds": time.time() - t0,
+        return {**scratch(out, corpus, held, labels, seed, steps, recipe, settings), "seconds": time.time() - t0,
                 "recipe": recipe.name, **common}
     from pretrain.finetune.config import FinetuneConfig
     from pretrain.finetune.finetune import finetune
@@ -207,7 +207,8 @@ def run_arm(out: Path, corpus: Path, held: str, arm: str, labels: str, seed: int
                                 name=name,
                                 readouts=[HD] if held == MOUSE else [],
                                 # what the baselines decode, with the same labels: the mouse's head direction only
-                                behaviours=["compass_direction"] if held == MOUSE else []),
+                                behaviours=["compass_direction"] if held == MOUSE else [],
+                                train_settings=list(settings)),
                  notify=lambda m: None, show_progress=False)
     per = r.per_session[held]
     other = {}
@@ -263,6 +264,9 @@ def main() -> None:
     ap.add_argument("--first-seed", type=int, default=0, help="run seeds from this one (the earlier ones ran before)")
     ap.add_argument("--grid", help="narrow a baseline's grid to settings chosen on valid before, e.g. "
                                    "'gru.hiddens=400;gru.histories_s=1.0' (recorded with each result)")
+    ap.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
+                    help="a training setting of every adapted and from-scratch arm (repeat), e.g. train.optim.trust=tensor "
+                         "with train.zero_stage=0; recorded with each result (give such a run its own --out)")
     a = ap.parse_args()
     if not REAL.is_dir():
         raise SystemExit(f"the real recordings are not at {REAL}")
@@ -314,7 +318,8 @@ def main() -> None:
         for lr in rates:  # each candidate kept under its own key; the arm's row is the one best on valid
             ck = key if lr is None else f"{s}|{arm}@{lr:g}|{lab}|{seed}"
             if ck not in results:
-                results[ck] = {**run_arm(out, corpus, s, arm, lab, seed, steps, pre, model, lr, a.causal_tail, narrow), "lr": lr,
+                results[ck] = {**run_arm(out, corpus, s, arm, lab, seed, steps, pre, model, lr, a.causal_tail, narrow,
+                                         tuple(a.set)), "lr": lr, **({"train_settings": a.set} if a.set else {}),
                                **({"causal_tail": a.causal_tail} if arm in CAUSAL_ARMS and a.causal_tail else {})}
                 store.write_text(json.dumps(results, indent=1))
         if rates != [None]:

@@ -215,6 +215,16 @@ def test_causal_finetune_learns_window_ends_only_and_is_scored_causally(env):
     assert r.per_session[env["held"]]["test"] == pytest.approx(predict_session(model, tok, reader, "test", causal=True).r2)
 
 
+def test_training_settings_reach_the_adaptation_run(env):
+    """`finetune --set train.KEY=VALUE`: the adaptation's own training settings (here LAMB's per-tensor trust,
+    which needs ZeRO stage 0), applied after finetune's."""
+    corpus = open_corpus(env["corpus"])
+    plan, _ = plan_adaptation(ft(env, mode="full", train_settings=["train.optim.algo=lamb", "train.optim.trust=tensor",
+                                                                   "train.zero_stage=0"]), env["export"], corpus)
+    t = plan.run.train
+    assert (t.optim.algo, t.optim.trust, t.zero_stage, t.steps) == ("lamb", "tensor", 0, 4)
+
+
 def test_targets_are_normalised_by_the_labelled_part_and_round_trip_units(env, tmp_path):
     """The same session stored in m/s and in cm/s: targets equal, predictions equal up to 100x."""
     from pretrain.decoding.stitch import decode_session
@@ -259,6 +269,8 @@ def test_bad_inputs_are_refused_and_nothing_is_registered(env, tmp_path):
         (dict(model="models:/tiny@nope"), ModelNotFound, "no registered model 'tiny' with alias @nope"),
         (dict(model="models:/missing/3"), ModelNotFound, "no registered model 'missing'"),
         (dict(behaviours=["head_direction"]), CorpusError, "--behaviour head_direction: the session has no such"),
+        (dict(train_settings=["data.global_batch=2"]), ConfigError, "only train.\\* settings"),
+        (dict(train_settings=["train.optim.algo=lamb", "train.optim.trust=tensor"]), ConfigError, "zero_stage=0"),
     ]
     for kw, err, match in cases:
         with pytest.raises(err, match=match):

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from conftest import packed as pack
 from conftest import random_samples
 
@@ -85,6 +87,71 @@ def test_lamb_optimizes():
         o.step()
         first = first if first is not None else loss.item()
     assert loss.item() < 0.05 * first
+
+
+def _layers(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(5, 4, generator=g), torch.randn(5, generator=g) * 0.1, torch.randn(2, 5, generator=g) * 3]
+
+
+def _grads(step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(5, 4, generator=g), torch.randn(5, generator=g), torch.randn(2, 5, generator=g) * 0.01]
+
+
+def _flat(xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([x.reshape(-1) for x in xs])
+
+
+def _lamb_on(params: list[torch.Tensor], grads, trust: str = "group", own=None) -> None:
+    """3 LAMB steps on `params` with grads(step) laid out as they are. `own`: the tensors the optimizer
+    is built on when it is then handed `params` instead (as DeepSpeed hands it flat slices)."""
+    opt = LazyAdamW(own or params, lr=0.05, algo="lamb", weight_decay=0.01, trust=trust)
+    opt.param_groups[0]["params"] = params
+    for s in range(3):
+        for p, g in zip(params, grads(s)):
+            p.grad = g
+        opt.step()
+
+
+def test_lamb_trust_is_per_group_whatever_the_layout():
+    """The recipe's LAMB: one trust ratio over a group, so a step is the same whether the optimizer sees the
+    tensors (ZeRO stage 0) or the group flattened into one (stage >= 1, as DeepSpeed hands it over)."""
+    layers, flat = _layers(), _flat(_layers())
+    _lamb_on(layers, _grads)
+    _lamb_on([flat], lambda s: [_flat(_grads(s))], own=[torch.zeros(1)])
+    assert torch.allclose(flat, _flat(layers), atol=1e-6)
+    per_tensor = _layers()
+    _lamb_on(per_tensor, _grads, trust="tensor")  # You et al.'s: each layer its own ratio, another step
+    assert not torch.allclose(per_tensor[2], layers[2], atol=1e-3)
+    with pytest.raises(RuntimeError, match="zero_stage=0"):
+        _lamb_on([_flat(_layers())], lambda s: [_flat(_grads(s))], trust="tensor", own=[torch.zeros(1)])
+
+
+def _slice_worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    n = _flat(_layers()).numel()
+    size = -(-n // world)
+
+    def mine(x: torch.Tensor) -> torch.Tensor:  # this worker's slice of the group, padded with zeros as ZeRO does
+        return torch.cat([x, torch.zeros(size * world - n)])[rank * size:(rank + 1) * size].clone()
+
+    part = mine(_flat(_layers()))
+    _lamb_on([part], lambda s: [mine(_flat(_grads(s)))], own=[torch.zeros(1)])
+    torch.save(part, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_lamb_group_trust_is_summed_over_workers_slices(tmp_path):
+    """Under ZeRO each worker steps its slice of a group; the trust ratio is still the whole group's, so
+    two workers take the step one does (before, each slice had its own ratio: a run's figures depended on
+    its number of workers)."""
+    layers = _layers()
+    _lamb_on(layers, _grads)
+    out = str(tmp_path / "slice")
+    mp.spawn(_slice_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
+    both = torch.cat([torch.load(f"{out}.{r}") for r in range(2)])
+    assert torch.allclose(both[:_flat(layers).numel()], _flat(layers), atol=1e-6)
 
 
 def test_warmup_then_cosine_to_the_final_ratio():

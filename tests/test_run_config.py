@@ -45,6 +45,8 @@ def test_overrides_are_typed_yaml_values():
     (["train.warm_start.method=pca"], r"train.warm_start: warm_start.method must be none or ridge"),
     (["data.readouts=velocity"], r"data.readouts: expected a mapping"),
     (["data.sessions=s1"], r"data.sessions: expected a list"),
+    (["train.optim.trust=layer"], r"train.optim.trust: must be group or tensor"),
+    (["train.optim.algo=sgd"], r"train.optim.algo: must be adamw or lamb"),
     (["train.steps=[1"], r"override 'train.steps=\[1': the value is not valid YAML"),
 ])
 def test_bad_overrides_name_the_override_and_the_key(overrides, match):
@@ -76,3 +78,13 @@ def test_an_elastic_run_is_refused_optimizer_state_it_could_not_resume_at_anothe
             load_config(None, ["cluster.min_workers=1", "cluster.num_workers=3", *bad])
     with pytest.raises(ConfigError, match="at most data.global_batch"):
         load_config(None, ["data.global_batch=4", "cluster.num_workers=5"])
+
+
+def test_lamb_per_tensor_trust_is_refused_flat_optimizer_slices():
+    """Per-tensor LAMB needs the tensors; ZeRO (stage >= 1) and the bf16 optimizer hand it flat slices."""
+    lamb = ["train.optim.algo=lamb", "train.optim.trust=tensor"]
+    assert load_config(None, [*lamb, "train.zero_stage=0", "train.precision=fp32"]).train.optim.trust == "tensor"
+    for bad in (["train.zero_stage=1"], ["train.zero_stage=0", "train.precision=bf16"]):
+        with pytest.raises(ConfigError, match="train.optim.trust: .*zero_stage=0"):
+            load_config(None, [*lamb, *bad])
+    assert load_config(None, ["train.optim.algo=lamb"]).train.optim.trust == "group"  # any stage

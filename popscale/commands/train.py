@@ -73,6 +73,9 @@ def add_finetune(sub) -> None:
     s.add_argument("--causal-mask", action="store_true",
                    help="mask the model's attention by time, so that no prediction anywhere in a window sees a later "
                         "spike and every behaviour sample is learned as a causal target (implies --causal)")
+    s.add_argument("--set", action="append", metavar="train.KEY=VALUE",
+                   help="a training setting of the adaptation, as pretrain --set takes it (repeat), e.g. "
+                        "train.optim.trust=tensor with train.zero_stage=0")
     s.add_argument("--register", metavar="NAME", help="register the adapted model under this name")
     s.add_argument("--alias", help="with --register: point this alias at the new version")
     s.add_argument("--name", help="run name (default: sessions, mode and time)")
@@ -93,6 +96,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                          register=a.register, alias=a.alias, tracking_uri=a.tracking_uri, out=a.out, name=a.name,
                          readouts=a.readout or [], behaviours=a.behaviour or [],
                          causal=a.causal, causal_tail_s=a.causal_tail, causal_mask=a.causal_mask,
+                         train_settings=a.set or [],
                          **({"lr_unit_id": a.lr} if a.lr and a.mode != "full" else {}),
                          **({"lr_full": a.lr} if a.lr and a.mode == "full" else {}))
     r = finetune(cfg, notify=say, show_progress=not a.no_progress)

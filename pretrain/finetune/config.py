@@ -61,6 +61,9 @@ class FinetuneConfig:
     # the model's attention masked by time (ModelConfig.causal): every query's prediction is causal wherever it
     # sits in the window, so every sample is learned (the tail is the whole window unless causal_tail_s); implies causal
     causal_mask: bool = False
+    # training settings of the adaptation, `train.key=value` as `popscale pretrain --set` takes them (e.g.
+    # train.optim.trust=tensor train.zero_stage=0); applied to each phase's run last
+    train_settings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.causal_mask:

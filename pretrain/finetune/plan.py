@@ -15,7 +15,7 @@ from data_service.errors import ConfigError, CorpusError
 from data_service.reader import Corpus
 from data_service.window_index import IndexConfig, index_fingerprint
 
-from ..run.config import RunConfig, from_dict
+from ..run.config import RunConfig, from_dict, with_overrides
 from ..run.plan import PLAN_FILE, Adaptation, RunPlan
 from ..run.warm_start import WarmStartConfig, unit_directions
 from ..tokens.config import TokenizerConfig
@@ -82,7 +82,7 @@ def phase_run(base: RunConfig, cfg: FinetuneConfig, tok: TokenizerConfig, corpus
     t.eval_sessions = None
     t.warm_start = replace(t.warm_start, method=warm) if warm != "none" else WarmStartConfig("none")
     run.cluster = replace(run.cluster, num_workers=1, cpus_per_worker=float(os.cpu_count() or 1), use_gpu=False)
-    return run
+    return with_overrides(run, cfg.train_settings, "train.") if cfg.train_settings else run
 
 
 def plan_adaptation(cfg: FinetuneConfig, src: Path, corpus: Corpus, progress: bool = False

@@ -25,7 +25,7 @@ from data_service.synth import SynthConfig
 from ..model.config import ModelConfig, preset
 from ..tokens.config import DEFAULT_BEHAVIOURS, DEFAULT_INTERVAL_WEIGHTS
 from ..tracking.config import TrackingConfig
-from .optim import OptimConfig
+from .optim import TRUST, OptimConfig
 from .warm_start import WarmStartConfig
 
 
@@ -206,6 +206,8 @@ _RANGES: dict[str, tuple] = {
     "train.zero_stage": ((lambda v: v in (0, 1, 2, 3)), "0, 1, 2 or 3"),
     "train.precision": ((lambda v: v in ("auto", "fp32", "bf16")), "auto, fp32 or bf16"),
     "train.optim.lr": ((lambda v: v > 0), "positive"),
+    "train.optim.algo": ((lambda v: v in ("adamw", "lamb")), "adamw or lamb"),
+    "train.optim.trust": ((lambda v: v in TRUST), " or ".join(TRUST)),
     "cluster.num_workers": _at_least(1), "cluster.cpus_per_worker": ((lambda v: v > 0), "positive"),
     "cluster.min_workers": _at_least(0),
     "cluster.local_cpus": _at_least(1),
@@ -224,11 +226,17 @@ def _check_ranges(run: RunConfig) -> None:
 
 
 def _check_cluster(run: RunConfig) -> None:
-    """Workers share every global batch. Elastic scaling restarts the worker group at another size
+    """LAMB's per-tensor trust ratio needs whole tensors, which ZeRO and the bf16 optimizer flatten away.
+    Workers share every global batch. Elastic scaling restarts the worker group at another size
     from a checkpoint: DeepSpeed 0.19 refuses ZeRO optimizer state saved at another world size, and
     its bf16 optimizer partitions its state the same way, so an elastic run keeps whole (stage 0)
     fp32 state, which any number of workers loads."""
     c, t = run.cluster, run.train
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and c.use_gpu)
+    if t.optim.algo == "lamb" and t.optim.trust == "tensor" and (t.zero_stage != 0 or bf16):
+        raise ConfigError("train.optim.trust: LAMB's per-tensor trust needs the tensors, and ZeRO (train.zero_stage "
+                          f"{t.zero_stage}) or the bf16 optimizer hand it flat slices: set train.zero_stage=0 and "
+                          "train.precision=fp32, or train.optim.trust=group")
     if c.num_workers > run.data.global_batch:
         raise ConfigError(f"cluster.num_workers: at most data.global_batch ({run.data.global_batch}) workers share "
                           f"a global batch, got {c.num_workers}")
@@ -240,7 +248,7 @@ def _check_cluster(run: RunConfig) -> None:
     if t.zero_stage != 0:
         raise ConfigError(f"cluster.min_workers: an elastic run needs train.zero_stage=0 (got {t.zero_stage}): "
                           "ZeRO's partitioned optimizer state cannot be loaded at another number of workers")
-    if t.precision == "bf16" or (t.precision == "auto" and c.use_gpu):
+    if bf16:
         raise ConfigError("cluster.min_workers: an elastic run needs train.precision=fp32: DeepSpeed's bf16 "
                           "optimizer partitions its state by the number of workers")
 
@@ -299,6 +307,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         d = asdict(from_dict(d))  # validate the file first, then apply overrides on full defaults
     except ConfigError as e:
         raise ConfigError(f"config {path}: {e}") from None
+    _apply(d, overrides)
+    keys = {o.partition("=")[0].strip() for o in overrides}
+    if "data.corpus" in keys and not any(k == "data.synth" or k.startswith("data.synth.") for k in keys):
+        d.setdefault("data", {})["synth"] = None
+    return from_dict(d)
+
+
+def with_overrides(run: RunConfig, overrides: list[str], prefix: str = "") -> RunConfig:
+    """`run` with `key.sub=value` overrides, checked as load_config checks them; each key must start
+    with `prefix` (a command that builds the rest of the run itself takes only some settings)."""
+    bad = [o for o in overrides if not o.partition("=")[0].strip().startswith(prefix)]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r}: only {prefix}* settings can be set here")
+    d = asdict(run)
+    _apply(d, overrides)
+    return from_dict(d)
+
+
+def _apply(d: dict, overrides: list[str]) -> None:
+    """Set each `key.sub=value` (a YAML value) in `d`; an error names the override."""
     for o in overrides:
         k, eq, v = o.partition("=")
         if not eq or not k.strip():
@@ -312,7 +340,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             from_dict(d, settings_together=False)  # so that an error names the override that caused it
         except ConfigError as e:
             raise ConfigError(f"override {o!r}: {e}") from None
-    keys = {o.partition("=")[0].strip() for o in overrides}
-    if "data.corpus" in keys and not any(k == "data.synth" or k.startswith("data.synth.") for k in keys):
-        d.setdefault("data", {})["synth"] = None
-    return from_dict(d)
