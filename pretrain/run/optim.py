@@ -63,17 +63,26 @@ class LazyAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for g in self.param_groups:
-            steps = [(p, *self._direction(p, g)) for p in g["params"] if p.grad is not None]
-            lamb = g["algo"] == "lamb"
-            ratios = self._ratios(g, steps) if lamb else [1.0] * len(steps)
-            for (p, on, upd), r in zip(steps, ratios):
-                if on is not None:
-                    p[on] = p[on] - g["lr"] * (upd * r if lamb else upd)
-                    continue
-                if not lamb and g["weight_decay"]:
-                    p.mul_(1 - g["lr"] * g["weight_decay"])
-                p.add_(upd, alpha=-g["lr"] * r)
+            params = [p for p in g["params"] if p.grad is not None]
+            if g["algo"] == "lamb" and g["trust"] == "group":  # every step first: the ratio is the group's
+                steps = [(p, *self._direction(p, g)) for p in params]
+                for (p, on, upd), r in zip(steps, self._group_ratio(g, steps)):
+                    self._apply(p, on, upd, g, r)
+                continue
+            for p in params:  # one tensor at a time: no more than one step held
+                on, upd = self._direction(p, g)
+                self._apply(p, on, upd, g, self._tensor_ratio(p, on, upd, g) if g["algo"] == "lamb" else 1.0)
         return loss
+
+    @staticmethod
+    def _apply(p: torch.Tensor, on: torch.Tensor | None, upd: torch.Tensor, g: dict, r: float) -> None:
+        lamb = g["algo"] == "lamb"
+        if on is not None:
+            p[on] = p[on] - g["lr"] * (upd * r if lamb else upd)
+            return
+        if not lamb and g["weight_decay"]:
+            p.mul_(1 - g["lr"] * g["weight_decay"])
+        p.add_(upd, alpha=-g["lr"] * r)
 
     def _direction(self, p: torch.Tensor, g: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Adam's bias-corrected step for `p` (LAMB's with its weight decay): (None, step), or in a lazy
@@ -100,15 +109,17 @@ class LazyAdamW(torch.optim.Optimizer):
             upd.add_(p, alpha=g["weight_decay"])
         return None, upd
 
-    def _ratios(self, g: dict, steps: list) -> list[float]:
-        """LAMB's trust ratio of each step in the group: per tensor, or one over the whole group."""
+    def _tensor_ratio(self, p: torch.Tensor, on: torch.Tensor | None, upd: torch.Tensor, g: dict) -> float:
+        """LAMB's trust ratio of one tensor (You et al.'s per-layer rule)."""
+        if id(p) not in self._own:
+            raise RuntimeError("LAMB with per-tensor trust is stepping a flattened slice of its group (DeepSpeed "
+                               "ZeRO stage >= 1 or its bf16 optimizer): run it with train.zero_stage=0 and fp32")
+        return _trust(p if on is None else p[on], upd, g["trust_clip"])
+
+    def _group_ratio(self, g: dict, steps: list) -> list[float]:
+        """LAMB's trust ratio over the whole group, for each of its steps."""
         flat = any(id(p) not in self._own for p in g["params"])
         pairs = [(p if on is None else p[on], upd) for p, on, upd in steps]
-        if g["trust"] == "tensor":
-            if flat:
-                raise RuntimeError("LAMB with per-tensor trust is stepping a flattened slice of its group (DeepSpeed "
-                                   "ZeRO stage >= 1 or its bf16 optimizer): run it with train.zero_stage=0 and fp32")
-            return [_trust(w, u, g["trust_clip"]) for w, u in pairs]
         world = dist.get_world_size() if flat and dist.is_available() and dist.is_initialized() else 1
         if len(pairs) == 1 and world == 1:  # one tensor (a group ZeRO flattened on one worker): its norms as such
             return [_trust(*pairs[0], g["trust_clip"])]
