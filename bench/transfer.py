@@ -268,6 +268,8 @@ def main() -> None:
                     help="a training setting of every adapted and from-scratch arm (repeat), e.g. train.optim.trust=tensor "
                          "with train.zero_stage=0; recorded with each result (give such a run its own --out)")
     a = ap.parse_args()
+    if any(not x.startswith("train.") for x in a.set):
+        raise SystemExit(f"--set {a.set}: only train.* settings (what finetune's adaptation takes too)")
     if not REAL.is_dir():
         raise SystemExit(f"the real recordings are not at {REAL}")
     import pretrain.finetune.finetune  # noqa: F401 - everything this run uses, loaded once at the start

@@ -225,7 +225,7 @@ def _check_ranges(run: RunConfig) -> None:
             raise ConfigError(f"{key}: must be {want}, got {v!r}")
 
 
-def _check_cluster(run: RunConfig) -> None:
+def _check_together(run: RunConfig) -> None:
     """LAMB's per-tensor trust ratio needs whole tensors, which ZeRO and the bf16 optimizer flatten away.
     Workers share every global batch. Elastic scaling restarts the worker group at another size
     from a checkpoint: DeepSpeed 0.19 refuses ZeRO optimizer state saved at another world size, and
@@ -259,7 +259,7 @@ def from_dict(d: dict, settings_together: bool = True) -> RunConfig:
     run = _build(RunConfig, d, "")
     _check_ranges(run)
     if settings_together:
-        _check_cluster(run)
+        _check_together(run)
     try:
         run.model_config()
     except KeyError as e:
