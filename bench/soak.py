@@ -18,8 +18,14 @@ pages shared between processes - the object store's mapping, libraries - once pe
 splits them, so the sum of PSS is the memory the processes together hold); and the object store's
 use (the raylet's FormatGlobalMemoryInfo stats, what `ray memory --stats-only` prints).
 
+The object store's pages are counted once, from its shared-memory file, and left out of each
+process's PSS (popscale/memory.py says why): the plain sum of PSS grew as the driver touched more of
+the store while its heap stayed flat (bench/RESULTS.md, issue 28's seventh stop). That sum stays in
+the table and the CSV.
+
 After a warm-up (the first 20 % of the run: 2 min of the default 10) a least-squares line is fitted
-to the total (sum of PSS, driver included) against time: its slope in MB per minute with a 95 %
+to the total (processes' PSS without the store's pages, plus the store's resident bytes, driver
+included) against time: its slope in MB per minute with a 95 %
 interval (t distribution; consecutive samples are correlated, so read the interval as optimistic).
 Goal (issue 12): under 1 MB/min. The 10-minute run is the figure; --quick (1 minute, 12 s warm-up)
 only shows the script works - a minute is too short to tell a slow leak from noise.
@@ -60,6 +66,7 @@ sys.path.insert(0, str(ROOT))
 from data_service.service import RayBatches  # noqa: E402
 from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
 from popscale.listeners import session_pids  # noqa: E402
+from popscale.memory import process_memory, store_resident_bytes  # noqa: E402
 from pretrain.run.launch import init_ray  # noqa: E402
 from pretrain.run.plan import build_plan  # noqa: E402
 from pretrain.run.config import load_config  # noqa: E402
@@ -99,19 +106,29 @@ class Sample:
     windows_per_s: float
     object_store_mb: float
     processes: int
-    pss_mb: dict[str, float]
+    pss_mb: dict[str, float]  # each kind's PSS without the object store's pages
     rss_mb: dict[str, float]
     count: dict[str, int]
     python_mb: float = float("nan")  # the driver's Python objects (tracemalloc; --trace only)
+    store_resident_mb: float = 0.0  # the object store's shared-memory file: the bytes the kernel holds for it
+    store_pss_mb: float = 0.0  # the store's pages as the processes' PSS counted them (what the old total held)
 
     @property
     def total_mb(self) -> float:
-        return sum(self.pss_mb.values())
+        """Every page once: the processes' own memory and the object store's file."""
+        return sum(self.pss_mb.values()) + self.store_resident_mb
+
+    @property
+    def pss_sum_mb(self) -> float:
+        """The plain sum of PSS (the store's pages as mapped): the total before the seventh stop."""
+        return sum(self.pss_mb.values()) + self.store_pss_mb
 
     def row(self) -> dict:
         return {"t_s": f"{self.t_s:.2f}", "windows": self.windows, "windows_per_s": f"{self.windows_per_s:.2f}",
-                "total_pss_mb": f"{self.total_mb:.2f}", "total_rss_mb": f"{sum(self.rss_mb.values()):.2f}",
-                "object_store_mb": f"{self.object_store_mb:.2f}", "processes": self.processes,
+                "total_mb": f"{self.total_mb:.2f}", "total_pss_mb": f"{self.pss_sum_mb:.2f}",
+                "total_rss_mb": f"{sum(self.rss_mb.values()):.2f}", "object_store_mb": f"{self.object_store_mb:.2f}",
+                "store_resident_mb": f"{self.store_resident_mb:.2f}", "store_pss_mb": f"{self.store_pss_mb:.2f}",
+                "processes": self.processes,
                 **{f"{k}_pss_mb": f"{self.pss_mb[k]:.2f}" for k in KINDS},
                 **{f"{k}_rss_mb": f"{self.rss_mb[k]:.2f}" for k in KINDS},
                 **{f"{k}_processes": self.count[k] for k in KINDS}, "driver_python_mb": f"{self.python_mb:.2f}"}
@@ -154,21 +171,26 @@ class Sampler(threading.Thread):
         count = dict.fromkeys(KINDS, 0)
         pids = session_pids(driver)
         self._procs = {p: self._procs.get(p) or psutil.Process(p) for p in pids if psutil.pid_exists(p)}
-        n = 0
+        n, store_pss = 0, 0.0
+        raylets = []
         for proc in self._procs.values():
             try:
                 k = kind_of(proc, driver)
-                m = proc.memory_full_info()
+                m = process_memory(proc)
             except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
                 continue
-            pss[k] += getattr(m, "pss", m.rss) / MB
+            pss[k] += m.own_pss / MB
+            store_pss += m.store_pss / MB
             rss[k] += m.rss / MB
             count[k] += 1
             n += 1
+            if k == "raylet":
+                raylets.append(proc.pid)
         t, w = time.monotonic() - self.t0, self.counter[0]
         rate = (w - last[1]) / (t - last[0]) if last and t > last[0] else float("nan")
         python = tracemalloc.get_traced_memory()[0] / MB if tracemalloc.is_tracing() else float("nan")
-        return Sample(t, w, rate, self.store.used_mb(), n, pss, rss, count, python)
+        resident = store_resident_bytes(raylets + [p for p in self._procs if p not in raylets]) / MB
+        return Sample(t, w, rate, self.store.used_mb(), n, pss, rss, count, python, resident, store_pss)
 
     def run(self) -> None:
         last = None
@@ -220,9 +242,11 @@ def plot(samples: list[Sample], warmup_s: float, fit: tuple[float, float], path:
     ax1.set_ylim(bottom=0)
     ax1.set_title(title, fontsize=10)
     total = np.array([s.total_mb for s in samples])
-    ax2.plot(t, total, color="black", lw=1.8, label="total (sum of PSS)")
+    ax2.plot(t, total, color="black", lw=1.8, label="total (each page once)")
+    ax2.plot(t, [s.pss_sum_mb for s in samples], color="black", lw=1, ls="--", label="sum of PSS (store pages as mapped)")
     for k in KINDS:
-        ax2.plot(t, [s.pss_mb[k] for s in samples], lw=1, label=f"{k} (PSS)")
+        ax2.plot(t, [s.pss_mb[k] for s in samples], lw=1, label=f"{k} (PSS, store pages out)")
+    ax2.plot(t, [s.store_resident_mb for s in samples], lw=1.2, color="tab:brown", label="object store file, resident")
     ax2.plot(t, [s.object_store_mb for s in samples], lw=1, ls="--", color="grey", label="object store in use")
     after = t >= warmup_s / 60
     if after.any():
@@ -341,9 +365,12 @@ def report(samples: list[Sample], windows: int, minutes: float, warmup_s: float,
     t_min = np.array([s.t_s for s in samples]) / 60
     fitted = t_min >= warmup_s / 60
     total = np.array([s.total_mb for s in samples])
-    rows = [("total (sum of PSS)", total),
+    rows = [("total (each page once)", total),
+            ("sum of PSS (store pages as mapped)", np.array([s.pss_sum_mb for s in samples])),
             ("total RSS (counts shared pages per process)", np.array([sum(s.rss_mb.values()) for s in samples])),
-            *[(f"  {k} (PSS)", np.array([s.pss_mb[k] for s in samples])) for k in KINDS],
+            *[(f"  {k} (PSS, store pages out)", np.array([s.pss_mb[k] for s in samples])) for k in KINDS],
+            ("  object store file, resident", np.array([s.store_resident_mb for s in samples])),
+            ("  object store pages as mapped (PSS)", np.array([s.store_pss_mb for s in samples])),
             ("  driver RSS", np.array([s.rss_mb["driver"] for s in samples])),
             *([("  driver's Python objects (tracemalloc)", np.array([s.python_mb for s in samples]))]
               if np.isfinite(samples[-1].python_mb) else []),
@@ -371,11 +398,11 @@ def report(samples: list[Sample], windows: int, minutes: float, warmup_s: float,
     print(f"{len(samples)} samples every {interval:g} s, {len(tb)} fitted points ({'medians of ' + str(BLOCK) + '-sample blocks' if len(tb) < fitted.sum() else 'samples'}) "
           f"after {warmup_s / 60:.1f} min warm-up; {windows} windows in {samples[-1].t_s:.0f} s, {rate}; "
           f"processes at the end: {counts}")
-    print(f"{'memory (MB)':44s} {'start':>8s} {'warm':>8s} {'end':>8s} {'max':>8s}   MB/min after warm-up (95 %)")
+    print(f"{'memory (MB)':46s} {'start':>8s} {'warm':>8s} {'end':>8s} {'max':>8s}   MB/min after warm-up (95 %)")
     first_fit = int(np.argmax(fitted)) if fitted.any() else 0
     for name, y in rows:
         sm, slo, shi = fit(y)
-        print(f"{name:44s} {y[0]:8.1f} {y[first_fit]:8.1f} {y[-1]:8.1f} {np.nanmax(y):8.1f}   "
+        print(f"{name:46s} {y[0]:8.1f} {y[first_fit]:8.1f} {y[-1]:8.1f} {np.nanmax(y):8.1f}   "
               f"{sm:+8.3f} ({slo:+.3f} .. {shi:+.3f})")
     verdict = "meets" if hi < GOAL_MB_PER_MIN else "within noise of" if m < GOAL_MB_PER_MIN else "misses"
     # per batch served: the growth a run pays whatever its speed (a faster service grows faster per minute)

@@ -7,6 +7,7 @@ learning-rate schedule follows the plan's `train.steps`, so stopping early leave
 
     python scripts/release_pretrain.py --until 2000            # then again with a larger --until
     python scripts/release_pretrain.py --export models/NAME    # the newest checkpoint as an export
+    python scripts/release_pretrain.py --out runs/other --set train.steps=2000   # a variant of the plan
 
 Last line: RESULT step=<n> valid_r2=<latest> seconds=<this call>.
 """
@@ -129,6 +130,8 @@ def main() -> int:
     ap.add_argument("--until", type=int, help="train up to this step (≤ the plan's train.steps)")
     ap.add_argument("--export", metavar="DIR", help="export the newest checkpoint to DIR")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a setting of --config (YAML value), e.g. train.steps=2000; only when OUT has no plan yet")
     a = ap.parse_args()
 
     import torch
@@ -144,9 +147,11 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if (out / "plan.json").exists():
+        if a.set:
+            raise SystemExit(f"{out}/plan.json exists: --set applies only when a plan is built (a new --out)")
         plan = RunPlan.load(out)
     else:
-        plan = build_plan(load_config(a.config), progress=True)
+        plan = build_plan(load_config(a.config, a.set), progress=True)
         plan.save(out)
     if a.export:
         cfg = Path(a.config).resolve()
