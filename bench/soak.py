@@ -172,7 +172,6 @@ class Sampler(threading.Thread):
         pids = session_pids(driver)
         self._procs = {p: self._procs.get(p) or psutil.Process(p) for p in pids if psutil.pid_exists(p)}
         n, store_pss = 0, 0.0
-        raylets = []
         for proc in self._procs.values():
             try:
                 k = kind_of(proc, driver)
@@ -184,12 +183,10 @@ class Sampler(threading.Thread):
             rss[k] += m.rss / MB
             count[k] += 1
             n += 1
-            if k == "raylet":
-                raylets.append(proc.pid)
         t, w = time.monotonic() - self.t0, self.counter[0]
         rate = (w - last[1]) / (t - last[0]) if last and t > last[0] else float("nan")
         python = tracemalloc.get_traced_memory()[0] / MB if tracemalloc.is_tracing() else float("nan")
-        resident = store_resident_bytes(raylets + [p for p in self._procs if p not in raylets]) / MB
+        resident = store_resident_bytes(self._procs) / MB  # the raylet holds its store open
         return Sample(t, w, rate, self.store.used_mb(), n, pss, rss, count, python, resident, store_pss)
 
     def run(self) -> None:

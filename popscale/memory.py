@@ -39,8 +39,9 @@ def process_memory(proc: psutil.Process) -> ProcessMemory:
 
 
 def store_resident_bytes(pids: Iterable[int]) -> int:
-    """The bytes the kernel holds for the object store's file (its tmpfs blocks), found through the first of
-    `pids` that holds it open (the raylet does, for the session's life); 0 when none does."""
+    """The bytes the kernel holds for the object stores' files (their tmpfs blocks), found through the processes of
+    `pids` that hold them open (each raylet holds its node's for the session's life); each file once."""
+    seen: dict[tuple[int, int], int] = {}
     for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -49,7 +50,8 @@ def store_resident_bytes(pids: Iterable[int]) -> int:
         for fd in fds:
             try:
                 if is_store(os.readlink(f"/proc/{pid}/fd/{fd}")):
-                    return os.stat(f"/proc/{pid}/fd/{fd}").st_blocks * 512
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                    seen[(st.st_dev, st.st_ino)] = st.st_blocks * 512
             except OSError:
                 continue
-    return 0
+    return sum(seen.values())
