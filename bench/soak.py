@@ -19,9 +19,9 @@ splits them, so the sum of PSS is the memory the processes together hold); and t
 use (the raylet's FormatGlobalMemoryInfo stats, what `ray memory --stats-only` prints).
 
 The object store's pages are counted once, from its shared-memory file, and left out of each
-process's PSS (popscale/memory.py says why): the plain sum of PSS grew as the driver touched more of
-the store while its heap stayed flat (bench/RESULTS.md, issue 28's seventh stop). That sum stays in
-the table and the CSV.
+process's PSS (popscale/memory.py says why: in a probe with short datasets the plain sum of PSS grew
+as the driver touched more of the store while its heap stayed flat; bench/RESULTS.md, issue 28's
+seventh stop). That sum stays in the table and the CSV.
 
 After a warm-up (the first 20 % of the run: 2 min of the default 10) a least-squares line is fitted
 to the total (processes' PSS without the store's pages, plus the store's resident bytes, driver
