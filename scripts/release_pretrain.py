@@ -136,6 +136,7 @@ def main() -> int:
 
     import torch
 
+    from data_service.errors import ConfigError
     from pretrain.run.config import load_config
     from pretrain.run.export import export_checkpoint
     from pretrain.run.plan import RunPlan, build_plan
@@ -151,7 +152,12 @@ def main() -> int:
             raise SystemExit(f"{out}/plan.json exists: --set applies only when a plan is built (a new --out)")
         plan = RunPlan.load(out)
     else:
-        plan = build_plan(load_config(a.config, a.set), progress=True)
+        try:
+            run = load_config(a.config, a.set)
+        except ConfigError as e:  # a bad --set or config: one line, nothing built
+            print(f"error: {e}\nRESULT error=ConfigError", file=sys.stderr)
+            return 2
+        plan = build_plan(run, progress=True)
         plan.save(out)
     if a.export:
         cfg = Path(a.config).resolve()
