@@ -63,12 +63,12 @@ import psutil  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from data_service.service import RayBatches  # noqa: E402
 from data_service.synth import SynthConfig, synth_corpus  # noqa: E402
 from popscale.listeners import session_pids  # noqa: E402
 from popscale.memory import process_memory, store_resident_bytes  # noqa: E402
 from pretrain.run.launch import init_ray  # noqa: E402
 from pretrain.run.plan import build_plan  # noqa: E402
+from pretrain.run.train import data_loader  # noqa: E402
 from pretrain.run.config import load_config  # noqa: E402
 
 GLOBAL_BATCH = 32
@@ -90,7 +90,7 @@ def kind_of(proc: psutil.Process, driver: int) -> str:
         return "raylet"
     if "Agent" in name:  # ray::DashboardAgent, ray::RuntimeEnvAgent
         return "agents"
-    if "MapWorker" in name:  # ray::MapWorker(MapBatches(_Builder)): a batch builder, one per Ray dataset
+    if "MapWorker" in name or "_Builder" in name:  # ray::MapWorker(MapBatches(_Builder)) (one per Ray dataset), ray::_Builder
         return "data_actors"
     if any(a in name for a in DATA_SYSTEM):
         return "data_system"
@@ -309,12 +309,10 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     counter = [0]
     sampler = Sampler(a.interval, counter, ObjectStore())
-    print(f"soak: RayBatches ({d.data_actors} actor(s), prefetch {d.prefetch}, buffer {d.buffer_mb} MB) on the "
+    loader = data_loader(d, spec, 0, 1)
+    print(f"soak: {type(loader).__name__} ({d.data_actors} actor(s), prefetch {d.prefetch}, buffer {d.buffer_mb} MB) on the "
           f"embedded Ray, {len(plan.sessions)} sessions, batches of {GLOBAL_BATCH} x 1 s windows, {minutes:g} min "
           f"({warmup_s / 60:.1f} min warm-up), a sample every {a.interval:g} s", file=sys.stderr)
-    loader = RayBatches(spec, 0, 1, actors=d.data_actors, cpus_per_actor=d.actor_cpus, prefetch=d.prefetch,
-                        block_batches=d.block_batches,
-                        buffer_mb=d.buffer_mb)
     if a.trace:
         tracemalloc.start()
     sampler.start()
@@ -346,7 +344,7 @@ def main() -> None:
         tag = "".join(f"-{x.split('=', 1)[0].split('.')[-1].replace('_', '')}{x.split('=', 1)[1]}" for x in a.set)
         # warm-up: the start (until the first batch) and then the first --warmup of the run
         report(sampler.samples, counter[0], minutes, (started or 0.0) + warmup_s, a.interval, a.out,
-               f"data-service soak, {minutes:g} min: RayBatches on the embedded Ray, {len(plan.sessions)} "
+               f"data-service soak, {minutes:g} min: {type(loader).__name__} on the embedded Ray, {len(plan.sessions)} "
                f"sessions, batch {GLOBAL_BATCH}, {d.block_batches} batches a block"
                + (f" ({', '.join(a.set)})" if a.set else ""), tag)
         stream.close()

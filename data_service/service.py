@@ -207,15 +207,29 @@ class _Builder:
         self.rank, self.world = rank, world
         window_index(self.spec)  # build the index once per actor
 
-    def __call__(self, rows: dict, offset: int = 0) -> dict:
+    def block(self, batches: Sequence[int]) -> list[bytes]:
+        """The batches pickled, in order; a located data error is sent in its batch's place and raised
+        by the consumer (Ray would keep only its traceback text, not where it was)."""
         out = []
-        ids = rows["id"] + offset
-        for b in ids:
+        for b in batches:
             try:
                 out.append(pickle.dumps(build_batch(self.spec, int(b), self.rank, self.world), protocol=5))
-            except CorpusError as e:  # sent in the batch's place, raised by the consumer: Ray Data
-                out.append(pickle.dumps(e))  # would keep only its traceback text, not where it was
-        return {"id": ids, "payload": np.array(out, dtype=object)}
+            except CorpusError as e:
+                out.append(pickle.dumps(e))
+        return out
+
+    def __call__(self, rows: dict, offset: int = 0) -> dict:
+        ids = rows["id"] + offset
+        return {"id": ids, "payload": np.array(self.block(ids), dtype=object)}
+
+
+def actor_spec(spec: ServiceSpec) -> bytes:
+    """The spec data actors get, with the index's intervals read here once (each actor is a new
+    process: without them every one would open every session to make its index). Called at the
+    first batch, so an unreadable session is a data error of the stream."""
+    if spec.split_intervals is None:
+        spec = replace(spec, split_intervals=WindowIndex.split_intervals(open_corpus(spec.corpus), spec.index))
+    return pickle.dumps(spec)
 
 
 RATE_FLOOR_S = 30.0  # the serving rate is never taken over less than this: a burst at the start is not a rate
@@ -253,14 +267,8 @@ class RayBatches:
         self._spec_bytes: bytes | None = None
 
     def _actor_spec(self) -> bytes:
-        """The spec the actors get, with the index's intervals read here once (each dataset's actors
-        are new processes: without them every one would open every session to make its index).
-        Read at the first batch, so an unreadable session is a data error of the stream."""
         if self._spec_bytes is None:
-            spec = self.spec
-            if spec.split_intervals is None:
-                spec = replace(spec, split_intervals=WindowIndex.split_intervals(open_corpus(spec.corpus), spec.index))
-            self._spec_bytes = pickle.dumps(spec)
+            self._spec_bytes = actor_spec(self.spec)
         return self._spec_bytes
 
     def iterate(self, start: int, stop: int) -> Iterator[ServedBatch]:

@@ -168,21 +168,25 @@ def test_two_workers_killed_twice_right_after_checkpoints_lose_no_window(env, re
         assert recs[1, s][-1]["positions"] == ref_seq[s * BATCH + BATCH // 2:(s + 1) * BATCH]
 
 
-def test_killed_data_actor_is_restarted_and_the_stream_goes_on(env):
-    """SIGKILL the Ray Data actor mid-stream: Ray restarts it and retries its task, and the
-    worker still receives every batch once, in order, equal to the in-process service's."""
+@pytest.mark.parametrize("loader", ["ray", "ray-data"])
+def test_killed_data_actor_is_restarted_and_the_stream_goes_on(env, loader):
+    """SIGKILL the data actor mid-stream (a Ray Data actor, or the long-lived pool's): Ray restarts
+    it and retries its calls, and the worker still receives every batch once, in order, equal to
+    the in-process service's."""
     import os
     import signal
 
     import psutil
 
+    from data_service.actors import ActorBatches
     from data_service.service import LocalBatches, RayBatches
     from pretrain.run.plan import build_plan
 
     spec = build_plan(config(env)).service_spec()
     local = list(LocalBatches(spec, 0, 1).iterate(0, 10))
     got, killed = [], []
-    for b in RayBatches(spec, 0, 1, prefetch=1).iterate(0, 10):
+    make = RayBatches if loader == "ray-data" else ActorBatches
+    for b in make(spec, 0, 1, prefetch=1, block_batches=1).iterate(0, 10):
         got.append(b)
         if len(got) == 3:
             # this test's own Ray (started by this process): never another run's actors on the machine
@@ -246,6 +250,30 @@ def test_ray_and_local_batches_are_identical(env):
         assert [d.number for d in remote] == list(range(3, 8))
         for a, b in zip(local, remote, strict=True):
             assert a.number == b.number and np.array_equal(a.positions, b.positions)
+            da, db = a.data.to_dict(), b.data.to_dict()
+            assert da.keys() == db.keys()
+            for k in da:
+                np.testing.assert_array_equal(np.asarray(da[k]), np.asarray(db[k]), err_msg=k)
+
+
+def test_actor_pool_and_local_batches_are_identical(env):
+    """The long-lived pool (data_service/actors.py) serves what the in-process service does: two
+    actors taking blocks in turn, a block boundary not aligned with the start, a last block cut
+    short, a byte cap that allows one block in flight."""
+    from data_service.actors import ActorBatches
+    from data_service.service import LocalBatches
+    from pretrain.run.plan import build_plan
+
+    spec = build_plan(config(env)).service_spec()
+    for rank, buffer_mb in ((0, 256), (1, 1e-6)):
+        local = list(LocalBatches(spec, rank, 2).iterate(3, 12))
+        pool = ActorBatches(spec, rank, 2, actors=2, prefetch=2, block_batches=2, buffer_mb=buffer_mb)
+        assert pool.depth() == 3 and pool.depth(10**6) == (3 if buffer_mb > 1 else 1)
+        stream = pool.iterate(3, 12)
+        remote = list(stream)
+        assert [d.number for d in remote] == list(range(3, 12))
+        for a, b in zip(local, remote, strict=True):
+            assert np.array_equal(a.positions, b.positions)
             da, db = a.data.to_dict(), b.data.to_dict()
             assert da.keys() == db.keys()
             for k in da:

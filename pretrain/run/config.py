@@ -55,8 +55,11 @@ class DataConfig:
     # the label budget of every training session (labels.py: 10%, 2m): a from-scratch reference for adaptation
     labels: str = "100%"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    loader: str = "ray"  # ray | local
-    data_actors: int = 1  # Ray Data actors per training worker
+    # ray: a pool of long-lived Ray actors per worker (data_service.actors.ActorBatches); ray-data: Ray Data,
+    # one dataset after another (data_service.service.RayBatches: 0.54x the windows/s and a dip at each
+    # dataset's start in the soak, bench/RESULTS.md issue 28); local: in the worker's process. Same sequence.
+    loader: str = "ray"
+    data_actors: int = 1  # data actors (batch builders) per training worker
     # logical CPUs each data actor asks of Ray. 0 by default: Ray Data 2.60 splits every node's CPUs among
     # all live pipelines (one per worker) by integer division, so with more pipelines than a node has CPUs,
     # or after a restart while the dead pipelines' claims last (180 s), a pipeline that asks any CPU gets
@@ -189,6 +192,8 @@ def _at_least(n):
     return (lambda v: v >= n), f"at least {n}"
 
 
+LOADERS = ("ray", "ray-data", "local")  # data.loader
+
 # values a config may type correctly and still not run with: refused at load, before Ray or a corpus
 _RANGES: dict[str, tuple] = {
     "data.window_s": ((lambda v: v > 0), "a positive number of seconds"),
@@ -197,7 +202,7 @@ _RANGES: dict[str, tuple] = {
     "data.block_batches": _at_least(1),
     "data.block_windows": ((lambda v: v >= 1), "a whole number of windows >= 1 (1: no blocks)"),
     "data.target_rms": ((lambda v: v > 0), "positive"),
-    "data.loader": ((lambda v: v in ("ray", "local")), "ray or local"),
+    "data.loader": ((lambda v: v in LOADERS), " or ".join(LOADERS)),
     "train.steps": _at_least(1), "train.grad_accum": _at_least(1), "train.warmup_steps": _at_least(0),
     "train.log_every": _at_least(1), "train.eval_every": _at_least(1), "train.checkpoint_every": _at_least(1),
     "train.max_failures": _at_least(0), "train.eval_sessions": _at_least(1), "train.stop_at": _at_least(1),

@@ -18,11 +18,13 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.distributed as dist
 
+from data_service.actors import ActorBatches
 from data_service.service import LocalBatches, RayBatches, ServiceSpec
 
 from ..decoding.evaluate import Evaluator
 from ..tracking.mlflow_runs import MLflowSink
 from .checkpoint import DirCheckpointer, RayCheckpointer
+from .config import DataConfig
 from .engine import build_engine, placement
 from .hooks import LoopHooks
 from .loop import DataStop, Dist, TrainStep, run_loop
@@ -66,6 +68,15 @@ def _parts(plan: RunPlan, rank: int, world: int, local_rank: int = 0, split_inte
                  Evaluator(spec.tokenizer, plan.corpus, plan.valid_sessions, dist, causal=plan.causal))
 
 
+def data_loader(d: DataConfig, spec: ServiceSpec, rank: int, world: int) -> LocalBatches | RayBatches | ActorBatches:
+    """The batches of one worker as `data.loader` says (each serves the same sequence)."""
+    if d.loader == "local":
+        return LocalBatches(spec, rank, world)
+    kw = dict(actors=d.data_actors, cpus_per_actor=d.actor_cpus, prefetch=d.prefetch, block_batches=d.block_batches,
+              buffer_mb=d.buffer_mb, resources=d.actor_resources or None)
+    return (RayBatches if d.loader == "ray-data" else ActorBatches)(spec, rank, world, **kw)
+
+
 def ray_worker(config: dict) -> None:
     """TorchTrainer's per-worker function; `config = {"args": WorkerArgs}`."""
     # deferred: importing ray only when used keeps start-up light
@@ -83,13 +94,7 @@ def ray_worker(config: dict) -> None:
         sink = Sinks(MLflowSink(plan.run.tracking, args.mlflow_run_id, buffer=True, run_dir=run_dir)
                      if args.mlflow_run_id or run_dir else None,
                      ProgressSink(args.progress) if args.progress is not None else None)
-    d = plan.run.data
-    if d.loader == "ray":
-        batches = RayBatches(p.spec, dist.rank, dist.world, actors=d.data_actors, cpus_per_actor=d.actor_cpus,
-                             prefetch=d.prefetch, block_batches=d.block_batches,
-                             buffer_mb=d.buffer_mb, resources=d.actor_resources or None)
-    else:
-        batches = LocalBatches(p.spec, dist.rank, dist.world)
+    batches = data_loader(plan.run.data, p.spec, dist.rank, dist.world)
     try:
         run_loop(plan, p.step, batches, p.evaluator, RayCheckpointer(p.engine, plan, dist.rank, dist.world, args.run_dir),
                  sink, dist, args.hooks)
