@@ -1,18 +1,19 @@
 """Soak: the data service at full speed for N minutes; after warm-up its memory must not creep.
 
-What runs: `RayBatches` (Ray Data actors building POYO batches, streamed in order) on the embedded
-Ray a training run starts (`pretrain.run.launch.init_ray`: loopback, 1 GiB object store), with the
-data-service spec of the run plan a training worker gets (`load_config` defaults, poyo-1.3M,
-global batch 32, `data.data_actors`/`prefetch`/`buffer_mb` defaults) over a synthetic corpus
+What runs: the run config's data loader (`data.loader`: by default the pool of long-lived Ray actors
+building POYO batches, data_service/actors.py; `--set data.loader=ray-data` for Ray Data, one
+dataset of 2,048 blocks after another, as a long run has them) on the embedded Ray a training run
+starts (`pretrain.run.launch.init_ray`: loopback, 1 GiB object store), with the data-service spec
+of the run plan a training worker gets (`load_config` defaults, poyo-1.3M, global batch 32,
+`data.data_actors`/`prefetch`/`buffer_mb`/`block_batches` defaults) over a synthetic corpus
 (data_service.synth, made once under runs/bench/). The driver pulls batches as fast as they come
 and does what the trainer does with each (`PackedBatch.to("cpu")`); nothing trains, so the
-service runs flat out. One stream of Ray datasets after another (RayBatches' chunk: 2,048 blocks of
-data.block_batches batches), as in a long run.
+service runs flat out.
 
 Every --interval seconds (default 5) a sampler thread records: windows/s over the interval; the
 memory of the driver and of every process of the Ray session (found as in popscale.listeners:
 descendants of the driver and processes naming the session directory), by kind (GCS, raylet,
-agents, the batch-building Ray Data actors, Ray Data's own actors - stats, autoscaling coordinator,
+agents, the batch-building actors (the pool's or Ray Data's), Ray Data's own actors - stats, autoscaling coordinator,
 actor locations -, the pool of task workers, Ray's Python helpers), as RSS and as PSS (RSS counts the
 pages shared between processes - the object store's mapping, libraries - once per process; PSS
 splits them, so the sum of PSS is the memory the processes together hold); and the object store's
@@ -27,7 +28,7 @@ After a warm-up (the first 20 % of the run: 2 min of the default 10) a least-squ
 to the total (processes' PSS without the store's pages, plus the store's resident bytes, driver
 included) against time: its slope in MB per minute with a 95 %
 interval (t distribution; consecutive samples are correlated, so read the interval as optimistic).
-Goal (issue 12): under 1 MB/min. The 10-minute run is the figure; --quick (1 minute, 12 s warm-up)
+Goal (issues 12 and 28): under 1 MB/min. The 10-minute run is a first look, `--minutes 60` issue 28's figure; --quick (1 minute, 12 s warm-up)
 only shows the script works - a minute is too short to tell a slow leak from noise.
 
 Writes bench/figures/soak/soak-<minutes>min.csv (one row per sample) and .png (windows/s and memory

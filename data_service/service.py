@@ -3,15 +3,16 @@ training worker.
 
 `build_batch` is the whole job for one worker's share of one global batch, a pure function of
 (spec, batch number, rank, world): the window refs come from the index, and every random choice
-(unit dropout, time scaling) is seeded by the window's stream position. Two ways to run it:
+(unit dropout, time scaling) is seeded by the window's stream position. Three ways to run it: the
+default, a pool of long-lived Ray actors (`actors.ActorBatches`, data.loader=ray), and here:
 
-- `RayBatches`: Ray Data maps batch numbers to packed batches in a pool of actors (each opens
+- `RayBatches` (data.loader=ray-data): Ray Data maps batch numbers to packed batches in a pool of actors (each opens
   the corpus and builds the index once), streams them in order with prefetching, and its
   streaming executor bounds what is in flight (backpressure: at most `prefetch` batches wait,
   and at most `buffer_mb` of object-store memory per worker).
 - `LocalBatches`: the same function, in the calling process (one process, tests, debugging).
 
-Both yield identical `ServedBatch`es. The loader's state is the number of global batches
+All three yield identical `ServedBatch`es. The loader's state is the number of global batches
 consumed. The service knows nothing of the model: the tokenizer is anything with the two
 methods of `BatchTokenizer` (pretrain.tokens.tokenizer.Tokenizer is the one popscale uses).
 """

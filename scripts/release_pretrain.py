@@ -162,7 +162,12 @@ def main() -> int:
     if a.export:
         cfg = Path(a.config).resolve()
         recipe = str(cfg.relative_to(ROOT)) if cfg.is_relative_to(ROOT) else a.config
-        ckpt = sorted((out / "checkpoints").glob("step*"), key=lambda p: int(p.name.lstrip("step_")))[-1]
+        ckpts = sorted((out / "checkpoints").glob("step*"), key=lambda p: int(p.name.lstrip("step_")))
+        if not ckpts:  # one line, not an IndexError
+            print(f"error: {out / 'checkpoints'} holds no checkpoint yet: run without --export first\n"
+                  "RESULT error=NoCheckpoint", file=sys.stderr)
+            return 2
+        ckpt = ckpts[-1]
         step = int(ckpt.name.lstrip("step_"))
         export = export_checkpoint(ckpt, a.export, {"corpus_fingerprint": plan.corpus_fingerprint,
                                                     "recipe": recipe, "step": step,

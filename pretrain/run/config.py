@@ -60,7 +60,7 @@ class DataConfig:
     # dataset's start in the soak, bench/RESULTS.md issue 28); local: in the worker's process. Same sequence.
     loader: str = "ray"
     data_actors: int = 1  # data actors (batch builders) per training worker
-    # logical CPUs each data actor asks of Ray. 0 by default: Ray Data 2.60 splits every node's CPUs among
+    # logical CPUs each data actor asks of Ray. 0 by default: with data.loader=ray-data, Ray Data 2.60 splits every node's CPUs among
     # all live pipelines (one per worker) by integer division, so with more pipelines than a node has CPUs,
     # or after a restart while the dead pipelines' claims last (180 s), a pipeline that asks any CPU gets
     # none and never starts (runbooks/cluster.md). data_actors bounds the actors instead.
