@@ -26,7 +26,6 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -37,18 +36,13 @@ from data_service.service import RayBatches  # noqa: E402
 from pretrain.run.config import load_config  # noqa: E402
 from pretrain.run.launch import init_ray  # noqa: E402
 from pretrain.run.plan import build_plan  # noqa: E402
+import loaders  # noqa: E402
 from soak import GLOBAL_BATCH, corpus  # noqa: E402
 
 
 def pull(spec, k: int, n: int) -> tuple[float, float]:
     """(start-up s, batches/s after the first) for n batches at k batches a block, a new dataset."""
-    t0 = time.perf_counter()
-    first = None
-    for i, _ in enumerate(RayBatches(spec, 0, 1, block_batches=k).iterate(0, n)):
-        if i == 0:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    return first - t0, (n - 1) / (end - first)
+    return loaders.pull(RayBatches, spec, k, n)
 
 
 def main() -> None:

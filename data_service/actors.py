@@ -20,7 +20,7 @@ import pickle
 from collections import deque
 from typing import Iterator
 
-from .errors import CorpusError, find_corpus_error
+from .errors import CorpusError, located
 from .service import ServedBatch, ServiceSpec, _Builder, actor_spec
 
 MB = 2**20
@@ -105,25 +105,19 @@ class ActorBatches:
 
         depth = self.depth()
         try:
-            submit(depth)
-            sized = False
-            while pending:
-                payloads = ray.get(pending.popleft())
-                if not sized:  # the byte cap, from the first block
-                    depth, sized = self.depth(sum(len(p) for p in payloads)), True
+            with located():
                 submit(depth)
-                for p in payloads:
-                    x = pickle.loads(p)
-                    if isinstance(x, CorpusError):
-                        raise x
-                    yield x
-        except CorpusError:
-            raise
-        except Exception as e:  # a located error that reached Ray some other way comes wrapped
-            located = find_corpus_error(e)
-            if located is None:
-                raise
-            raise located from e
+                sized = False
+                while pending:
+                    payloads = ray.get(pending.popleft())
+                    if not sized:  # the byte cap, from the first block
+                        depth, sized = self.depth(sum(len(p) for p in payloads)), True
+                    submit(depth)
+                    for p in payloads:
+                        x = pickle.loads(p)
+                        if isinstance(x, CorpusError):
+                            raise x
+                        yield x
         finally:
             pending.clear()
             for a in pool:

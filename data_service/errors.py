@@ -6,6 +6,9 @@ print one clear line and keep going with the next file.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 
 class CorpusError(Exception):
     """A problem with a source file or a corpus, located by file, session and field."""
@@ -67,6 +70,22 @@ def find_corpus_error(e: BaseException | None, depth: int = 12) -> "CorpusError 
         if isinstance(failures, dict):
             todo += list(failures.values())
     return None
+
+
+@contextmanager
+def located() -> Iterator[None]:
+    """Raise an error that crossed processes as the CorpusError inside it, when there is one (a data
+    error a data actor sent in its batch's place is raised as it is; one that reached Ray some other
+    way comes wrapped)."""
+    try:
+        yield
+    except CorpusError:
+        raise
+    except Exception as e:
+        inner = find_corpus_error(e)
+        if inner is None:
+            raise
+        raise inner from e
 
 
 def _rebuild(cls, message, file, session, field):

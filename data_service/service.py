@@ -31,7 +31,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 
 from .ahead import Ahead
-from .errors import CorpusError, find_corpus_error
+from .errors import CorpusError, located
 from .augment import AugmentConfig, read_scaled, unit_masks
 from .reader import SessionReader, Window, open_corpus
 from .window_index import IndexConfig, WindowIndex, WindowRef
@@ -315,31 +315,25 @@ class RayBatches:
         (now, span), nxt = cur, None
         t0, total = None, 0  # the serving rate: batches since the first one, over at least RATE_FLOOR_S
         try:
-            while now is not None:
-                served = 0
-                for x in now:
-                    if isinstance(x, CorpusError):
-                        raise x
-                    yield x
-                    served, total = served + 1, total + 1
-                    t0 = t0 or time.monotonic()
+            with located():
+                while now is not None:
+                    served = 0
+                    for x in now:
+                        if isinstance(x, CorpusError):
+                            raise x
+                        yield x
+                        served, total = served + 1, total + 1
+                        t0 = t0 or time.monotonic()
+                        if nxt is None:
+                            # over the whole stream, not this dataset: one started ahead begins with batches already
+                            # waiting, and their rate would start the next one at once (two actors all the time)
+                            left, rate = span[1] - span[0] - served, total / max(time.monotonic() - t0, RATE_FLOOR_S)
+                            if left <= rate * self.lead_s:
+                                nxt = ahead(next(chunks, None))
+                    now.close()
                     if nxt is None:
-                        # over the whole stream, not this dataset: one started ahead begins with batches already
-                        # waiting, and their rate would start the next one at once (two actors all the time)
-                        left, rate = span[1] - span[0] - served, total / max(time.monotonic() - t0, RATE_FLOOR_S)
-                        if left <= rate * self.lead_s:
-                            nxt = ahead(next(chunks, None))
-                now.close()
-                if nxt is None:
-                    nxt = ahead(next(chunks, None))
-                (now, span), nxt = (nxt or (None, None)), None
-        except CorpusError:
-            raise
-        except Exception as e:  # a located error that reached Ray some other way comes wrapped
-            located = find_corpus_error(e)
-            if located is None:
-                raise
-            raise located from e
+                        nxt = ahead(next(chunks, None))
+                    (now, span), nxt = (nxt or (None, None)), None
         finally:
             for a in (now, nxt[0] if nxt else None):
                 if a is not None:
