@@ -56,7 +56,7 @@ class DataConfig:
     labels: str = "100%"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # ray: a pool of long-lived Ray actors per worker (data_service.actors.ActorBatches); ray-data: Ray Data,
-    # one dataset after another (data_service.service.RayBatches: 0.54x the windows/s and a dip at each
+    # one dataset after another (data_service.service.RayBatches: 0.55x the windows/s and a dip at each
     # dataset's start in the soak, bench/RESULTS.md issue 28); local: in the worker's process. Same sequence.
     loader: str = "ray"
     data_actors: int = 1  # data actors (batch builders) per training worker
