@@ -91,7 +91,8 @@ def kind_of(proc: psutil.Process, driver: int) -> str:
         return "raylet"
     if "Agent" in name:  # ray::DashboardAgent, ray::RuntimeEnvAgent
         return "agents"
-    if "MapWorker" in name or "_Builder" in name:  # ray::MapWorker(MapBatches(_Builder)) (one per Ray dataset), ray::_Builder
+    # ray::_BuilderActor (the pool's, data.loader=ray), ray::MapWorker(MapBatches(_Builder)) (one per Ray dataset)
+    if "_Builder" in name or "MapWorker" in name:
         return "data_actors"
     if any(a in name for a in DATA_SYSTEM):
         return "data_system"

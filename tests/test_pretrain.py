@@ -168,6 +168,16 @@ def test_two_workers_killed_twice_right_after_checkpoints_lose_no_window(env, re
         assert recs[1, s][-1]["positions"] == ref_seq[s * BATCH + BATCH // 2:(s + 1) * BATCH]
 
 
+def assert_same_batches(want, got) -> None:
+    """The same batches, one for one: numbers, window positions and every packed array."""
+    for a, b in zip(want, got, strict=True):
+        assert a.number == b.number and np.array_equal(a.positions, b.positions)
+        da, db = a.data.to_dict(), b.data.to_dict()
+        assert da.keys() == db.keys()
+        for k in da:
+            np.testing.assert_array_equal(np.asarray(da[k]), np.asarray(db[k]), err_msg=k)
+
+
 @pytest.mark.parametrize("loader", ["ray", "ray-data"])
 def test_killed_data_actor_is_restarted_and_the_stream_goes_on(env, loader):
     """SIGKILL the data actor mid-stream (a Ray Data actor, or the long-lived pool's): Ray restarts
@@ -196,11 +206,7 @@ def test_killed_data_actor_is_restarted_and_the_stream_goes_on(env, loader):
                     killed.append(p.pid)
     assert killed, "no Ray Data actor process found"
     assert [b.number for b in got] == list(range(10))
-    for a, b in zip(local, got, strict=True):
-        assert np.array_equal(a.positions, b.positions)
-        da, db = a.data.to_dict(), b.data.to_dict()
-        for k in da:
-            np.testing.assert_array_equal(np.asarray(da[k]), np.asarray(db[k]), err_msg=k)
+    assert_same_batches(local, got)
 
 
 def test_registered_model_reloads_with_the_same_predictions(env, reference):
@@ -248,12 +254,7 @@ def test_ray_and_local_batches_are_identical(env):
         remote = list(RayBatches(spec, rank, 2, chunk=3, prefetch=2, block_batches=2,
                                  lead_s=float("inf") if rank else 0.0).iterate(3, 8))
         assert [d.number for d in remote] == list(range(3, 8))
-        for a, b in zip(local, remote, strict=True):
-            assert a.number == b.number and np.array_equal(a.positions, b.positions)
-            da, db = a.data.to_dict(), b.data.to_dict()
-            assert da.keys() == db.keys()
-            for k in da:
-                np.testing.assert_array_equal(np.asarray(da[k]), np.asarray(db[k]), err_msg=k)
+        assert_same_batches(local, remote)
 
 
 def test_actor_pool_and_local_batches_are_identical(env):
@@ -269,15 +270,9 @@ def test_actor_pool_and_local_batches_are_identical(env):
         local = list(LocalBatches(spec, rank, 2).iterate(3, 12))
         pool = ActorBatches(spec, rank, 2, actors=2, prefetch=2, block_batches=2, buffer_mb=buffer_mb)
         assert pool.depth() == 3 and pool.depth(10**6) == (3 if buffer_mb > 1 else 1)
-        stream = pool.iterate(3, 12)
-        remote = list(stream)
+        remote = list(pool.iterate(3, 12))
         assert [d.number for d in remote] == list(range(3, 12))
-        for a, b in zip(local, remote, strict=True):
-            assert np.array_equal(a.positions, b.positions)
-            da, db = a.data.to_dict(), b.data.to_dict()
-            assert da.keys() == db.keys()
-            for k in da:
-                np.testing.assert_array_equal(np.asarray(da[k]), np.asarray(db[k]), err_msg=k)
+        assert_same_batches(local, remote)
 
 
 def test_unreadable_data_ends_the_run_at_once_naming_session_and_array(env):
