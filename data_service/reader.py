@@ -105,15 +105,18 @@ class _TimeSeriesRows:
         self.step = step
         self.last = len(index) - 1
 
-    def window(self, t0: float, t1: float) -> tuple[int, int, np.ndarray]:
-        """(lo, hi, times[lo:hi]) for t0 <= t < t1."""
+    def span(self, t0: float, t1: float) -> tuple[int, int]:
+        """Rows [a, b) of the index's seconds covering [t0, t1): a superset of the window's rows."""
         k0 = int((t0 - self.origin) // self.step)
         k1 = int(math.ceil((t1 - self.origin) / self.step))
         k0 = min(max(k0, 0), self.last)
         k1 = min(max(k1, 0), self.last)
         a, b = self._offsets[k0], self._offsets[k1] if k1 < self.last else len(self.times)
-        if t0 < self.origin:
-            a = 0
+        return (0 if t0 < self.origin else a), b
+
+    def window(self, t0: float, t1: float) -> tuple[int, int, np.ndarray]:
+        """(lo, hi, times[lo:hi]) for t0 <= t < t1."""
+        a, b = self.span(t0, t1)
         block = self.times.read(a, b)
         lo, hi = np.searchsorted(block, (t0, t1), side="left")
         return a + int(lo), a + int(hi), block[lo:hi]
@@ -215,6 +218,17 @@ class SessionReader:
         return {name: np.asarray(a[...]) for name, a in g.arrays()}
 
     # ---- windows -----------------------------------------------------------------------------
+    def interval_rows(self, name: str, t0: float, t1: float) -> np.ndarray | None:
+        """The rows of interval set `name` that may overlap [t0, t1), as stored (absolute, not
+        clipped; a set whose rows overlap one another may hold some ending before t0); None if the
+        session has no such set."""
+        found = self._interval_lookup.get(name)
+        if found is None:
+            return None
+        rows, starts, max_end, _ = found
+        hi = bisect_left(starts, t1)
+        return rows[bisect_right(max_end, t0, 0, hi):hi]
+
     def window_intervals(self, t0: float, t1: float, names: Collection[str] | None = None) -> dict[str, np.ndarray]:
         """Every interval set's (or those named) rows overlapping [t0, t1), clipped to it, relative to t0."""
         out = {}
@@ -241,16 +255,30 @@ class SessionReader:
         `behaviours` / `intervals` (names) restrict what is read: a training window needs few."""
         lo, hi, times = self._spikes.window(t0, t1)
         units = self._units.read(lo, hi).astype(np.int64)
+        return Window(self.session_id, t0, t1, times - t0, units, self.window_behaviour(t0, t1, behaviours),
+                      {} if intervals is False else self.window_intervals(t0, t1, None if intervals is True else intervals))
+
+    def window_behaviour(self, t0: float, t1: float, names: Collection[str] | None = None) -> dict[str, SeriesWindow]:
+        """Every behaviour's (or those named) samples with t0 <= t < t1, times relative to t0."""
         beh = {}
         ranges: dict[int, tuple[int, int, np.ndarray]] = {}
-        for name in (self._behaviour if behaviours is None else [b for b in behaviours if b in self._behaviour]):
+        for name in (self._behaviour if names is None else [b for b in names if b in self._behaviour]):
             rows, values = self._behaviour[name]
             r = ranges.get(id(rows))
             if r is None:
                 r = ranges[id(rows)] = rows.window(t0, t1)
             beh[name] = SeriesWindow(r[2] - t0, values.read(r[0], r[1]))  # own array per behaviour
-        return Window(self.session_id, t0, t1, times - t0, units, beh,
-                      {} if intervals is False else self.window_intervals(t0, t1, None if intervals is True else intervals))
+        return beh
+
+    # ---- rows for a batch of windows (batch.py) -----------------------------------------------------
+    def spike_block(self, t0: float, t1: float) -> tuple[int, np.ndarray]:
+        """(a, times[a:b]) for the index's seconds covering [t0, t1): sorted, holding the window's spikes."""
+        a, b = self._spikes.span(t0, t1)
+        return a, self._spikes.times.read(a, b)
+
+    def spike_units(self, lo: int, hi: int) -> np.ndarray:
+        """The session-local unit of spikes [lo, hi), as stored (uint16 or wider)."""
+        return self._units.read(lo, hi)
 
     # ---- whole arrays (verify, round-trip tests, export) -----------------------------------------
     def spikes(self) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,9 @@ training worker.
 
 `build_batch` is the whole job for one worker's share of one global batch, a pure function of
 (spec, batch number, rank, world): the window refs come from the index, and every random choice
-(unit dropout, time scaling) is seeded by the window's stream position. Three ways to run it: the
+(unit dropout, time scaling) is seeded by the window's stream position. The batch is read and
+packed as a whole (batch.py, `pack_batch`); window by window where time scaling or a causal
+readout is on, or to name (or skip) a window that cannot be read. Three ways to run it: the
 default, a pool of long-lived Ray actors (`actors.ActorBatches`, data.loader=ray), and here:
 
 - `RayBatches` (data.loader=ray-data): Ray Data maps batch numbers to packed batches in a pool of actors (each opens
@@ -33,6 +35,7 @@ import numpy as np
 from .ahead import Ahead
 from .errors import CorpusError, located
 from .augment import AugmentConfig, read_scaled, unit_masks
+from .batch import WindowBatch, read_batch
 from .reader import SessionReader, Window, open_corpus
 from .window_index import IndexConfig, WindowIndex, WindowRef
 
@@ -51,6 +54,12 @@ class BatchTokenizer(Protocol):
 
     def pack(self, items: Sequence[Item]) -> Any:
         """The windows tokenized and packed into one batch."""
+        ...
+
+    def pack_batch(self, windows: WindowBatch, readers: Sequence[SessionReader],
+                   keep: Sequence["np.ndarray | None"]) -> Any:
+        """`pack` for windows read as a batch (batch.read_batch); optional: without it a batch is
+        read and packed window by window."""
         ...
 
 
@@ -166,6 +175,9 @@ def build_batch(spec: ServiceSpec, batch: int, rank: int, world: int) -> ServedB
     the spec skips such windows, which changes the sequence and so is logged window by window."""
     refs = window_index(spec).worker_windows(batch, spec.global_batch, rank, world)
     corpus = open_corpus(spec.corpus)  # once per batch: it stats the manifest
+    served = _as_batch(spec, batch, refs, corpus)
+    if served is not None:
+        return served
     read, kept, skipped = [], [], []
     for ref in refs:
         try:
@@ -187,6 +199,24 @@ def build_batch(spec: ServiceSpec, batch: int, rank: int, world: int) -> ServedB
                                file=spec.corpus, session=refs[0].session if refs else None)
     data = spec.tokenizer.pack(items)
     return ServedBatch(batch, np.array(kept, dtype=np.int64), data, skipped)
+
+
+def _as_batch(spec: ServiceSpec, batch: int, refs: Sequence[WindowRef], corpus) -> ServedBatch | None:
+    """The batch read and packed as a whole (batch.py), or None where it cannot be: time scaling or
+    causal queries (windows are read one by one), a tokenizer without `pack_batch`, or any error,
+    which the window-by-window path then meets again and names (or skips) window by window."""
+    pack_batch = getattr(spec.tokenizer, "pack_batch", None)
+    if pack_batch is None or not refs or spec.augment.time_scaling or spec.augment.query_tail_s is not None:
+        return None
+    try:
+        readers = [corpus.session(ref.session) for ref in refs]
+        windows = read_batch(readers, [ref.t_start for ref in refs], spec.index.window_s,
+                             [spec.tokenizer.needs(r) for r in readers])
+    except Exception:  # noqa: BLE001 - located (or skipped) by the window-by-window path
+        return None
+    positions = [ref.position for ref in refs]
+    masks = unit_masks(spec.augment, spec.seed, positions, [len(r.unit_ids) for r in readers])
+    return ServedBatch(batch, np.array(positions, dtype=np.int64), pack_batch(windows, readers, masks))
 
 
 class LocalBatches:

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from data_service import intervals as iv
+from data_service.batch import WindowBatch, segment_counts
 from data_service.reader import SessionReader, Window
 
 from ..model.batch import END, SPIKE, START, PackedBatch
@@ -32,7 +33,6 @@ from .config import TokenizerConfig, VocabLookup
 # names defined here before tokens/config.py held them: still importable from here
 from .config import DEFAULT_BEHAVIOURS, DEFAULT_INTERVAL_WEIGHTS, Geometry, Readout  # noqa: F401, I001
 
-_NO_ROWS = np.zeros((0, 2))
 
 
 @dataclass
@@ -54,14 +54,6 @@ def _as_mask(keep: np.ndarray, n_units: int) -> np.ndarray:
     m = np.zeros(n_units, dtype=bool)
     m[keep.astype(np.int64, copy=False)] = True
     return m
-
-
-def _segment_sums(flags: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """How many of `flags` are set in each consecutive segment of the given lengths (empty ones too)."""
-    c = np.zeros(len(flags) + 1, dtype=np.int64)
-    np.cumsum(flags, out=c[1:])
-    ends = np.cumsum(lens)
-    return c[ends] - c[ends - lens]
 
 
 class Tokenizer:
@@ -144,50 +136,49 @@ class Tokenizer:
         return self.pack([(w, reader, keep_units)])
 
     def pack(self, items: Sequence[tuple[Window, SessionReader, np.ndarray | None]]) -> PackedBatch:
-        """Tokenize and pack a batch of (window, reader, kept units) in one pass: what joining the
-        windows packed one by one gives, with one concatenation per field for the whole batch (the
-        data service's hot path: numpy call overhead, not arithmetic, is its cost). Kept units are
-        None (all), local indices, or a boolean mask over the session's units."""
-        B = len(items)
-        maps, spikes, stimes, masks, durs = [], [], [], [], []  # input tokens, per window
-        out_t, out_y, out_wins, out_r, scales, out_lens = [], [], [], [], [], []  # output queries, per readout
-        sessions, sids, t0s = [], [], []
-        dropout = False
-        for w, reader, keep in items:
-            p = self.layout(reader)
-            maps.append(p.unit_map)
-            spikes.append(w.spike_units)
-            stimes.append(w.spike_times)
-            durs.append(w.t_end - w.t_start)
-            if keep is not None:
-                keep, dropout = _as_mask(keep, len(p.unit_map)), True
-            masks.append(keep)
+        """Tokenize and pack a batch of (window, reader, kept units): what joining the windows
+        packed one by one gives. Kept units are None (all), local indices, or a boolean mask over
+        the session's units."""
+        return self.pack_batch(WindowBatch.of([w for w, _, _ in items]), [r for _, r, _ in items],
+                               [k for _, _, k in items])
+
+    def pack_batch(self, wb: WindowBatch, readers: Sequence[SessionReader],
+                   keep: Sequence[np.ndarray | None]) -> PackedBatch:
+        """`pack` for windows in batch form (data_service.batch), the data service's hot path: one
+        concatenation or gather per field for the whole batch (numpy call overhead, not
+        arithmetic, is its cost); only the output queries are gathered window by window."""
+        B = len(wb)
+        layouts = [self.layout(r) for r in readers]
+        masks = None
+        if any(k is not None for k in keep):
+            masks = [None if k is None else _as_mask(k, len(p.unit_map)) for k, p in zip(keep, layouts)]
+        out_t, out_y, out_win, out_r, scales, out_lens = [], [], [], [], [], []  # output queries, per readout
+        for i, (p, reader, beh) in enumerate(zip(layouts, readers, wb.behaviour)):
             n_out = 0
             for readout, b, dims, shift, scale in p.outputs:
-                s = w.behaviour[b]
+                s = beh[b]
                 n = len(s.timestamps)
                 out_t.append(s.timestamps)
                 out_y.append(self._values(s.values, reader.session_id, readout, dims))
-                out_wins.append(w)
+                out_win.append(i)
                 out_r.append((readout, n))
                 scales.append((shift, scale, n))
                 n_out += n
             out_lens.append(n_out)
-            sessions.append(p.session_index)
-            sids.append(reader.session_id)
-            t0s.append(w.t_start)
-        unit_index, input_time, seg = self._input_tokens(maps, spikes, stimes, masks if dropout else None, durs)
+        durs = [e - s for s, e in zip(wb.t_starts, wb.t_ends)]
+        unit_index, input_time, seg = self._input_tokens([p.unit_map for p in layouts], wb.spike_units,
+                                                         wb.spike_counts, wb.spike_times, masks, durs)
         in_lens = seg.reshape(B, 3).sum(1)
-        target, output_time, readouts, weight = self._outputs(out_t, out_y, out_wins, out_r, scales)
+        target, output_time, readouts = self._outputs(out_t, out_y, out_r, scales)
         return PackedBatch(
             unit_index=unit_index, input_time=input_time,
             token_type=np.repeat(np.tile(np.array([SPIKE, START, END], dtype=np.int64), B), seg),
             latent_index=np.tile(self.latent_index, B), latent_time=np.tile(self.latent_time, B),
             output_time=output_time, output_readout=readouts,
-            output_session=np.repeat(np.asarray(sessions, dtype=np.int64), out_lens),
-            target=target, weight=weight,
+            output_session=np.repeat(np.asarray([p.session_index for p in layouts], dtype=np.int64), out_lens),
+            target=target, weight=self._weights(wb, out_win, out_t, durs),
             input_lens=in_lens.tolist(), latent_lens=[len(self.latent_index)] * B, output_lens=out_lens,
-            session_ids=sids, t_starts=t0s,
+            session_ids=list(wb.session_ids), t_starts=list(wb.t_starts),
         )
 
     def _values(self, y: np.ndarray, session: str, readout: int, dims: int) -> np.ndarray:
@@ -205,39 +196,37 @@ class Tokenizer:
             y = y2
         return y
 
-    def _outputs(self, out_t: list[np.ndarray], out_y: list[np.ndarray], out_wins: list[Window],
-                 out_r: list[tuple[int, int]], scales: list[tuple[np.ndarray, np.ndarray, int]]
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(target, output_time, readout, weight) of a batch's output queries, concatenated over
-        windows and readouts; targets normalised in float64 and rounded once, so they equal
-        normalising each window on its own."""
+    def _outputs(self, out_t: list[np.ndarray], out_y: list[np.ndarray], out_r: list[tuple[int, int]],
+                 scales: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(target, output_time, readout) of a batch's output queries, concatenated over windows
+        and readouts; targets normalised in float64 and rounded once, so they equal normalising
+        each window on its own."""
         if not out_t:
-            return (np.zeros((0, self.max_dim), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
-                    np.zeros(0, np.float32))
+            return np.zeros((0, self.max_dim), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
         cat = np.concatenate
         rr, rn = np.asarray(out_r, dtype=np.int64).T
         sn = np.asarray([n for _, _, n in scales])
         shift = np.repeat(np.stack([s for s, _, _ in scales]), sn, axis=0)
         scale = np.repeat(np.stack([s for _, s, _ in scales]), sn, axis=0)
         target = ((cat(out_y, dtype=np.float64) - shift) / scale).astype(np.float32)
-        return target, cat(out_t, dtype=np.float32), np.repeat(rr, rn), self._weights(out_wins, out_t)
+        return target, cat(out_t, dtype=np.float32), np.repeat(rr, rn)
 
     @staticmethod
-    def _input_tokens(maps: list[np.ndarray], spikes: list[np.ndarray], stimes: list[np.ndarray],
+    def _input_tokens(maps: list[np.ndarray], spike_units: np.ndarray, n_spk: np.ndarray, spike_times: np.ndarray,
                       masks: list[np.ndarray | None] | None, durs: list[float]
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(unit_index, input_time, segment lengths) of a batch's input tokens: per window its
-        kept spikes, then a START and an END token per kept unit. Unit dropout is applied to the
-        whole batch at once (one gather over every window's spikes, offset into one concatenated
-        unit map), then the arrays are cut per window: a few numpy calls a window instead of ten."""
+        kept spikes, then a START and an END token per kept unit. The spikes come concatenated
+        (`n_spk` per window); unit dropout is applied to the whole batch at once (one gather over
+        every window's spikes, offset into one concatenated unit map), then the arrays are cut per
+        window: a few numpy calls a window instead of ten."""
         B = len(maps)
         cat = np.concatenate
         n_units = np.fromiter((len(m) for m in maps), dtype=np.int64, count=B)
-        n_spk = np.fromiter((len(s) for s in spikes), dtype=np.int64, count=B)
         umap = cat(maps) if B else np.zeros(0, np.int64)
-        t = cat(stimes) if B else np.zeros(0)
+        t = spike_times
         # every spike's unit as a position in the concatenated map
-        g = (cat(spikes) if B else np.zeros(0, np.int64)) + np.repeat(np.cumsum(n_units) - n_units, n_spk)
+        g = spike_units + np.repeat(np.cumsum(n_units) - n_units, n_spk)
         if masks is None:
             ks, nk, upos = n_spk, n_units, None
         else:
@@ -245,8 +234,8 @@ class Tokenizer:
             hit = kept.take(g)
             sel = np.flatnonzero(hit)
             g, t = g.take(sel), t.take(sel)
-            ks, nk = _segment_sums(hit, n_spk), _segment_sums(kept, n_units)
             upos = np.flatnonzero(kept)
+            ks, nk = segment_counts(sel, n_spk), segment_counts(upos, n_units)
         spike_ids = umap.take(g)
         unit_ids = umap if upos is None else umap.take(upos)
         ends = np.repeat(np.asarray(durs, dtype=np.float64), nk)
@@ -265,23 +254,29 @@ class Tokenizer:
             return np.zeros(0, np.int64), np.zeros(0, np.float32), seg
         return cat(ids), cat(times, dtype=np.float32), seg
 
-    def _weights(self, wins: Sequence[Window], times: list[np.ndarray]) -> np.ndarray:
-        """Loss weight per output time (float32, concatenated over windows): the product of the
-        weights of the interval sets holding it. One pass for the whole batch: window k's times and
-        rows are shifted by k * (longest window + 1) s, so windows cannot overlap, and each set is
+    def _weights(self, wb: WindowBatch, win: list[int], times: list[np.ndarray], durs: list[float]) -> np.ndarray:
+        """Loss weight per output time (float32, concatenated over windows and readouts; `win`:
+        the window of each readout's times): the product of the weights of the interval sets
+        holding it. One pass for the whole batch: the k-th readout's times and its window's rows
+        are shifted by k * (longest window + 1) s, so windows cannot overlap, and each set is
         normalised and searched once."""
         n = np.fromiter((len(t) for t in times), dtype=np.int64, count=len(times))
         weight = np.ones(int(n.sum()), dtype=np.float32)
         if not len(weight) or not self.cfg.interval_weights:
             return weight
-        shift = np.arange(len(wins)) * (max(w.t_end - w.t_start for w in wins) + 1.0)
+        shift = np.arange(len(win)) * (max(durs[i] for i in win) + 1.0)
         t = np.concatenate(times) + np.repeat(shift, n)
+        w = np.asarray(win, dtype=np.int64)
         for name, wt in self.cfg.interval_weights.items():
-            parts = [w.intervals.get(name, _NO_ROWS) for w in wins]
-            m = np.fromiter((len(r) for r in parts), dtype=np.int64, count=len(parts))
+            if name not in wb.intervals:
+                continue
+            rows, per_window = wb.intervals[name]
+            m = per_window.take(w)  # rows of each readout's window
             if not m.any():
                 continue
-            rows = iv.normalize(np.concatenate(parts) + np.repeat(shift, m)[:, None])
+            first = (np.cumsum(per_window) - per_window).take(w)
+            idx = np.arange(int(m.sum())) + np.repeat(first - (np.cumsum(m) - m), m)
+            rows = iv.normalize(rows.take(idx, axis=0) + np.repeat(shift, m)[:, None])
             k = np.searchsorted(rows[:, 0], t, side="right") - 1  # iv.contains, inlined
             weight[(k >= 0) & (t < rows[np.maximum(k, 0), 1])] *= wt
         return weight
