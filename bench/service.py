@@ -26,11 +26,16 @@ the vocabulary is keyed by str) once, when opened; a readout config (hand.vel / 
 reach 5, hold 0.1, as popscale's tokenizer config) is attached in `get_recording_hook`, where
 torch_brain's example attaches it.
 
-Timing: one warm-up pass over the very windows timed (both read from the OS page cache), then
-the timed pass, the two pipelines in alternation `--repeats` times (the median pair is the
-headline: the shared machine's speed drifts); in each pass the first batch (epoch setup: index,
-sampler's epoch list) is not timed. popscale's decoded-chunk cache is cleared before its headline pass (and also reported
-warm). windows/s = timed windows / wall seconds (CPU-seconds figure alongside: shared machine).
+Timing: every timed pass runs in a fresh process of its own (this script with --side), which
+sets its pipeline up, makes one warm-up pass over the very windows timed (both read from the OS
+page cache), then the timed pass; the two pipelines alternate `--repeats` times (the median pair
+is the headline: the shared machine's speed drifts); in each pass the first batch (epoch setup:
+index, sampler's epoch list) is not timed. A process of its own because a pass run in the process
+where the other pipeline had run was slower (popscale's cold pass by ~25 %, 123 -> 155 us a
+window, after one torch_brain pass: what that pass leaves on the heap; gc.freeze did not help),
+and neither side runs after the other in training. popscale's decoded-chunk cache is cleared
+before its headline pass (and also reported warm). windows/s = timed windows / wall seconds
+(CPU-seconds figure alongside: shared machine).
 The two augmentations draw kept-unit counts from different triangular shapes, so tokens per
 window differ somewhat (printed); output queries per window are the same.
 
@@ -46,13 +51,14 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
-import resource  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -247,6 +253,28 @@ def run_torch_brain(h5dir: Path, sessions: list[str], n_batches: int, run: RunCo
 
 
 # ---- main ----------------------------------------------------------------------------------------------
+SIDES = ("popscale", "popscale-warm", "torch_brain", "ray")
+
+
+def one_side(a: argparse.Namespace, corpus: Path, h5dir: Path) -> Timing:
+    """One timed pass of one pipeline, in this process (what `--side` runs)."""
+    run, spec, sessions = popscale_spec(corpus)
+    if a.side == "torch_brain":
+        return run_torch_brain(h5dir, sessions, a.batches, run)
+    if a.side == "ray":
+        return run_ray(spec, a.batches, a.ray_actors, a.ray_cpus_per_actor)[0]
+    return run_popscale(spec, a.batches, clear_cache=a.side == "popscale")
+
+
+def spawn(side: str, a: argparse.Namespace) -> Timing:
+    """One timed pass in a fresh process: neither pipeline runs on what the other left behind."""
+    cmd = [sys.executable, __file__, "--side", side, "--sessions", str(a.sessions), "--minutes", str(a.minutes),
+           "--subjects", str(a.subjects), "--batches", str(a.batches), "--ray-actors", str(a.ray_actors),
+           "--ray-cpus-per-actor", str(a.ray_cpus_per_actor)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return Timing(**json.loads(out.strip().splitlines()[-1]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="popscale data service vs torch_brain pipeline, windows/s per core")
     ap.add_argument("--quick", action="store_true", help="20 sessions x 2 min, 50 batches (< 1 min once built)")
@@ -260,41 +288,43 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="also measure RayBatches (starts a 2-CPU Ray)")
     ap.add_argument("--ray-actors", type=int, default=1)
     ap.add_argument("--ray-cpus-per-actor", type=float, default=1.0)
+    ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one timed pass, printed as JSON (spawn)
     a = ap.parse_args()
-    sessions_n = a.sessions or (20 if a.quick else 200)
-    minutes = a.minutes or (2.0 if a.quick else 10.0)
-    n_batches = a.batches or (50 if a.quick else 150)
+    a.sessions = a.sessions or (20 if a.quick else 200)
+    a.minutes = a.minutes or (2.0 if a.quick else 10.0)
+    a.batches = a.batches or (50 if a.quick else 150)
     a.repeats = max(1, a.repeats or (1 if a.quick else 3))
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     logging.getLogger().setLevel(logging.ERROR)
 
     # the same corpus bench/reader.py builds (shared directory: built once, reused by both benchmarks)
-    cfg = SynthConfig(sessions=sessions_n, subjects=a.subjects, minutes=minutes, seed=0)
+    cfg = SynthConfig(sessions=a.sessions, subjects=a.subjects, minutes=a.minutes, seed=0)
     tag = "" if a.subjects == 8 else f"-{a.subjects}subjects"
-    corpus, h5dir = build(cfg, ROOT / "runs" / "bench" / f"reader-{sessions_n}x{minutes:g}min{tag}")
-    run, spec, sessions = popscale_spec(corpus)
-    windows = n_batches * GLOBAL_BATCH
+    corpus, h5dir = build(cfg, ROOT / "runs" / "bench" / f"reader-{a.sessions}x{a.minutes:g}min{tag}")
+    if a.side:
+        print(json.dumps(asdict(one_side(a, corpus, h5dir))))
+        return
+    _, _, sessions = popscale_spec(corpus)
+    windows = a.batches * GLOBAL_BATCH
     print(f"{len(sessions)} sessions (popscale Zarr corpus and the same sessions as temporaldata HDF5), "
-          f"{n_batches} timed batches x {GLOBAL_BATCH} = {windows} random 1 s train windows per pipeline; "
-          f"one process, one thread")
+          f"{a.batches} timed batches x {GLOBAL_BATCH} = {windows} random 1 s train windows per pipeline; "
+          f"one thread; every timed pass in a fresh process")
 
     # the machine is shared and its speed drifts by tens of percent within minutes: the two sides are
     # timed in alternation, `repeats` times, and the headline is the median of the paired ratios
-    pairs = []
-    for _ in range(a.repeats):
-        pairs.append((run_popscale(spec, n_batches, clear_cache=True), run_torch_brain(h5dir, sessions, n_batches, run)))
+    pairs = [(spawn("popscale", a), spawn("torch_brain", a)) for _ in range(a.repeats)]
     ratios = [c.rate / t.rate for c, t in pairs]
     mid = sorted(range(len(pairs)), key=lambda i: ratios[i])[len(pairs) // 2]
     cold, tb = pairs[mid]
-    warm = run_popscale(spec, n_batches, clear_cache=False)
+    warm = spawn("popscale-warm", a)
     ray_row = None
     if a.ray:
-        ray_t, cpus = run_ray(spec, n_batches, a.ray_actors, a.ray_cpus_per_actor)
-        ray_row = (f"popscale RayBatches ({a.ray_actors} actor(s) reserving {cpus:g} CPU; total, not per core)", ray_t)
+        cpus = a.ray_actors * a.ray_cpus_per_actor
+        ray_row = (f"popscale RayBatches ({a.ray_actors} actor(s) reserving {cpus:g} CPU; total, not per core)",
+                   spawn("ray", a))
     assert cold.windows == warm.windows == tb.windows == windows, "both pipelines must deliver the same windows"
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(f"{'pipeline':68s} {'windows/s/core':>14s} {'per CPU-s':>10s} {'vs baseline':>11s} "
           f"{'tokens/win':>10s} {'queries/win':>11s}")
     rows = [
@@ -313,7 +343,7 @@ def main() -> None:
         print("alternating passes (popscale cold, torch_brain): " + "; ".join(
             f"{c.rate:.0f} vs {t.rate:.0f} = {c.rate / t.rate:.1f}x" for c, t in pairs) + " (the median pair is above)")
     print(f"popscale {cold.rate:.1f} windows/s/core vs torch_brain {tb.rate:.1f}: {cold.rate / tb.rate:.1f}x "
-          f"(goal >= 10x; median of {len(pairs)} alternating pairs); peak RSS {rss:.2f} GB")
+          f"(goal >= 10x; median of {len(pairs)} alternating pairs)")
     print(f"RESULT name=service_windows_per_s_per_core baseline=torch_brain ratio={cold.rate / tb.rate:.1f}")
 
 
