@@ -8,22 +8,28 @@ the index a data actor builds. Per node (the 8 ranks of node 0, ranks 0-7, as th
 placement puts them; any node alike):
 
 - placement: training workers and data actors per node (each worker's `data.data_actors` on its
-  own node: soft node affinity, service.RayBatches), and what Ray Data 2.60's AutoscalingCoordinator
-  grants a pipeline that asks CPUs: every node's CPUs split among all live pipelines of the cluster
-  by integer division (the reason `data.actor_cpus` is 0);
+  own node: soft node affinity). With the default loader (`--loader ray`, actors.ActorBatches) an
+  actor's `data.actor_cpus` is a plain Ray reservation on its node; with `--loader ray-data`
+  (service.RayBatches), what Ray Data 2.60's AutoscalingCoordinator grants a pipeline that asks
+  CPUs: every node's CPUs split among all live pipelines of the cluster by integer division (the
+  reason `data.actor_cpus` is 0);
 - reads per 1,000 steps: distinct sessions, shard files and 4,096-element inner chunks over the
   node's 8 ranks together (spike times, unit ids, behaviour; spike density uniform in time), at
   `block_windows` 1 and k = a rank's share, and the chunk reads a second at a few step times;
 - data CPU: windows/s a node consumes at those step times against the measured cold cost of a
-  window on one core (bench/RESULTS.md, issue 13: 6,262 windows/s at 1,000 sessions, 160 us);
-- object store: what one pipeline holds (prefetched and in-flight packed batches, the
-  PackedBatch fields' bytes for the simulated spike counts), capped by `data.buffer_mb`;
+  window on one core (bench/RESULTS.md, issue 28 ninth stop: 4,790 windows/s at 1,000 sessions,
+  209 us, on 2026-12-06's 2-core machine);
+- object store: what one worker's pipeline holds (the PackedBatch fields' bytes for the simulated
+  spike counts): for the pool, one block of `data.block_batches` batches in progress per actor plus
+  the prefetch rounded up to whole blocks (ActorBatches' depth rule); for Ray Data, the prefetched
+  and in-flight batches; capped by `data.buffer_mb`;
 - start-up: the index's intervals read once (RunPlan.index_intervals, 8 threads) against every
   data actor of every Ray dataset opening every session (before issue 28), with the per-session
   open cost measured here on a small synthetic corpus and an object-storage latency assumed;
-  `from_intervals` at 10,000 sessions measured.
+  `from_intervals` at 10,000 sessions measured; how often a worker's actors start (once a stream
+  for the pool, once a 2,048-block dataset for Ray Data).
 
-    python bench/cluster_scale.py [--quick] [--sessions 10000] [--per-rank 8] [--cpus-per-node 96]
+    python bench/cluster_scale.py [--quick] [--sessions 10000] [--per-rank 8] [--cpus-per-node 96] [--loader ray|ray-data]
 
 --quick: 300 steps instead of 1,000 (~10 s). Ends with `RESULT name=node_chunk_reads_per_1000_steps
 baseline=block_windows_1 ratio=<k=1 over k=share>`.
@@ -50,7 +56,7 @@ from index_scale import BEHAVIOUR_HZ, CHUNK, SHARD, WINDOW_S, simulate  # noqa: 
 from data_service.window_index import IndexConfig, WindowIndex  # noqa: E402
 
 NODES, GPUS = 64, 8
-COLD_US = 1e6 / 6262  # one window, cold, one core: bench/service.py at 1,000 sessions (bench/RESULTS.md, issue 13)
+COLD_US = 1e6 / 4790  # one window, cold, one core: bench/service.py at 1,000 sessions (bench/RESULTS.md, issue 28 ninth stop)
 STEP_S = (0.1, 0.25, 0.5)  # GPU step times the demand is shown at (none measured here: no GPU)
 BYTES = {"spikes/timestamps": 8, "spikes/unit_index": 2, "behaviour": 8}  # raw bytes an element (2-d float32)
 TOKEN_B, OUTPUT_B, LATENT_B = 20, 32, 12  # PackedBatch: unit_index i8 + time f4 + type i8; outputs; latents
@@ -120,6 +126,10 @@ def main() -> None:
     ap.add_argument("--data-actors", type=int, default=1)
     ap.add_argument("--prefetch", type=int, default=4)
     ap.add_argument("--buffer-mb", type=float, default=256)
+    ap.add_argument("--block-batches", type=int, default=8)
+    ap.add_argument("--actor-cpus", type=float, default=0.0)
+    ap.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ap.add_argument("--loader", choices=("ray", "ray-data"), default="ray", help="data.loader (default: ray, the pool)")
     a = ap.parse_args()
     n_steps = a.steps or (300 if a.quick else 1000)
     steps = range(5000, 5000 + n_steps)
@@ -138,14 +148,21 @@ def main() -> None:
           f"{spikes_per_window:,.0f} spikes in a mean window (weighted by train time)")
 
     # ---- placement --------------------------------------------------------------------------------
-    pipelines = world  # one Ray Data pipeline (dataset) per training worker
-    share = a.cpus_per_node // pipelines
-    print("\n## Placement per node")
+    print(f"\n## Placement per node (data.loader={a.loader})")
     print(f"- training workers: {GPUS}; data actors: {GPUS * a.data_actors} ({a.data_actors} a worker, on its node)")
-    print(f"- Ray Data's coordinator gives a pipeline {a.cpus_per_node} CPUs // {pipelines} pipelines = {share} CPU(s) of "
-          f"each node: a pipeline whose actors ask CPUs {'never starts' if share == 0 else 'starts'} "
-          f"(data.actor_cpus > 0); with data.actor_cpus = 0 (default) the actors ask none and data.data_actors bounds "
-          f"them. After a restart, dead pipelines keep their claim for 180 s.")
+    if a.loader == "ray":
+        asked = GPUS * (a.cpus_per_worker + a.data_actors * a.actor_cpus)
+        print(f"- each data actor is a plain Ray actor asking data.actor_cpus = {a.actor_cpus:g} CPU: a node's {GPUS} "
+              f"workers ({a.cpus_per_worker:g} CPU each) and their actors reserve {asked:g} of its {a.cpus_per_node} CPUs "
+              f"({'fits' if asked <= a.cpus_per_node else 'does NOT fit: actors wait for room'}); no coordinator "
+              f"divides CPUs among pipelines")
+    else:
+        pipelines = world  # one Ray Data pipeline (dataset) per training worker
+        share = a.cpus_per_node // pipelines
+        print(f"- Ray Data's coordinator gives a pipeline {a.cpus_per_node} CPUs // {pipelines} pipelines = {share} "
+              f"CPU(s) of each node: a pipeline whose actors ask CPUs {'never starts' if share == 0 else 'starts'} "
+              f"(data.actor_cpus > 0); with data.actor_cpus = 0 (default) the actors ask none and data.data_actors "
+              f"bounds them. After a restart, dead pipelines keep their claim for 180 s.")
 
     # ---- reads ----------------------------------------------------------------------------------------
     print(f"\n## Reads of one node's 8 ranks per {n_steps:,} steps (steps {steps.start}..{steps.stop - 1})")
@@ -164,7 +181,14 @@ def main() -> None:
 
     # ---- demand ---------------------------------------------------------------------------------------
     batch_mb = per_rank * (spikes_per_window * TOKEN_B + BEHAVIOUR_HZ * WINDOW_S * OUTPUT_B + LATENTS * LATENT_B) / 1e6
-    held_mb = min(a.buffer_mb, (a.prefetch + a.data_actors) * batch_mb)
+    if a.loader == "ray":  # ActorBatches: one block a call per actor, plus the prefetch in whole blocks
+        held = (a.data_actors + -(-a.prefetch // a.block_batches)) * a.block_batches
+        how = (f"{a.data_actors} block(s) in progress + {-(-a.prefetch // a.block_batches)} prefetched, "
+               f"{a.block_batches} batches a block = {held} batches")
+    else:
+        held = a.prefetch + a.data_actors
+        how = f"{a.prefetch} prefetched + {a.data_actors} in flight"
+    held_mb = min(a.buffer_mb, held * batch_mb)
     print("\n## Demand per node")
     print("| GPU step | windows/s | data cores (cold) | chunk GETs/s, k=1 | k=share | MB/s read (raw), k=1 | "
           "cluster chunk GETs/s, k=1 |")
@@ -174,17 +198,21 @@ def main() -> None:
         per_s = 1.0 / (n_steps * step_s)
         print(f"| {step_s:g} s | {wps:,.0f} | {wps * COLD_US / 1e6:.2f} | {res[1][1] * per_s:,.0f} | "
               f"{res[per_rank][1] * per_s:,.0f} | {res[1][2] * per_s:,.1f} | {res[1][1] * per_s * NODES:,.0f} |")
-    print(f"- object store: a packed batch of {per_rank} windows is {batch_mb:.2f} MB; a pipeline holds up to "
-          f"{a.prefetch} prefetched + {a.data_actors} in flight = {held_mb:.1f} MB (cap data.buffer_mb {a.buffer_mb:g}); "
-          f"{GPUS} pipelines: {GPUS * held_mb:.0f} MB a node")
+    print(f"- object store: a packed batch of {per_rank} windows is {batch_mb:.2f} MB; a worker's pipeline holds up to "
+          f"{how} = {held_mb:.1f} MB (cap data.buffer_mb {a.buffer_mb:g}); {GPUS} pipelines: {GPUS * held_mb:.0f} MB a node")
+    print(f"- one data actor builds ~{1e6 / COLD_US:,.0f} windows/s cold on a core: a node's {GPUS * a.data_actors} "
+          f"actors are busy {GPUS * per_rank / STEP_S[0] * COLD_US / 1e6 / (GPUS * a.data_actors):.0%} of the time at a "
+          f"{STEP_S[0]:g} s step")
 
     # ---- start-up -------------------------------------------------------------------------------------
     ms = open_cost_ms()
     n = len(m.ids)
     remote_s = n * REQUESTS_PER_SESSION * REQUEST_MS / 1e3
     print("\n## Start-up")
+    starts = ("once a stream (the pool's actors live until the stream ends or a restart)" if a.loader == "ray"
+              else f"a new actor each Ray dataset of 2,048 blocks ({2048 * a.block_batches:,} batches)")
     print(f"- WindowIndex.from_intervals over {n:,} sessions ({len(idx1.row_len):,} rows): {build_s:.2f} s, in every "
-          f"data actor (a new actor each Ray dataset of 2,048 batches)")
+          f"data actor, {starts}")
     print(f"- reading every session's intervals: {ms:.1f} ms a session on this disk -> {n * ms / 1e3:,.0f} s for "
           f"{n:,}; on object storage (~{REQUESTS_PER_SESSION} GETs of ~{REQUEST_MS:g} ms) {remote_s / 60:,.0f} min "
           f"sequential, {remote_s / 8 / 60:,.1f} min on 8 threads")
