@@ -38,8 +38,11 @@ class AugmentConfig:
 _STREAMS = {"units": 1, "time": 2}
 
 
+_POSITION_MULT = 0xD1B54A32D192ED03
+
+
 def _stream_key(seed: int, position: int, what: str) -> int:
-    return (seed * 0x9E3779B97F4A7C15 + position * 0xD1B54A32D192ED03 + _STREAMS[what] * 0x632BE59BD9B4E019) % (1 << 64)
+    return (seed * 0x9E3779B97F4A7C15 + position * _POSITION_MULT + _STREAMS[what] * 0x632BE59BD9B4E019) % (1 << 64)
 
 
 def _uniforms(seed: int, position: int, what: str, n: int) -> np.ndarray:
@@ -52,7 +55,9 @@ def _uniforms(seed: int, position: int, what: str, n: int) -> np.ndarray:
 def _uniforms_flat(seed: int, positions: Sequence[int], what: str, counts: np.ndarray) -> np.ndarray:
     """`_uniforms` for many windows in one vectorised hash, concatenated (the same numbers: each
     draw is mix(index + key), computed here for every window's indices at once)."""
-    keys = np.array([_stream_key(seed, int(p), what) for p in positions], dtype=np.uint64)
+    # _stream_key for every position at once: uint64 arithmetic wraps modulo 2^64 as its % does
+    keys = (np.asarray(positions, dtype=np.int64).astype(np.uint64) * np.uint64(_POSITION_MULT)
+            + np.uint64(_stream_key(seed, 0, what)))
     starts = np.cumsum(counts) - counts
     local = (np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)).astype(np.uint64)
     return uniform(0, local + np.repeat(keys, counts))

@@ -87,15 +87,13 @@ def read_batch(readers: Sequence[SessionReader], t_starts: Sequence[float], wind
     B = len(readers)
     t_ends = [t + window_s for t in t_starts]  # the same float addition as read_window's caller
     t0, t1 = np.asarray(t_starts, dtype=np.float64), np.asarray(t_ends, dtype=np.float64)
-    # spikes: per window its block of whole seconds and two binary searches in it (searching every
-    # block at once by comparisons touches ~2x the window's spikes, and costs more); then one
-    # subtraction and one cast for the batch
+    # spikes: per window its rows (two searches reading only the window's chunks) and their times;
+    # then one subtraction and one cast for the batch
     first, parts, n = [], [], []
     for r, a, b in zip(readers, t_starts, t_ends):
-        row, block = r.spike_block(a, b)
-        lo, hi = block.searchsorted((a, b)).tolist()
-        first.append(row + lo)
-        parts.append(block[lo:hi])
+        lo, hi = r.spike_rows(a, b)
+        first.append(lo)
+        parts.append(r.spike_times(lo, hi))
         n.append(hi - lo)
     counts = np.asarray(n, dtype=np.int64)
     times = (np.concatenate(parts) if B else np.zeros(0)) - np.repeat(t0, counts)

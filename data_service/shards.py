@@ -253,6 +253,31 @@ class ShardedArray:
     def read_all(self) -> np.ndarray:
         return self.read(0, self.shape[0])
 
+    def search(self, t: float, a: int, b: int, guess: int) -> int:
+        """The first row in [a, b) whose value is >= t (b if none) of this sorted 1-d array, as
+        np.searchsorted(side="left") over those rows gives, reading chunks from the one holding
+        row `guess` toward the answer only: with a good guess, just the answer's chunk (a search
+        over all of [a, b) reads every chunk its probes land in, holding window rows or not)."""
+        if b <= a:
+            return a
+        size = self.chunk_len
+        c = min(max(guess, a), b - 1) // size
+        came = 0  # -1: from the chunk after this one, +1: from the one before
+        while True:
+            base = c * size
+            x, y = max(a, base), min(b, base + size)
+            vals = self.chunk(c)[x - base:y - base]
+            if vals[0] >= t:  # the answer is x or before it
+                if x == a or came == 1:
+                    return x
+                c, came = c - 1, -1
+            elif vals[-1] < t:  # the answer is y or after it
+                if y == b or came == -1:
+                    return y
+                c, came = c + 1, 1
+            else:
+                return x + int(vals.searchsorted(t))
+
 
 def _supported(meta: dict) -> dict | None:
     """The inner-chunk configuration if `meta` is an array this module can read, else None."""

@@ -72,6 +72,22 @@ def test_a_batch_read_equals_reading_window_by_window(corpus):
     assert sum(len(w.behaviour) for w in [got.window(i) for i in range(len(picks))]) > len(picks)
 
 
+def test_a_windows_rows_are_a_search_over_the_whole_session(corpus):
+    """The spike rows of a window (searched from the index's guess, reading only the window's
+    chunks) are np.searchsorted over all of the session's spike times, at any start: before
+    the session, on a second's boundary, past its end."""
+    c = open_corpus(corpus)
+    rng = np.random.default_rng(3)
+    for sid in c.session_ids:
+        r = c.session(sid)
+        times, _ = r.spikes()
+        end = float(r.domain[-1][1])
+        for t0 in [-2.0, 0.0, 1.0, 5.0, end - 1.0, end, end + 3.0, *rng.uniform(0, end, 30)]:
+            for width in (1.0, 0.25, 3.0):
+                want = tuple(int(x) for x in np.searchsorted(times, (t0, t0 + width), side="left"))
+                assert r.spike_rows(t0, t0 + width) == want, (sid, t0, width)
+
+
 def test_segment_counts_match_a_cumulative_sum():
     rng = np.random.default_rng(1)
     for _ in range(50):

@@ -128,6 +128,31 @@ def test_fast_reader_handles_multi_shard_arrays_and_chunk_cache(tmp_path):
     assert CACHE.hits > before
 
 
+def test_chunk_aware_search_equals_searchsorted_and_reads_only_the_answers_chunk(tmp_path):
+    """ShardedArray.search gives np.searchsorted(side="left") over [a, b) for any guess (ties,
+    values outside the rows, empty ranges, guesses outside [a, b)), and with the right chunk
+    guessed it decodes that chunk alone."""
+    chunking = Chunking(chunk=1000, shard=8000)
+    s = simple_session("e", duration=10.0)
+    rng = np.random.default_rng(4)
+    s.spike_times = np.sort(np.round(rng.uniform(0, 10, 20_000), 3))  # rounded: many ties
+    s.spike_units = np.zeros(20_000, dtype=np.int64)
+    write_session_group(tmp_path / "g", s, chunking)
+    fast = open_sharded(tmp_path / "g" / "spikes" / "timestamps")
+    ref = s.spike_times
+    n = len(ref)
+    for _ in range(400):
+        a, b = sorted(int(x) for x in rng.integers(0, n + 1, 2))
+        t = float(rng.choice([rng.uniform(-1, 11), ref[min(int(rng.integers(0, n)), n - 1)]]))
+        guess = int(rng.integers(-50, n + 50))
+        assert fast.search(t, a, b, guess) == a + int(np.searchsorted(ref[a:b], t, side="left")), (t, a, b, guess)
+    CACHE.clear()
+    misses = CACHE.misses
+    row = 12_345
+    assert fast.search(float(ref[row]), 0, n, row) == int(np.searchsorted(ref, ref[row], side="left"))
+    assert CACHE.misses - misses == 1
+
+
 def test_corrupted_chunk_is_detected_by_crc(tmp_path):
     s = simple_session("d", duration=60.0)
     write_session_group(tmp_path / "g", s)

@@ -168,3 +168,32 @@ def test_a_behaviour_not_decoded_in_one_session_gives_it_no_outputs(setup):
     wa, wb = ra.read_window(3.0, 4.0), rb.read_window(3.0, 4.0)
     assert len(only(wa, ra).output_time) == 0 and len(tok(wa, ra).output_time) > 0
     assert np.array_equal(only(wb, rb).target, tok(wb, rb).target)  # the other session is untouched
+
+
+def test_loss_weights_with_times_in_any_order(setup):
+    """A sample's weight is the product of the weights of the interval sets holding it, whether a
+    window's times come in order (the batch-wide edge search) or not (the per-time search)."""
+    from data_service.reader import SeriesWindow, Window
+
+    c, model, tok = setup
+    rng = np.random.default_rng(5)
+    items = []
+    for k, sid in enumerate(c.session_ids):
+        r = c.session(sid)
+        w = r.read_window(4.0 + 3 * k, 5.0 + 3 * k)
+        if k == 1:  # the same samples shuffled
+            v = w.behaviour["hand_vel"]
+            order = rng.permutation(len(v.timestamps))
+            w = Window(w.session_id, w.t_start, w.t_end, w.spike_times, w.spike_units,
+                       {**w.behaviour, "hand_vel": SeriesWindow(v.timestamps[order], v.values[order])}, w.intervals)
+        items.append((w, r, None))
+    for batch in (items[:1], items):
+        got = tok.pack(batch).weight
+        want = []
+        for w, r, _ in batch:
+            t = w.behaviour["hand_vel"].timestamps
+            x = np.ones(len(t))
+            for name, wt in (("reach", 5.0), ("hold", 0.1), ("trials", 2.0)):
+                x[iv.contains(iv.normalize(r.intervals[name] - w.t_start), t)] *= wt
+            want.append(x)
+        assert np.allclose(got, np.concatenate(want)) and (got != 1.0).any()

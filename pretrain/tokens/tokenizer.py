@@ -266,6 +266,7 @@ class Tokenizer:
             return weight
         shift = np.arange(len(win)) * (max(durs[i] for i in win) + 1.0)
         t = np.concatenate(times) + np.repeat(shift, n)
+        ordered = bool((t[1:] >= t[:-1]).all())  # always, for times inside their windows
         w = np.asarray(win, dtype=np.int64)
         for name, wt in self.cfg.interval_weights.items():
             if name not in wb.intervals:
@@ -277,6 +278,11 @@ class Tokenizer:
             first = (np.cumsum(per_window) - per_window).take(w)
             idx = np.arange(int(m.sum())) + np.repeat(first - (np.cumsum(m) - m), m)
             rows = iv.normalize(rows.take(idx, axis=0) + np.repeat(shift, m)[:, None])
-            k = np.searchsorted(rows[:, 0], t, side="right") - 1  # iv.contains, inlined
-            weight[(k >= 0) & (t < rows[np.maximum(k, 0), 1])] *= wt
+            if ordered:  # each row's first and last time by two searches, ~3x cheaper than one search a time
+                edges = np.bincount(t.searchsorted(rows[:, 0]), minlength=len(t) + 1)
+                edges -= np.bincount(t.searchsorted(rows[:, 1]), minlength=len(t) + 1)
+                weight[np.cumsum(edges[:-1]) > 0] *= wt
+            else:
+                k = np.searchsorted(rows[:, 0], t, side="right") - 1  # iv.contains, inlined
+                weight[(k >= 0) & (t < rows[np.maximum(k, 0), 1])] *= wt
         return weight
