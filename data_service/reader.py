@@ -121,8 +121,8 @@ class _TimeSeriesRows:
     def rows(self, t0: float, t1: float) -> tuple[int, int]:
         """(lo, hi): the rows with t0 <= t < t1 (np.searchsorted over `span`'s rows). Each end is
         searched from the row the index interpolates for it within its second, so only the chunks
-        holding the window's rows are read, not those of the whole seconds around it (0.2-0.25
-        chunk reads a window fewer: bench/RESULTS.md, issue 28)."""
+        holding the window's rows are read, not those of the whole seconds around it (0.19 chunk
+        reads a window fewer at 200 sessions: bench/RESULTS.md, issue 28)."""
         a, b = self.span(t0, t1)
         lo = self.times.search(t0, a, b, self._guess(t0))
         return lo, self.times.search(t1, lo, b, self._guess(t1))
