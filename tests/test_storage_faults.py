@@ -23,7 +23,9 @@ BATCHES = 12  # batches of 8 windows: enough to read every session's spikes
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults") / "corpus"
-    synth_corpus(SynthConfig(sessions=2, subjects=1, minutes=0.5, min_units=20, max_units=30), root, workers=1)
+    # 60-80 units: a session's train windows span several 4,096-spike chunks, so damage to one
+    # chunk leaves some of the session's windows readable (a window reads only its rows' chunks)
+    synth_corpus(SynthConfig(sessions=2, subjects=1, minutes=0.5, min_units=60, max_units=80), root, workers=1)
     return root
 
 
