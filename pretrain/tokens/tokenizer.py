@@ -34,7 +34,6 @@ from .config import TokenizerConfig, VocabLookup
 from .config import DEFAULT_BEHAVIOURS, DEFAULT_INTERVAL_WEIGHTS, Geometry, Readout  # noqa: F401, I001
 
 
-
 @dataclass
 class SessionLayout:
     """What the tokenizer needs to know about a session, computed once per session."""
