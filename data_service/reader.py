@@ -257,14 +257,12 @@ class SessionReader:
         width = t1 - t0
         lookup = self._interval_lookup
         for name in lookup if names is None else [n for n in names if n in lookup]:
-            rows, starts, max_end, disjoint = lookup[name]
-            hi = bisect_left(starts, t1)
-            lo = bisect_right(max_end, t0, 0, hi)
-            if lo == hi:
+            sel = self.interval_rows(name, t0, t1)
+            if not len(sel):
                 out[name] = _NO_ROWS
                 continue
-            sel = rows[lo:hi] - t0
-            if not disjoint:
+            sel = sel - t0
+            if not lookup[name][3]:  # rows that overlap one another: some may end before t0
                 sel = sel[sel[:, 1] > 0]
             np.maximum(sel, 0.0, out=sel)
             np.minimum(sel, width, out=sel)
