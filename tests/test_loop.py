@@ -145,3 +145,40 @@ def test_a_worker_that_holds_the_others_up_is_named_with_its_data_wait():
     assert out["train_loss"] == pytest.approx((2.0 + 3.0) / (4.0 + 3.0))
     assert "slow: rank 1 0.65 s/step (median 0.12; 0.60 of it waiting for data)" in progress_info(out)
     assert "slow" not in progress_info({**out, "own_s_max": 0.13})
+
+
+def test_bf16_mixed_runs_a_bf16_forward_over_fp32_state_and_resumes(corpus, tmp_path):
+    """train.precision=bf16-mixed (what an elastic run on GPUs gets): the forward's matrix products run
+    in bf16 under torch.autocast while the weights and the optimizer state stay fp32, the state that
+    any number of workers loads (zero stage 0); the losses follow fp32's within bf16 rounding; and a
+    stop and resume equals the uninterrupted bf16-mixed run, as in fp32."""
+    dtypes: list[torch.dtype] = []
+
+    def note(module, args, out):
+        if isinstance(module, torch.nn.Linear) and module.training:
+            dtypes.append(out.dtype)
+
+    mixed = ["train.precision=bf16-mixed", "train.zero_stage=0"]
+    hook = torch.nn.modules.module.register_module_forward_hook(note)
+    try:
+        sink = MemorySink()
+        full = train_in_process(plan_for(corpus, *mixed), tmp_path / "full", sink)
+    finally:
+        hook.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # every training Linear computed in bf16
+    assert all(p.dtype == torch.float32 for p in full.model.parameters())
+    state = torch.load(full.checkpoint / f"step{STEPS:07d}" / "mp_rank_00_model_states.pt", weights_only=False)
+    moments = [t for s in state["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t) and t.ndim]
+    assert moments and all(t.dtype == torch.float32 for t in moments)
+
+    fp32 = MemorySink()
+    train_in_process(plan_for(corpus, "train.precision=fp32", "train.zero_stage=0"), tmp_path / "fp32", fp32)
+    got, want = [v for _, v in sink.series("train_loss")], [v for _, v in fp32.series("train_loss")]
+    assert got != want  # the forward did run in another precision
+    np.testing.assert_allclose(got, want, rtol=0.05)
+
+    train_in_process(plan_for(corpus, *mixed, "train.stop_at=2"), tmp_path / "part")
+    second = train_in_process(plan_for(corpus, *mixed), tmp_path / "part")
+    a, b = weights(full.model), weights(second.model)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)

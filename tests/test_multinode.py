@@ -170,7 +170,7 @@ LONG = pytest.mark.skipif(not os.environ.get("POPSCALE_LONG_TESTS"),
 
 @pytest.fixture(scope="module")
 def elastic(cluster, node_loss, driver_kill):
-    """An elastic run (cluster.min_workers) with a worker on every node left; while rank 1 holds after
+    """An elastic run (cluster.min_workers, bf16-mixed) with a worker on every node left; while rank 1 holds after
     the step-2 checkpoint a worker node is killed, leaving no spare slot: Ray Train restarts the group
     with one worker fewer from that checkpoint. (After the two runs above: it takes a node for good.)"""
     c, root = cluster
@@ -190,6 +190,7 @@ def elastic(cluster, node_loss, driver_kill):
     try:
         r = pretrain(config(root, "name=elastic", "train.max_failures=1", f"cluster.address={c.address}",
                             f"cluster.num_workers={width}", "cluster.min_workers=1", "train.zero_stage=0",
+                            "train.precision=bf16-mixed",  # what `auto` gives an elastic run on GPUs
                             "cluster.worker_resources={trainer: 1}"),
                      show_progress=False, hooks=FaultAndRecord(record_windows=str(rec), hold=f"1:2:{marker}"))
     finally:

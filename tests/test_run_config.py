@@ -68,11 +68,23 @@ def test_bad_config_files_name_the_file(tmp_path):
 
 def test_an_elastic_run_is_refused_optimizer_state_it_could_not_resume_at_another_size():
     """ZeRO (stage >= 1) and bf16 partition the optimizer state by the number of workers, which
-    DeepSpeed cannot load at another: an elastic run must keep it whole. Settings that need each
-    other may come in any order."""
+    DeepSpeed cannot load at another: an elastic run must keep it whole (fp32, or bf16-mixed: fp32
+    state, a bf16 forward; `auto` picks that on GPUs). Settings that need each other may come in any
+    order."""
+    from pretrain.run.config import precision
+
     ok = load_config(None, ["cluster.min_workers=1", "cluster.num_workers=3", "train.zero_stage=0"])
     assert (ok.cluster.min_workers, ok.cluster.num_workers) == (1, 3)
-    for bad, match in [(["train.zero_stage=1"], "zero_stage=0"), (["train.zero_stage=0", "train.precision=bf16"], "fp32"),
+    assert precision(ok, use_gpu=False) == "fp32" and precision(ok, use_gpu=True) == "bf16-mixed"
+    gpu = load_config(None, ["cluster.min_workers=1", "cluster.num_workers=3", "train.zero_stage=0", "cluster.use_gpu=true"])
+    assert precision(gpu, use_gpu=True) == "bf16-mixed"
+    fixed = load_config(None, ["cluster.use_gpu=true"])
+    assert precision(fixed, use_gpu=True) == "bf16" and precision(fixed, use_gpu=False) == "fp32"
+    mixed = load_config(None, ["cluster.min_workers=1", "cluster.num_workers=3", "train.zero_stage=0",
+                               "train.precision=bf16-mixed"])
+    assert precision(mixed, use_gpu=True) == "bf16-mixed"
+    for bad, match in [(["train.zero_stage=1"], "zero_stage=0"),
+                       (["train.zero_stage=0", "train.precision=bf16"], "bf16-mixed or fp32"),
                        (["train.zero_stage=0", "cluster.min_workers=4"], "at most cluster.num_workers")]:
         with pytest.raises(ConfigError, match=match):
             load_config(None, ["cluster.min_workers=1", "cluster.num_workers=3", *bad])

@@ -86,7 +86,11 @@ class TrainConfig:
     warmup_steps: int = 30
     final_lr_ratio: float = 0.1  # cosine decay to lr * this at the last step
     zero_stage: int = 1
-    precision: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16
+    # auto: fp32 on CPU; on GPU bf16, or bf16-mixed for an elastic run (cluster.min_workers) | fp32 |
+    # bf16: DeepSpeed's bf16 optimizer (bf16 weights, fp32 master copy partitioned by the number of workers) |
+    # bf16-mixed: fp32 weights, gradients and optimizer state, the forward in bf16 under torch.autocast
+    # (the state any number of workers loads: what elastic runs use)
+    precision: str = "auto"
     grad_clip: float = 1.0
     log_every: int = 10
     eval_every: int = 100
@@ -193,6 +197,7 @@ def _at_least(n):
 
 
 LOADERS = ("ray", "ray-data", "local")  # data.loader
+PRECISIONS = ("fp32", "bf16", "bf16-mixed")  # train.precision besides auto
 
 # values a config may type correctly and still not run with: refused at load, before Ray or a corpus
 _RANGES: dict[str, tuple] = {
@@ -209,7 +214,7 @@ _RANGES: dict[str, tuple] = {
     "train.final_lr_ratio": ((lambda v: 0 <= v <= 1), "between 0 and 1"),
     "train.grad_clip": ((lambda v: v > 0), "positive"),
     "train.zero_stage": ((lambda v: v in (0, 1, 2, 3)), "0, 1, 2 or 3"),
-    "train.precision": ((lambda v: v in ("auto", "fp32", "bf16")), "auto, fp32 or bf16"),
+    "train.precision": ((lambda v: v in ("auto", *PRECISIONS)), "auto, fp32, bf16 or bf16-mixed"),
     "train.optim.lr": ((lambda v: v > 0), "positive"),
     "train.optim.algo": ((lambda v: v in ("adamw", "lamb")), "adamw or lamb"),
     "train.optim.trust": ((lambda v: v in TRUST), " or ".join(TRUST)),
@@ -230,18 +235,28 @@ def _check_ranges(run: RunConfig) -> None:
             raise ConfigError(f"{key}: must be {want}, got {v!r}")
 
 
+def precision(run: RunConfig, use_gpu: bool) -> str:
+    """train.precision with `auto` resolved: fp32 on CPU; on GPU bf16, or bf16-mixed when the run is
+    elastic (DeepSpeed's bf16 optimizer partitions its state by the number of workers)."""
+    if run.train.precision != "auto":
+        return run.train.precision
+    if not use_gpu:
+        return "fp32"
+    return "bf16-mixed" if run.cluster.min_workers else "bf16"
+
+
 def _check_together(run: RunConfig) -> None:
     """LAMB's per-tensor trust ratio needs whole tensors, which ZeRO and the bf16 optimizer flatten away.
     Workers share every global batch. Elastic scaling restarts the worker group at another size
     from a checkpoint: DeepSpeed 0.19 refuses ZeRO optimizer state saved at another world size, and
     its bf16 optimizer partitions its state the same way, so an elastic run keeps whole (stage 0)
-    fp32 state, which any number of workers loads."""
+    fp32 state, which any number of workers loads (fp32 or bf16-mixed)."""
     c, t = run.cluster, run.train
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and c.use_gpu)
+    bf16 = precision(run, c.use_gpu) == "bf16"
     if t.optim.algo == "lamb" and t.optim.trust == "tensor" and (t.zero_stage != 0 or bf16):
         raise ConfigError("train.optim.trust: LAMB's per-tensor trust needs the tensors, and ZeRO (train.zero_stage "
                           f"{t.zero_stage}) or the bf16 optimizer hand it flat slices: set train.zero_stage=0 and "
-                          "train.precision=fp32, or train.optim.trust=group")
+                          "train.precision=fp32 or bf16-mixed, or train.optim.trust=group")
     if c.num_workers > run.data.global_batch:
         raise ConfigError(f"cluster.num_workers: at most data.global_batch ({run.data.global_batch}) workers share "
                           f"a global batch, got {c.num_workers}")
@@ -254,8 +269,8 @@ def _check_together(run: RunConfig) -> None:
         raise ConfigError(f"cluster.min_workers: an elastic run needs train.zero_stage=0 (got {t.zero_stage}): "
                           "ZeRO's partitioned optimizer state cannot be loaded at another number of workers")
     if bf16:
-        raise ConfigError("cluster.min_workers: an elastic run needs train.precision=fp32: DeepSpeed's bf16 "
-                          "optimizer partitions its state by the number of workers")
+        raise ConfigError("cluster.min_workers: an elastic run needs train.precision=bf16-mixed or fp32: DeepSpeed's "
+                          "bf16 optimizer partitions its state by the number of workers")
 
 
 def from_dict(d: dict, settings_together: bool = True) -> RunConfig:

@@ -1,5 +1,6 @@
 """The DeepSpeed engine a worker trains: model and optimizer from the plan, ZeRO 1/2, gradient
-accumulation and clipping, warmup + cosine LR; fp32 + gloo on CPU, bf16 + NCCL on GPU."""
+accumulation and clipping, warmup + cosine LR; fp32 + gloo on CPU, bf16 + NCCL on GPU (bf16-mixed,
+fp32 state with a bf16 forward under torch.autocast, for elastic runs)."""
 
 from __future__ import annotations
 
@@ -9,25 +10,35 @@ from dataclasses import dataclass
 import torch
 
 from .build import build_model
+from .config import precision
 from .optim import build_optimizer, warmup_cosine
 from .plan import RunPlan
 
 
 @dataclass
 class Placement:
-    """Where a worker computes: its rank among `world`, its device and precision."""
+    """Where a worker computes: its rank among `world`, its device and precision (config.PRECISIONS)."""
 
     rank: int
     world: int
     device: torch.device
-    bf16: bool
+    precision: str = "fp32"
+
+    @property
+    def bf16(self) -> bool:
+        """DeepSpeed's bf16 optimizer: bf16 weights, and a master copy partitioned by the number of workers."""
+        return self.precision == "bf16"
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        """The dtype the forward runs in under torch.autocast over fp32 weights (bf16-mixed), else None."""
+        return torch.bfloat16 if self.precision == "bf16-mixed" else None
 
 
 def placement(plan: RunPlan, rank: int, world: int, local_rank: int = 0) -> Placement:
-    c, t = plan.run.cluster, plan.run.train
-    use_gpu = c.use_gpu and torch.cuda.is_available()
+    use_gpu = plan.run.cluster.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
-    return Placement(rank, world, device, t.precision == "bf16" or (t.precision == "auto" and use_gpu))
+    return Placement(rank, world, device, precision(plan.run, use_gpu))
 
 
 def deepspeed_config(plan: RunPlan, world: int, bf16: bool) -> dict:

@@ -102,11 +102,15 @@ class TrainStep:
     (summed over workers), so the gradient does not depend on the number of workers; DeepSpeed
     averages gradients over workers and steps the optimizer at the accumulation boundary.
     Dropout masks are a function of (seed, step, rank), so a resumed run draws what an
-    uninterrupted one would have (DeepSpeed checkpoints do not hold RNG state)."""
+    uninterrupted one would have (DeepSpeed checkpoints do not hold RNG state). With `autocast` (a
+    dtype: train.precision=bf16-mixed) the forward and loss run under torch.autocast; the weights,
+    gradients and optimizer state stay fp32."""
 
-    def __init__(self, engine, scheduler, dist: Dist, seed: int, kinds: list[str] | None = None) -> None:
+    def __init__(self, engine, scheduler, dist: Dist, seed: int, kinds: list[str] | None = None,
+                 autocast: torch.dtype | None = None) -> None:
         self.engine, self.scheduler, self.dist, self.seed = engine, scheduler, dist, seed
         self.kinds = kinds  # per readout (tokenizer.Readout.kind); None: all continuous
+        self.autocast = autocast
 
     @property
     def model(self) -> torch.nn.Module:
@@ -130,7 +134,8 @@ class TrainStep:
             b = b.to(d.device)
             (wsum,) = d.all_sum(float(b.weight.sum()))
             t = time.perf_counter()
-            loss, _ = weighted_mse(self.engine(b), b, self.model.readout_names, self.kinds)
+            with torch.autocast(d.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+                loss, _ = weighted_mse(self.engine(b), b, self.model.readout_names, self.kinds)
             stats.forward_s += time.perf_counter() - t
             local_w = float(b.weight.sum())
             self.engine.backward(loss * (local_w / max(wsum, 1e-12)) * d.world)

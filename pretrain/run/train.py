@@ -64,7 +64,7 @@ def _parts(plan: RunPlan, rank: int, world: int, local_rank: int = 0, split_inte
     if split_intervals is not None:
         spec = replace(spec, split_intervals=split_intervals)
     kinds = [r.kind for r in plan.tokenizer.readouts]
-    return Parts(dist, engine, TrainStep(engine, scheduler, dist, plan.run.train.seed, kinds), spec,
+    return Parts(dist, engine, TrainStep(engine, scheduler, dist, plan.run.train.seed, kinds, where.autocast), spec,
                  Evaluator(spec.tokenizer, plan.corpus, plan.valid_sessions, dist, causal=plan.causal))
 
 
