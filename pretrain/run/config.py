@@ -88,8 +88,8 @@ class TrainConfig:
     zero_stage: int = 1
     # auto: fp32 on CPU; on GPU bf16, or bf16-mixed for an elastic run (cluster.min_workers) | fp32 |
     # bf16: DeepSpeed's bf16 optimizer (bf16 weights, fp32 master copy partitioned by the number of workers) |
-    # bf16-mixed: fp32 weights, gradients and optimizer state, the forward in bf16 under torch.autocast
-    # (the state any number of workers loads: what elastic runs use)
+    # bf16-mixed: fp32 weights, gradients and optimizer state, the training forward in bf16 under
+    # torch.autocast (the state any number of workers loads: what elastic runs use; validation in fp32)
     precision: str = "auto"
     grad_clip: float = 1.0
     log_every: int = 10
