@@ -120,7 +120,7 @@ def test_deepspeed_cpu_engine_never_compiles_the_shm_kernel():
     assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None
 
 
-def test_a_worker_that_holds_the_others_up_is_named_with_its_data_wait():
+def test_a_worker_that_holds_the_others_up_is_named_with_its_data_wait_and_a_stall_is_counted():
     """Three workers; the meter sees its own rank's times and the all-reduce brings the others'
     (stubbed here: what ranks 0 and 2 put in their slots). Rank 1 waits 0.6 s a step for data:
     it is the slowest, the progress line says so; a group in step says nothing."""
@@ -145,6 +145,25 @@ def test_a_worker_that_holds_the_others_up_is_named_with_its_data_wait():
     assert out["train_loss"] == pytest.approx((2.0 + 3.0) / (4.0 + 3.0))
     assert "slow: rank 1 0.65 s/step (median 0.12; 0.60 of it waiting for data)" in progress_info(out)
     assert "slow" not in progress_info({**out, "own_s_max": 0.13})
+    # a wait without a new step (a restart, slots not yet reserved) is counted once it lasts
+    assert "no new step" not in progress_info(out, idle_s=29.0)
+    assert progress_info(out, idle_s=95.4).endswith("  no new step for 95 s")
+    assert progress_info({}, idle_s=5.0) == "starting workers"
+    assert progress_info({}, idle_s=140.0) == "starting workers, 140 s"
+
+
+def test_the_stall_clock_counts_only_past_three_of_the_usual_gaps():
+    """Rank 0 reports every log_every steps: with 20 s between reports, 50 s without one is not a
+    stall yet, 61 s is; the start-up is counted from the start."""
+    from pretrain.run.launch import StallClock
+
+    c = StallClock(now=0.0)
+    assert c.idle(None, 40.0) == 40.0  # nothing reported yet
+    assert c.idle(0, 45.0) == 0.0 and c.idle(0, 90.0) == 45.0  # the first report at 45 s; nothing since
+    assert c.idle(10, 110.0) == 0.0  # a report 65 s after the one before: the gap is 65 s (then 20 s:)
+    assert c.idle(20, 130.0) == 0.0  # 20 s: the gap is now 20 s
+    assert c.idle(20, 180.0) == 0.0 and c.idle(20, 191.0) == 61.0
+    assert c.idle(12, 200.0) == 0.0  # a restart went back to a checkpoint: a new step all the same
 
 
 def test_bf16_mixed_runs_a_bf16_forward_over_fp32_state_and_resumes(corpus, tmp_path):

@@ -196,12 +196,37 @@ def _progress_actor():
 
 
 SLOW = 1.5  # a worker whose own time a step (data wait + forward) is this many times the median holds the others up
+# no new step for this long (and for 3x the last gap between updates) and the line counts it: validation or a
+# checkpoint, workers restarting after a loss, an elastic run waiting for Ray to reserve it slots (up to 180 s
+# after a killed driver: runbooks/cluster.md), a stuck worker
+STALL_S = 30.0
 
 
-def progress_info(m: dict[str, float]) -> str:
+class StallClock:
+    """How long the progress line has shown the same step, counted only past 3x the last gap between
+    two updates (rank 0 reports every train.log_every steps: slow steps are not a stall)."""
+
+    def __init__(self, now: float) -> None:
+        self.step, self.since, self.gap = None, now, 0.0
+
+    def idle(self, step: int | None, now: float) -> float:
+        """Seconds without a new step as of `now` (0 while within the usual gap); `step` None: nothing
+        reported yet (start-up, counted from the clock's start)."""
+        if step is not None and step != self.step:
+            self.gap = now - self.since if self.step is not None else 0.0
+            self.step, self.since = step, now
+        idle = now - self.since
+        return idle if idle >= 3 * self.gap else 0.0
+
+
+def progress_info(m: dict[str, float], idle_s: float = 0.0) -> str:
     """The live figures of the progress line, from rank 0's latest metrics; a worker that holds
-    the others up is named (loop.Meter: its own time a step against the median worker's)."""
-    info = f"loss {m['train_loss']:.3f}" if "train_loss" in m else "starting workers"
+    the others up is named (loop.Meter: its own time a step against the median worker's), and
+    `idle_s` seconds without a new step are counted once they reach STALL_S."""
+    stalled = idle_s >= STALL_S
+    if "train_loss" not in m:
+        return f"starting workers, {idle_s:.0f} s" if stalled else "starting workers"
+    info = f"loss {m['train_loss']:.3f}"
     if "samples_per_s" in m:
         info += f"  {m['samples_per_s']:.1f} samples/s"
     if "valid_r2" in m:
@@ -210,6 +235,8 @@ def progress_info(m: dict[str, float]) -> str:
     if top > SLOW * mid and top - mid > 0.01:
         waited = m.get("slowest_data_wait_s", 0.0)
         info += f"  slow: rank {int(m['slowest_rank'])} {top:.2f} s/step (median {mid:.2f}; {waited:.2f} of it waiting for data)"
+    if stalled:
+        info += f"  no new step for {idle_s:.0f} s"
     return info
 
 
@@ -226,6 +253,7 @@ def _fit_with_progress(trainer, progress, total: int, show: bool):
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
+    clock = StallClock(time.monotonic())
     with progress_bar("pretraining", total, info="starting workers", show=show) as bar:
         while thread.is_alive():
             thread.join(timeout=2.0)
@@ -233,7 +261,7 @@ def _fit_with_progress(trainer, progress, total: int, show: bool):
                 step, m = ray.get(progress.get.remote(), timeout=5)
             except Exception:  # noqa: BLE001 - progress is best effort
                 continue
-            bar.update(completed=step, info=progress_info(m))
+            bar.update(completed=step, info=progress_info(m, clock.idle(step if m else None, time.monotonic())))
     if "error" in out:
         raise out["error"]
     return out["result"]
