@@ -63,12 +63,6 @@ def _uniforms_flat(seed: int, positions: Sequence[int], what: str, counts: np.nd
     return uniform(0, local + np.repeat(keys, counts))
 
 
-def _uniforms_many(seed: int, positions: Sequence[int], what: str, counts: Sequence[int]) -> list[np.ndarray]:
-    """`_uniforms_flat`, one array per window."""
-    counts_a = np.asarray(counts, dtype=np.int64)
-    return np.split(_uniforms_flat(seed, positions, what, counts_a), np.cumsum(counts_a)[:-1])
-
-
 def keep_units(n_units: int, cfg: AugmentConfig, u: np.ndarray) -> np.ndarray | None:
     """Unit dropout: how many units survive is triangular(min, mode, max), capped at n_units;
     which ones is a uniformly random subset (the k smallest of `u[1:]`). `u`: n_units + 1

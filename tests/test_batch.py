@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from data_service.augment import AugmentConfig, _uniforms_many, keep_units, unit_masks
+from data_service.augment import AugmentConfig, _uniforms, keep_units, unit_masks
 from data_service.batch import WindowBatch, read_batch, segment_counts, segment_sums
 from data_service.reader import SessionReader, open_corpus
 from data_service.service import build_batch
@@ -109,7 +109,7 @@ def test_unit_masks_for_a_batch_equal_the_window_by_window_draw(cfg):
         b = int(rng.integers(0, 40))
         positions = rng.integers(0, 10**9, b).tolist()
         n_units = rng.integers(0, 400, b).tolist() if trial % 3 else [int(rng.integers(0, 40))] * b
-        draws = _uniforms_many(7, positions, "units", [n + 1 for n in n_units]) if b else []
+        draws = [_uniforms(7, p, "units", n + 1) for p, n in zip(positions, n_units)]  # the definition, window by window
         want = [keep_units(n, cfg, u) for n, u in zip(n_units, draws)]
         got = unit_masks(cfg, 7, positions, n_units)
         assert len(got) == len(want)
